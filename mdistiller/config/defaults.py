@@ -1,0 +1,74 @@
+"""Every config key of mdistiller and its default, in one tree.
+
+Config files (configs/<dataset>/<method>/<teacher>_<student>.yaml) override these, and `KEY VALUE` pairs on the
+command line override both. A key that is not here is an error, so this file is the complete list of what a
+config can say. Components (distillers) may add their own section through `register_config_section`, which keeps
+"a new method is one file" true.
+
+The SOLVER defaults are the CIFAR-100 recipe of CRD/DKD/DOT (../shared/reference/protocols.md); the DATASET
+default is Fashion-MNIST because it is the dataset that exists offline.
+"""
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+_C.EXPERIMENT = CN()
+_C.EXPERIMENT.NAME = ""  # run directory name under LOG.PREFIX; empty = derived from dataset/method/models/seed
+_C.EXPERIMENT.TAG = "default"
+_C.EXPERIMENT.SEED = 0
+_C.EXPERIMENT.DEVICE = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+_C.EXPERIMENT.DETERMINISTIC = True  # deterministic kernels: bit-exact resume on CPU, slower on GPU
+
+_C.DATASET = CN()
+_C.DATASET.TYPE = "fashion_mnist"  # cifar100, tiny_imagenet, imagenet, fashion_mnist
+_C.DATASET.ROOT = "data"
+_C.DATASET.DOWNLOAD = True  # try to download a missing dataset (CIFAR-100, Fashion-MNIST) when online
+_C.DATASET.NUM_WORKERS = 2  # loader processes for folder datasets (in-memory datasets need none)
+_C.DATASET.TRAIN_SUBSET = 0  # >0: a deterministic, class-balanced subset of this many training images
+_C.DATASET.TEST_SUBSET = 0
+_C.DATASET.TEST = CN()
+_C.DATASET.TEST.BATCH_SIZE = 256
+
+_C.DISTILLER = CN()
+_C.DISTILLER.TYPE = "NONE"  # NONE trains DISTILLER.STUDENT alone (how teachers are made)
+_C.DISTILLER.TEACHER = "resnet56"
+_C.DISTILLER.STUDENT = "resnet8"
+_C.DISTILLER.TEACHER_CKPT = ""  # empty = the published location for the teacher (see the model zoo)
+
+_C.SOLVER = CN()
+_C.SOLVER.TRAINER = "vanilla"
+_C.SOLVER.BATCH_SIZE = 64  # global batch, as in the papers
+_C.SOLVER.EPOCHS = 240
+_C.SOLVER.LR = 0.05
+_C.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
+_C.SOLVER.LR_DECAY_RATE = 0.1
+_C.SOLVER.WARMUP_EPOCHS = 0  # linear warm-up from ~0 to LR, per iteration, over this many epochs
+_C.SOLVER.WEIGHT_DECAY = 5e-4
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.DOT = CN()
+_C.SOLVER.DOT.DELTA = 0.075
+
+_C.LOG = CN()
+_C.LOG.PREFIX = "output"
+_C.LOG.SAVE_CHECKPOINT_FREQ = 40  # also keep ckpt_epoch_<N>.pth every N epochs (0 = only the last epoch)
+_C.LOG.TENSORBOARD_FREQ = 50  # iterations between TensorBoard training scalars (0 = off)
+
+_SECTIONS = {}
+
+
+def register_config_section(name, node):
+    """Let a component add its own top-level section (e.g. a distiller's hyper-parameters)."""
+    if name in _C and name not in _SECTIONS:
+        raise ValueError(f"config section {name} already exists in the core defaults")
+    _SECTIONS[name] = node
+
+
+def get_cfg_defaults():
+    """A fresh, mutable copy of the full default tree, component sections included."""
+    from .. import distillers  # noqa: F401  (importing registers the methods' sections)
+
+    cfg = _C.clone()
+    for name, node in _SECTIONS.items():
+        cfg[name] = node.clone()
+    return cfg

@@ -1,0 +1,4 @@
+from ..utils.registry import Registry
+
+# name (DATASET.TYPE) -> loader function `load(cfg) -> DatasetBundle`
+DATASET_REGISTRY = Registry("dataset")

@@ -1,0 +1,136 @@
+"""Hooks: everything around the optimisation loop (logs, checkpoints, summaries) as small pluggable objects.
+
+The trainer calls them at fixed points; a trainer variant (DOT) or a user adds behaviour by adding a hook rather
+than forking the loop. Only the main process (rank 0) writes files.
+"""
+
+import json
+import os
+
+from ..utils.checkpoint import atomic_save
+
+
+class HookBase:
+    trainer = None
+
+    def before_train(self):
+        pass
+
+    def after_step(self, losses):
+        """`losses`: {name: detached scalar tensor} of the step just taken (plus "total")."""
+
+    def after_epoch(self, record):
+        """`record`: the epoch's metrics dict, as written to metrics.jsonl."""
+
+    def after_train(self):
+        pass
+
+
+class MetricsHook(HookBase):
+    """metrics.jsonl: one JSON object per epoch; on resume, lines past the checkpoint are dropped first,
+    so a crash between writing metrics and writing the checkpoint never duplicates an epoch."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def before_train(self):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= self.trainer.epoch]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def after_epoch(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class TensorBoardHook(HookBase):
+    """Training scalars every `freq` iterations and test accuracy every epoch, under <run>/tensorboard."""
+
+    def __init__(self, log_dir, freq):
+        self.log_dir, self.freq, self.writer = log_dir, freq, None
+
+    def before_train(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a crashed run wrote after its last checkpoint.
+        self.writer = SummaryWriter(self.log_dir, purge_step=self.trainer.global_step + 1)
+
+    def after_step(self, losses):
+        step = self.trainer.global_step
+        if self.freq and step % self.freq == 0:
+            for name, value in losses.items():
+                self.writer.add_scalar(f"train/{name}", float(value), step)
+            self.writer.add_scalar("train/lr", self.trainer.lr, step)
+
+    def after_epoch(self, record):
+        step = self.trainer.global_step
+        for key in ("test_top1", "test_top5", "test_loss", "train_loss", "train_top1", "lr", "images_per_s"):
+            if key in record:
+                self.writer.add_scalar(f"epoch/{key}", record[key], step)
+        self.writer.flush()
+
+    def after_train(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class CheckpointHook(HookBase):
+    """latest.pth (to resume), best.pth, student_{best,last}.pth and every `freq` epochs ckpt_epoch_<N>.pth.
+
+    The student files use the published format `{"model": state_dict}`, so any of them can serve directly as a
+    DISTILLER.TEACHER_CKPT or be read by tools/eval.py. latest.pth is written last, so a resume never points
+    past files that are missing."""
+
+    def __init__(self, run_dir, freq):
+        self.run_dir, self.freq = run_dir, freq
+
+    def _path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def after_epoch(self, record):
+        t = self.trainer
+        state = t.state_dict()
+        student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, "test_top1": record["test_top1"]}
+        atomic_save(student, self._path("student_last.pth"))
+        if t.best["epoch"] == t.epoch:
+            atomic_save(state, self._path("best.pth"))
+            atomic_save(student, self._path("student_best.pth"))
+        if t.epoch == t.max_epochs or (self.freq and t.epoch % self.freq == 0):
+            atomic_save(student, self._path(f"ckpt_epoch_{t.epoch}.pth"))
+        atomic_save(state, self._path("latest.pth"))
+
+
+class SummaryHook(HookBase):
+    """summary.json, written once the last epoch is done: its presence means the run is complete."""
+
+    def __init__(self, path, extra):
+        self.path, self.extra = path, extra
+
+    def after_train(self):
+        t = self.trainer
+        if t.epoch < t.max_epochs:
+            return
+        summary = {
+            "best_top1": t.best["top1"],
+            "best_top5": t.best["top5"],
+            "best_epoch": t.best["epoch"],
+            "last_top1": t.last["top1"],
+            "last_top5": t.last["top5"],
+            "epochs": t.epoch,
+            "images_per_s": t.images_per_s(),
+            "train_time_s": t.counters["train_time_s"],
+            "wall_time_s": t.counters["wall_time_s"],
+            "seed": t.cfg.EXPERIMENT.SEED,
+            **self.extra,
+        }
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, self.path)
+        t.summary = summary

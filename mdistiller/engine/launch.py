@@ -1,0 +1,102 @@
+"""From a resolved config to a finished run directory: naming, collision checks, resume, hooks.
+
+The run directory is a pure function of the config (EXPERIMENT.NAME, or dataset/method/models/tag/seed), so
+`--resume` with the same config always finds the run it continues, and a new run never silently overwrites an
+old one.
+"""
+
+import json
+import os
+
+import torch
+import yaml
+
+from ..utils.env import describe_device, git_info
+from ..utils.errors import UserError
+from ..utils.logger import setup_logger
+from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
+from .registry import TRAINER_REGISTRY
+
+
+def run_name(cfg):
+    if cfg.EXPERIMENT.NAME:
+        return cfg.EXPERIMENT.NAME
+    d = cfg.DISTILLER
+    models = d.STUDENT if d.TYPE == "NONE" else f"{d.TEACHER}_{d.STUDENT}"
+    trainer = "" if cfg.SOLVER.TRAINER == "vanilla" else f"_{cfg.SOLVER.TRAINER}"
+    return f"{cfg.DATASET.TYPE}_{d.TYPE.lower()}{trainer}_{models}_{cfg.EXPERIMENT.TAG}_seed{cfg.EXPERIMENT.SEED}"
+
+
+def run_dir_for(cfg):
+    return os.path.join(cfg.LOG.PREFIX, run_name(cfg))
+
+
+def _config_differences(saved_text, cfg):
+    saved = yaml.safe_load(saved_text)
+    now = yaml.safe_load(cfg.dump())
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def prepare_run_dir(cfg, resume):
+    """Create or reopen the run directory; returns (path, resume_checkpoint or None)."""
+    path = run_dir_for(cfg)
+    latest = os.path.join(path, "latest.pth")
+    config_file = os.path.join(path, "config.yaml")
+    if os.path.exists(latest) or os.path.exists(config_file):
+        if not resume:
+            raise UserError(f"run directory {path} already holds a run; continue it with --resume, or start a new "
+                            f"one with another EXPERIMENT.NAME / EXPERIMENT.TAG / LOG.PREFIX")
+        if os.path.exists(config_file):
+            with open(config_file) as f:
+                diff = _config_differences(f.read(), cfg)
+            if diff:
+                raise UserError(f"--resume: the config differs from the one {path} was started with, in "
+                                f"{', '.join(diff)}; resume with the original config or start a new run")
+    os.makedirs(path, exist_ok=True)
+    with open(config_file + ".tmp", "w") as f:
+        f.write(cfg.dump())
+    os.replace(config_file + ".tmp", config_file)
+    return path, (latest if resume and os.path.exists(latest) else None)
+
+
+def train_from_config(cfg, resume=False, extra_hooks=()):
+    """Train the run `cfg` describes; returns its summary dict. Safe to call again on a finished run."""
+    path = run_dir_for(cfg)
+    summary_file = os.path.join(path, "summary.json")
+    if resume and os.path.exists(summary_file):
+        setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
+        with open(summary_file) as f:
+            return json.load(f)
+    path, checkpoint = prepare_run_dir(cfg, resume)
+    logger = setup_logger(os.path.join(path, "train.log"))
+    logger.info("run directory %s", path)
+    trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
+    if checkpoint:
+        trainer.resume(checkpoint)
+    elif resume:
+        logger.info("--resume: no checkpoint in %s yet, starting from scratch", path)
+    sha, dirty = git_info()
+    extra = {"git_sha": sha, "git_dirty": dirty, "torch_version": torch.__version__,
+             "device": describe_device(trainer.device), "world_size": trainer.world_size,
+             "num_train": trainer.meta.num_train, "num_test": trainer.meta.num_test,
+             "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
+             "dataset": cfg.DATASET.TYPE, "run_dir": path}
+    trainer.register_hooks([
+        MetricsHook(os.path.join(path, "metrics.jsonl")),
+        TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
+        CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ),
+        SummaryHook(summary_file, extra),
+        *extra_hooks,
+    ])
+    summary = trainer.train()
+    logger.info("done: best top-1 %.2f (epoch %d), last top-1 %.2f, %.0f img/s", summary["best_top1"],
+                summary["best_epoch"], summary["last_top1"], summary["images_per_s"])
+    return summary

@@ -1,0 +1,191 @@
+"""The training engine: one loop for every method, specialised by trainers (how an update is made) and hooks
+(what happens around it).
+
+`Trainer` owns the run state - weights, optimizer, epoch, best-so-far, RNG, counters - and can save and restore
+all of it, which is what makes `--resume` bit-identical to an uninterrupted run. A subclass changes only
+`build_optimizer` / `run_step` (the DOT trainer keeps two momentum buffers) and, through `extra_state`, what it
+adds to checkpoints.
+"""
+
+import logging
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..data import build_dataloaders
+from ..distillers import total_loss
+from ..utils.checkpoint import load_file
+from ..utils.env import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
+from ..utils.errors import CheckpointError
+from .build import build_distiller
+from .evaluator import evaluate
+from .lr_schedule import learning_rate
+from .registry import TRAINER_REGISTRY
+
+logger = logging.getLogger("mdistiller")
+
+CHECKPOINT_FORMAT = "mdistiller-train-v1"
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir=None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.rank, self.world_size = 0, 1
+        self.device = resolve_device(cfg.EXPERIMENT.DEVICE)
+        seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
+        self.train_loader, self.test_loader, self.meta = build_dataloaders(
+            cfg, self.device, self.rank, self.world_size)
+        self.distiller = build_distiller(cfg, self.meta, self.device)
+        self.optimizer = self.build_optimizer()
+        self.max_epochs = cfg.SOLVER.EPOCHS
+        self.epoch = 0  # completed epochs
+        self.global_step = 0
+        self.lr = cfg.SOLVER.LR
+        self.best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
+        self.last = {"top1": None, "top5": None}
+        self.counters = {"train_images": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+        self.hooks = []
+        self.summary = None
+
+    @classmethod
+    def validate_config(cls, cfg):
+        """Raise ConfigError for settings this trainer cannot run; nothing to check by default."""
+
+    # --- the update rule -------------------------------------------------------------------------------------
+    def build_optimizer(self):
+        s = self.cfg.SOLVER
+        return torch.optim.SGD(self.distiller.learnable_parameters(), lr=s.LR, momentum=s.MOMENTUM,
+                               weight_decay=s.WEIGHT_DECAY)
+
+    def set_lr(self, lr):
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def run_step(self, images, labels, index, epoch):
+        """One update; returns the step's loss terms as detached tensors (no device sync)."""
+        logits, terms = self.distiller.forward_train(images, labels, epoch, index)
+        loss = total_loss(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        losses = {name: term.value.detach() for name, term in terms.items()}
+        losses["total"] = loss.detach()
+        return losses, logits.detach()
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def register_hooks(self, hooks):
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def train(self):
+        for hook in self.hooks:
+            hook.before_train()
+        logger.info("training %s on %s, %d train / %d test images, device %s", self.cfg.DISTILLER.STUDENT,
+                    self.meta.name, self.meta.num_train, self.meta.num_test, describe_device(self.device))
+        while self.epoch < self.max_epochs:
+            epoch = self.epoch + 1
+            start = time.perf_counter()
+            train_stats = self.train_one_epoch(epoch)
+            test = evaluate(self.distiller, self.test_loader)
+            self.counters["wall_time_s"] += time.perf_counter() - start
+            self.epoch = epoch
+            self.last = {"top1": test["top1"], "top5": test["top5"]}
+            if test["top1"] > self.best["top1"]:
+                self.best = {"top1": test["top1"], "top5": test["top5"], "epoch": epoch}
+            record = {"epoch": epoch, **train_stats, "test_top1": test["top1"], "test_top5": test["top5"],
+                      "test_loss": test["loss"], "best_top1": self.best["top1"]}
+            logger.info("epoch %d/%d  lr %.5f  train_loss %.4f  test_top1 %.2f  test_top5 %.2f  best %.2f  "
+                        "%.0f img/s", epoch, self.max_epochs, record["lr"], record["train_loss"],
+                        test["top1"], test["top5"], self.best["top1"], record["images_per_s"])
+            for hook in self.hooks:
+                hook.after_epoch(record)
+        for hook in self.hooks:
+            hook.after_train()
+        return self.summary
+
+    def train_one_epoch(self, epoch):
+        self.distiller.train()
+        self.train_loader.set_epoch(epoch - 1)
+        iters = len(self.train_loader)
+        sums, seen, correct = {}, 0, None
+        bar = tqdm(self.train_loader, total=iters, desc=f"epoch {epoch}/{self.max_epochs}", leave=False,
+                   dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0, disable=self.rank != 0)
+        start = time.perf_counter()
+        for it, (images, labels, index) in enumerate(bar):
+            self.set_lr(learning_rate(self.cfg.SOLVER, epoch, it, iters))
+            losses, logits = self.run_step(images, labels, index, epoch)
+            self.global_step += 1
+            n = labels.shape[0]
+            seen += n
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value * n
+            hits = (logits.argmax(1) == labels).sum()
+            correct = hits if correct is None else correct + hits
+            for hook in self.hooks:
+                hook.after_step(losses)
+            if it % 50 == 0:
+                bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        bar.close()
+        self.counters["train_images"] += seen
+        self.counters["train_time_s"] += elapsed
+        stats = {"lr": self.lr, "train_loss": float(sums.pop("total")) / seen,
+                 "train_top1": 100.0 * float(correct) / seen}
+        stats.update({f"loss/{name}": float(v) / seen for name, v in sums.items()})
+        stats.update({"epoch_time_s": elapsed, "images_per_s": seen / elapsed})
+        return stats
+
+    def images_per_s(self):
+        c = self.counters
+        return c["train_images"] / c["train_time_s"] if c["train_time_s"] else 0.0
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def extra_state(self):
+        """Trainer-specific state to checkpoint (e.g. DOT's momentum buffers)."""
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def state_dict(self):
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.distiller.student.state_dict(),  # published format: usable as a teacher checkpoint
+            "distiller": self.distiller.learnable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": self.extra_state(),
+            "best": dict(self.best),
+            "last": dict(self.last),
+            "counters": dict(self.counters),
+            "rng": rng_state(),
+            "config": self.cfg.dump(),
+        }
+
+    def load_state_dict(self, state):
+        self.distiller.load_learnable_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state["trainer"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best, self.last, self.counters = dict(state["best"]), dict(state["last"]), dict(state["counters"])
+        set_rng_state(state["rng"])
+
+    def resume(self, path):
+        state = load_file(path, "resume checkpoint")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not an mdistiller training checkpoint (format {CHECKPOINT_FORMAT})")
+        self.load_state_dict(state)
+        logger.info("resumed from %s at epoch %d", path, self.epoch)
+
+
+@TRAINER_REGISTRY.register("vanilla")
+class VanillaTrainer(Trainer):
+    """SGD with momentum on the sum of all loss terms."""

@@ -1,0 +1,89 @@
+"""Writing checkpoints without ever leaving a half-written file, and reading weights from any of the formats
+users arrive with (ours, the published `{"model": state_dict}`, a bare state dict, DataParallel's `module.`)."""
+
+import os
+import tempfile
+
+import torch
+
+from .errors import CheckpointError
+
+
+def atomic_save(obj, path):
+    """torch.save into a temporary file in the same directory, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a truncated checkpoint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_file(path, what="checkpoint", hint=""):
+    """torch.load on CPU with a clear error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} does not exist{'; ' + hint if hint else ''}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:
+        # Older published checkpoints pickle plain Python/numpy objects next to the weights.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{what} {path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def extract_state_dict(obj, path):
+    """The model weights inside a loaded checkpoint of any supported format."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "student"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict (expected a dict of tensors, or one under 'model')")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model, path, model_name, hint=""):
+    """Load `path` into `model` strictly; any mismatch is one line naming the file, the model and the fix."""
+    state = extract_state_dict(load_file(path, "checkpoint", hint), path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:2])}, checkpoint vs model)")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit model {model_name}: {'; '.join(parts)}"
+            f"{' - is it a checkpoint of another architecture? ' + hint if hint else ''}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model

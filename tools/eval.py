@@ -1,0 +1,61 @@
+"""Evaluate a checkpoint on a dataset's test split: ours (student_*.pth, latest.pth, best.pth) or published ones.
+
+    python tools/eval.py -m resnet8 -c output/<run>/student_best.pth -d fashion_mnist [--json]
+    python tools/eval.py -m resnet8 -c output/<run>/student_best.pth --run-config output/<run>/config.yaml
+
+--run-config takes the dataset settings (root, test subset, test batch size) of the run that wrote the
+checkpoint, so the number printed is the one the run reported.
+"""
+
+import argparse
+import json
+
+import _path  # noqa: F401
+
+from mdistiller.config import load_config
+from mdistiller.data import build_dataloaders
+from mdistiller.engine import evaluate
+from mdistiller.models import build_model
+from mdistiller.utils.checkpoint import load_weights
+from mdistiller.utils.cli import run_cli
+from mdistiller.utils.env import resolve_device, seed_everything
+from mdistiller.utils.errors import UserError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="model name, e.g. resnet32x4")
+    p.add_argument("-c", "--ckpt", required=True, help="checkpoint file")
+    p.add_argument("-d", "--dataset", help="DATASET.TYPE (default: the run config's, else fashion_mnist)")
+    p.add_argument("--run-config", help="config.yaml of the run that wrote the checkpoint")
+    p.add_argument("--root", help="DATASET.ROOT")
+    p.add_argument("--test-subset", type=int, help="DATASET.TEST_SUBSET (0 = the whole test split)")
+    p.add_argument("-b", "--batch-size", type=int, help="DATASET.TEST.BATCH_SIZE")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="end with one JSON line {top1, top5, loss, num}")
+    args = p.parse_args(argv)
+
+    overrides = ["DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", args.model, "EXPERIMENT.DEVICE", args.device]
+    for key, value in (("DATASET.TYPE", args.dataset), ("DATASET.ROOT", args.root),
+                       ("DATASET.TEST_SUBSET", args.test_subset), ("DATASET.TEST.BATCH_SIZE", args.batch_size)):
+        if value is not None:
+            overrides += [key, str(value)]
+    cfg = load_config(args.run_config, overrides)
+    if args.run_config and cfg.DATASET.TYPE != (args.dataset or cfg.DATASET.TYPE):
+        raise UserError("--dataset disagrees with --run-config")
+    device = resolve_device(cfg.EXPERIMENT.DEVICE)
+    seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
+    _, test_loader, meta = build_dataloaders(cfg, device, only_test=True)
+    model = build_model(args.model, cfg.DATASET.TYPE, meta.num_classes)
+    load_weights(model, args.ckpt, args.model)
+    model.to(device)
+    result = evaluate(model, test_loader)
+    print(f"{args.model} on {meta.name} test ({result['num']} images): top-1 {result['top1']:.2f}  "
+          f"top-5 {result['top5']:.2f}")
+    if args.json:
+        print(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
+                          "num": result["num"]}))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,31 @@
+"""Train a student (alone, or distilled from a teacher) from a config.
+
+    python tools/train.py --cfg configs/fashion_mnist/vanilla/resnet8.yaml [--resume] [KEY VALUE ...]
+
+Writes <LOG.PREFIX>/<run name>/ with config.yaml, train.log, metrics.jsonl, summary.json, TensorBoard events and
+checkpoints; --resume continues an interrupted run exactly where its last checkpoint left it.
+"""
+
+import argparse
+
+import _path  # noqa: F401
+
+from mdistiller.config import load_config
+from mdistiller.engine.launch import train_from_config
+from mdistiller.utils.cli import run_cli
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="config file (YAML) over the package defaults")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its latest.pth")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.cfg, args.opts)
+    summary = train_from_config(cfg, resume=args.resume)
+    print(f"best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']})  "
+          f"last top-1 {summary['last_top1']:.2f}  run {summary['run_dir']}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
