@@ -1,0 +1,49 @@
+"""The feature contract every model in the zoo follows, so distillers can be written once for all of them.
+
+Feature-based distillers (FitNet, AT, RKD, CRD, ReviewKD, ...) need intermediate activations, and some of
+them (OFD) need them *before* the last ReLU, where negative responses are still visible. Rather than each
+distiller hooking into each architecture, every model returns them from `forward`:
+
+    logits, features = model(x)
+
+`features` is a dict with
+  - "feats": list of tensors, the stem output (after its ReLU) followed by each stage's output after that
+    stage's final ReLU. For the CIFAR ResNets this is 4 tensors.
+  - "preact_feats": the same list, but each stage's output is taken *before* its last ReLU (for a residual
+    stage: the last block's sum of branch and shortcut). The stem has no separate pre-activation tap, so
+    its entry is the same post-ReLU stem output as in "feats".
+  - "pooled_feat": the penultimate vector fed to the classifier, always shape (N, C) with C == feat_dim.
+
+Models also report their shapes, so distillers size connectors (1x1 convs, projection heads) from the model
+instead of from hand-written per-architecture tables:
+  - `stage_channels()`: channel count of each entry of "feats", in order.
+  - `feat_dim`: size of "pooled_feat" (the classifier's input).
+"""
+
+import torch.nn as nn
+
+
+class ClassifierWithFeatures(nn.Module):
+    """Base class for zoo models; subclasses set `_stage_channels` and `feat_dim` and implement the contract."""
+
+    _stage_channels = ()
+    feat_dim = 0
+
+    def stage_channels(self):
+        """Channel counts of the tensors in features["feats"], in order (a new list; safe to modify)."""
+        return list(self._stage_channels)
+
+    @staticmethod
+    def make_features(feats, preact_feats, pooled_feat):
+        """Assemble the features dict in the contract's shape; one place so keys never drift between models."""
+        return {"feats": list(feats), "preact_feats": list(preact_feats), "pooled_feat": pooled_feat}
+
+
+def init_conv_bn(module):
+    """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the init the published CIFAR teachers used."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
