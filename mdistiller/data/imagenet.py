@@ -1,0 +1,41 @@
+"""ImageNet-1k as class-per-folder trees <ROOT>/imagenet/{train,val}/<wnid>/*.JPEG, standard 224 recipe.
+
+The validation split must already be sorted into class folders (as most ImageNet preparation scripts do).
+"""
+
+import os
+
+from torchvision import transforms
+
+from ..utils.errors import DataError
+from .bundle import DatasetBundle
+from .image_folder import check_same_classes, open_folder
+from .registry import DATASET_REGISTRY
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+FOLDER = "imagenet"
+
+
+def transforms_for(train):
+    if train:
+        ops = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
+    else:
+        ops = [transforms.Resize(256), transforms.CenterCrop(224)]
+    return transforms.Compose(ops + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+@DATASET_REGISTRY.register("imagenet")
+def load(cfg):
+    base = os.path.join(cfg.DATASET.ROOT, FOLDER)
+    train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
+    for d in (train_dir, val_dir):
+        if not os.path.isdir(d):
+            raise DataError(f"ImageNet not found: expected {d}/<wnid>/*.JPEG (class-per-folder train and val "
+                            f"splits under {base}); set DATASET.ROOT to the folder that contains imagenet/")
+    classes = check_same_classes(train_dir, val_dir, fix="sort val/ into one folder per class, as train/ is")
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders")
+    return DatasetBundle(name="imagenet", num_classes=len(classes), image_size=224, mean=MEAN, std=STD,
+                         train=lambda: open_folder(train_dir, transforms_for(True), classes),
+                         test=lambda: open_folder(val_dir, transforms_for(False), classes))
