@@ -20,7 +20,7 @@ CONFIG_DIR = os.path.join(_path.ROOT, "configs", "fashion_mnist")
 
 # (row label, config file relative to configs/fashion_mnist). Teacher first: later rows distil from it.
 RUNS = [
-    ("teacher", "vanilla/resnet56.yaml"),
+    ("teacher", "vanilla/resnet20.yaml"),
     ("student alone", "vanilla/resnet8.yaml"),
 ]
 

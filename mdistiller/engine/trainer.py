@@ -113,8 +113,9 @@ class Trainer:
         self.train_loader.set_epoch(epoch - 1)
         iters = len(self.train_loader)
         sums, seen, correct = {}, 0, None
+        # A bar on a terminal; in logs (CI, redirected output) the per-epoch log line is the progress report.
         bar = tqdm(self.train_loader, total=iters, desc=f"epoch {epoch}/{self.max_epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0, disable=self.rank != 0)
+                   dynamic_ncols=True, disable=self.rank != 0 or not os.isatty(2))
         start = time.perf_counter()
         for it, (images, labels, index) in enumerate(bar):
             self.set_lr(learning_rate(self.cfg.SOLVER, epoch, it, iters))
@@ -128,8 +129,8 @@ class Trainer:
             correct = hits if correct is None else correct + hits
             for hook in self.hooks:
                 hook.after_step(losses)
-            if it % 50 == 0:
-                bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}")
+            if it % 50 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}", refresh=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
