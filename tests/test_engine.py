@@ -163,3 +163,28 @@ def test_eval_tool_errors_are_one_line(tmp_path):
                                "-d", "fashion_mnist", "--test-subset", "20", *args],
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def run_train_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--cfg", STUDENT_CFG,
+                           "LOG.PREFIX", str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_train_cli_runs_and_resumes(tmp_path):
+    args = ("EXPERIMENT.NAME", "cli", "DATASET.TRAIN_SUBSET", "200", "DATASET.TEST_SUBSET", "100",
+            "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]")
+    proc = run_train_cli(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "best top-1" in proc.stdout and (tmp_path / "cli" / "summary.json").is_file()
+    again = run_train_cli(tmp_path, *args)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--cfg", STUDENT_CFG,
+                           "--resume", "LOG.PREFIX", str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "already complete" in proc.stderr + proc.stdout
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    proc = run_train_cli(tmp_path, "DATASET.TYPE", "cifar100", "DATASET.ROOT", str(tmp_path / "nodata"),
+                         "DATASET.DOWNLOAD", "False", "DISTILLER.STUDENT", "resnet8")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(tmp_path / "nodata" / "cifar-100-python") in proc.stderr

@@ -10,7 +10,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from ..utils.errors import DataError
-from .bundle import FolderSplit
+from .bundle import DatasetBundle, FolderSplit
 
 
 def class_dirs(path):
@@ -41,3 +41,14 @@ def open_folder(path, transform, classes):
         raise DataError(f"{path} has classes {dataset.classes[:3]}... but the training split has "
                         f"{list(classes)[:3]}...; the splits must have the same class folders")
     return FolderSplit(dataset, torch.tensor(dataset.targets, dtype=torch.int64))
+
+
+def folder_bundle(name, train_dir, val_dir, image_size, mean, std, transforms_for, fix):
+    """The DatasetBundle of a class-per-folder dataset whose train and val splits share one class list;
+    `transforms_for(train)` gives each split's per-sample transform, `fix` says how to repair mismatched splits."""
+    classes = check_same_classes(train_dir, val_dir, fix=fix)
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders")
+    return DatasetBundle(name=name, num_classes=len(classes), image_size=image_size, mean=mean, std=std,
+                         train=lambda: open_folder(train_dir, transforms_for(True), classes),
+                         test=lambda: open_folder(val_dir, transforms_for(False), classes))

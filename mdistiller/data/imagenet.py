@@ -8,8 +8,7 @@ import os
 from torchvision import transforms
 
 from ..utils.errors import DataError
-from .bundle import DatasetBundle
-from .image_folder import check_same_classes, open_folder
+from .image_folder import folder_bundle
 from .registry import DATASET_REGISTRY
 
 MEAN = (0.485, 0.456, 0.406)
@@ -33,9 +32,5 @@ def load(cfg):
         if not os.path.isdir(d):
             raise DataError(f"ImageNet not found: expected {d}/<wnid>/*.JPEG (class-per-folder train and val "
                             f"splits under {base}); set DATASET.ROOT to the folder that contains imagenet/")
-    classes = check_same_classes(train_dir, val_dir, fix="sort val/ into one folder per class, as train/ is")
-    if not classes:
-        raise DataError(f"{train_dir} has no class folders")
-    return DatasetBundle(name="imagenet", num_classes=len(classes), image_size=224, mean=MEAN, std=STD,
-                         train=lambda: open_folder(train_dir, transforms_for(True), classes),
-                         test=lambda: open_folder(val_dir, transforms_for(False), classes))
+    return folder_bundle("imagenet", train_dir, val_dir, 224, MEAN, STD, transforms_for,
+                         fix="sort val/ into one folder per class, as train/ is")

@@ -10,8 +10,7 @@ import os
 from torchvision import transforms
 
 from ..utils.errors import DataError
-from .bundle import DatasetBundle
-from .image_folder import check_same_classes, open_folder
+from .image_folder import folder_bundle
 from .registry import DATASET_REGISTRY
 
 MEAN = (0.4802, 0.4481, 0.3975)
@@ -36,10 +35,5 @@ def load(cfg):
     if os.path.isdir(os.path.join(val_dir, "images")):
         raise DataError(f"{val_dir} is not sorted into class folders yet; run "
                         f"`python tools/prepare_tiny_imagenet.py {base}` once")
-    classes = check_same_classes(train_dir, val_dir,
-                                 fix=f"re-extract the archive and run `python tools/prepare_tiny_imagenet.py {base}`")
-    if not classes:
-        raise DataError(f"{train_dir} has no class folders")
-    return DatasetBundle(name="tiny_imagenet", num_classes=len(classes), image_size=64, mean=MEAN, std=STD,
-                         train=lambda: open_folder(train_dir, transforms_for(True), classes),
-                         test=lambda: open_folder(val_dir, transforms_for(False), classes))
+    return folder_bundle("tiny_imagenet", train_dir, val_dir, 64, MEAN, STD, transforms_for,
+                         fix=f"re-extract the archive and run `python tools/prepare_tiny_imagenet.py {base}`")
