@@ -6,6 +6,7 @@ engine knowing about any particular method. The teacher is excluded from both: i
 whatever `train()` is called with, and is always restored from its own checkpoint.
 """
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -39,6 +40,11 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def teacher_forward(self, images):
+        """(logits, features) of the frozen teacher; constants for the losses (no graph is kept)."""
+        return self.teacher(images)
 
     def forward_train(self, images, labels, epoch, index=None):
         """Return (student logits, {name: LossTerm}) for one training batch; `epoch` is 1-based."""

@@ -1,0 +1,104 @@
+"""KD and DKD against hand computations and the published identity of the DKD appendix."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdistiller.config import load_config
+from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
+from mdistiller.distillers.dkd import decoupled_kl, dkd_loss
+from mdistiller.distillers.kd import kd_loss
+from mdistiller.models import build_model
+
+
+def softmax(xs):
+    e = [math.exp(x) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_loss_by_hand(temperature):
+    s, t = [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]
+    ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
+    expected = sum(a * math.log(a / b) for a, b in zip(pt, ps)) * temperature**2
+    # logits differ by 2 in classes 0 and 2, so KL = (2 / T) * (pt0 - pt2): a second, closed-form check
+    assert expected == pytest.approx((2 / temperature) * (pt[0] - pt[2]) * temperature**2)
+    batch_s = torch.tensor([s, s], dtype=torch.float64)
+    batch_t = torch.tensor([t, t], dtype=torch.float64)
+    assert kd_loss(batch_s, batch_t, temperature).item() == pytest.approx(expected, rel=1e-12)
+    assert kd_loss(batch_t, batch_t, temperature).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dkd_decomposition_identity_per_sample(temperature):
+    """KD = KL(b^T||b^S) + (1 - p_t^T) KL(p_hat^T||p_hat^S)  (DKD appendix eq. 12)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(16, 10, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(16, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (16,), generator=g)
+    tckd, nckd = decoupled_kl(s, t, y, temperature)
+    log_ps, log_pt = F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1)
+    kd = (log_pt.exp() * (log_pt - log_ps)).sum(1)
+    pt_target = log_pt.exp().gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(tckd + (1 - pt_target) * nckd, kd, rtol=1e-10, atol=1e-12)
+    assert (tckd >= 0).all() and (nckd >= 0).all()
+
+
+def test_dkd_tckd_by_hand():
+    s, t = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 1.0, 0.0]])
+    tckd, nckd = decoupled_kl(s, t, torch.tensor([0]))
+    ps, pt = softmax([0, 1, 2]), softmax([2, 1, 0])
+    bs, bt = (ps[0], 1 - ps[0]), (pt[0], 1 - pt[0])
+    assert tckd.item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(bt, bs)), rel=1e-5)
+    hs, ht = softmax([1, 2]), softmax([1, 0])
+    assert nckd.item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(ht, hs)), rel=1e-5)
+
+
+def test_dkd_is_finite_for_two_classes():
+    s = torch.tensor([[5.0, -5.0], [0.3, 0.1], [-20.0, 20.0]], requires_grad=True)
+    t = torch.tensor([[-5.0, 5.0], [0.1, 0.3], [20.0, -20.0]])
+    y = torch.tensor([0, 1, 1])
+    loss = dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    _, nckd = decoupled_kl(s, t, y, 4.0)
+    assert torch.equal(nckd, torch.zeros(3))  # one non-target class: p_hat is a point mass
+
+
+def make(distiller_type, *overrides, dataset="cifar100"):
+    cfg = load_config(None, ["DATASET.TYPE", dataset, "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
+                             "resnet20", "DISTILLER.STUDENT", "resnet8", *overrides])
+    student, teacher = build_model("resnet8", dataset), build_model("resnet20", dataset)
+    return DISTILLER_REGISTRY.get(distiller_type)(student, teacher, cfg), cfg
+
+
+def test_kd_distiller_terms_and_teacher_frozen():
+    distiller, cfg = make("KD")
+    distiller.train()
+    assert not distiller.teacher.training and distiller.student.training
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    logits, terms = distiller.forward_train(x, y, epoch=1)
+    assert logits.shape == (4, 100) and set(terms) == {"ce", "kd"}
+    assert terms["ce"].kind == TASK and terms["kd"].kind == DISTILL
+    with torch.no_grad():
+        lt = distiller.teacher(x)[0]
+    assert terms["ce"].value.item() == pytest.approx(0.1 * F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert terms["kd"].value.item() == pytest.approx(0.9 * kd_loss(logits, lt, 4.0).item(), rel=1e-5)
+    (terms["ce"].value + terms["kd"].value).backward()
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert not any(name.startswith("teacher.") for name, _ in distiller.named_parameters()
+                   if any(p is _ for p in distiller.learnable_parameters()))
+    assert all(k.startswith("student.") for k in distiller.learnable_state_dict())
+
+
+def test_dkd_warmup_ramp():
+    distiller, cfg = make("DKD", "DKD.WARMUP", "20")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    with torch.no_grad():
+        _, t1 = distiller.forward_train(x, y, epoch=1)
+        _, t20 = distiller.forward_train(x, y, epoch=20)
+        _, t40 = distiller.forward_train(x, y, epoch=40)
+    assert t1["dkd"].value.item() == pytest.approx(t20["dkd"].value.item() / 20, rel=1e-5)
+    assert t40["dkd"].value.item() == pytest.approx(t20["dkd"].value.item(), rel=1e-6)
