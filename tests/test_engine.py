@@ -188,3 +188,10 @@ def test_missing_dataset_is_one_line(tmp_path):
                          "DATASET.DOWNLOAD", "False", "DISTILLER.STUDENT", "resnet8")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and str(tmp_path / "nodata" / "cifar-100-python") in proc.stderr
+
+
+def test_a_run_that_cannot_start_leaves_no_directory(tmp_path):
+    cfg = small_cfg(tmp_path, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet56")
+    with pytest.raises(UserError, match="teacher checkpoint for resnet56"):
+        train_from_config(cfg)
+    assert not (tmp_path / "run").exists()

@@ -45,8 +45,8 @@ def _config_differences(saved_text, cfg):
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def prepare_run_dir(cfg, resume):
-    """Create or reopen the run directory; returns (path, resume_checkpoint or None)."""
+def check_run_dir(cfg, resume):
+    """Refuse to overwrite another run; returns (path, checkpoint to resume from or None). Writes nothing."""
     path = run_dir_for(cfg)
     latest = os.path.join(path, "latest.pth")
     config_file = os.path.join(path, "config.yaml")
@@ -60,11 +60,15 @@ def prepare_run_dir(cfg, resume):
             if diff:
                 raise UserError(f"--resume: the config differs from the one {path} was started with, in "
                                 f"{', '.join(diff)}; resume with the original config or start a new run")
+    return path, (latest if resume and os.path.exists(latest) else None)
+
+
+def write_config(cfg, path):
     os.makedirs(path, exist_ok=True)
+    config_file = os.path.join(path, "config.yaml")
     with open(config_file + ".tmp", "w") as f:
         f.write(cfg.dump())
     os.replace(config_file + ".tmp", config_file)
-    return path, (latest if resume and os.path.exists(latest) else None)
 
 
 def train_from_config(cfg, resume=False, extra_hooks=()):
@@ -75,10 +79,12 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
         setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
         with open(summary_file) as f:
             return json.load(f)
-    path, checkpoint = prepare_run_dir(cfg, resume)
+    path, checkpoint = check_run_dir(cfg, resume)
+    # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
+    trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
+    write_config(cfg, path)
     logger = setup_logger(os.path.join(path, "train.log"))
     logger.info("run directory %s", path)
-    trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
     if checkpoint:
         trainer.resume(checkpoint)
     elif resume:
