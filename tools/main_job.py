@@ -22,6 +22,8 @@ CONFIG_DIR = os.path.join(_path.ROOT, "configs", "fashion_mnist")
 RUNS = [
     ("teacher", "vanilla/resnet20.yaml"),
     ("student alone", "vanilla/resnet8.yaml"),
+    ("KD", "kd/resnet20_resnet8.yaml"),
+    ("DKD", "dkd/resnet20_resnet8.yaml"),
 ]
 
 
