@@ -1,0 +1,146 @@
+"""ImageNet ResNets (ResNet18/34/50/101/152) with torchvision's exact state-dict layout.
+
+Module names (conv1/bn1/layerK.i.{conv1,bn1,conv2,bn2[,conv3,bn3],downsample.0/.1}/fc) and shapes are the
+ones of torchvision's resnet*, so its published weights (the usual ImageNet teachers) load with strict=True.
+Bottleneck puts the stride on the 3x3 conv (torchvision's "v1.5"), which is what those weights were trained
+with; putting it on the first 1x1 (the original paper) would load the same tensors but compute a different net.
+Init matches torchvision's default (kaiming fan_out convs, BN 1/0, no zero-init of the last BN).
+
+Features (see models/base.py), 5 entries as ReviewKD uses on ImageNet:
+  feats        = [stem (after ReLU and max-pool, stride 4), layer1, layer2, layer3, layer4]
+  preact_feats = the same, each layer's output taken before its last block's final ReLU (the residual
+                 sum); the stem entry is the same tensor as in feats.
+"""
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..base import ClassifierWithFeatures, init_conv_bn
+from ..registry import MODEL_REGISTRY
+
+
+def conv3x3(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def _downsample(inplanes, outplanes, stride):
+    """Projection shortcut, or None for identity; a Sequential (0=conv, 1=bn) to match the published keys."""
+    if stride == 1 and inplanes == outplanes:
+        return None
+    return nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs plus shortcut, then ReLU; returns (out, preact) so the stage can expose both."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _downsample(inplanes, planes, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        preact = out + shortcut
+        return F.relu(preact), preact
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision v1.5), 1x1 expand x4, plus shortcut, then ReLU."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        outplanes = planes * self.expansion
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, outplanes)
+        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.downsample = _downsample(inplanes, outplanes, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        preact = out + shortcut
+        return F.relu(preact), preact
+
+
+class Stage(nn.Sequential):
+    """A sequence of blocks that also returns the last block's pre-activation (for preact_feats)."""
+
+    def forward(self, x):
+        preact = None
+        for block in self:
+            x, preact = block(x)
+        return x, preact
+
+
+class ImageNetResNet(ClassifierWithFeatures):
+    """7x7/2 stem + 3x3/2 max-pool, four stages at strides 1/2/2/2, adaptive average pooling, fc."""
+
+    def __init__(self, block, layers, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes, channels = 64, [64]
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            stage = [block(inplanes, planes, stride)]
+            inplanes = planes * block.expansion
+            stage += [block(inplanes, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", Stage(*stage))
+            channels.append(inplanes)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self._stage_channels = tuple(channels)
+        self.feat_dim = inplanes
+        init_conv_bn(self)  # the fc keeps nn.Linear's default init, as in torchvision
+
+    def forward(self, x):
+        stem = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        feats, preacts = [stem], [stem]  # the stem has no separate pre-activation tap
+        out = stem
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out, preact = stage(out)
+            feats.append(out)
+            preacts.append(preact)
+        pooled = self.avgpool(out).flatten(1)
+        return self.fc(pooled), self.make_features(feats, preacts, pooled)
+
+
+_CONFIGS = {
+    "ResNet18": (BasicBlock, (2, 2, 2, 2)),
+    "ResNet34": (BasicBlock, (3, 4, 6, 3)),
+    "ResNet50": (Bottleneck, (3, 4, 6, 3)),
+    "ResNet101": (Bottleneck, (3, 4, 23, 3)),
+    "ResNet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def _register(name, block, layers):
+    def build(num_classes):
+        return ImageNetResNet(block, layers, num_classes)
+
+    build.__name__ = name
+    build.__doc__ = f"{name}: ImageNet ResNet with {block.__name__} blocks {layers}, torchvision layout."
+    MODEL_REGISTRY.register(f"imagenet/{name}")(build)
+
+
+for _name, (_block, _layers) in _CONFIGS.items():
+    _register(_name, _block, _layers)
