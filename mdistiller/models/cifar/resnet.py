@@ -10,47 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures, init_conv_bn
+from ..blocks import BasicBlock, Stage
 from ..registry import MODEL_REGISTRY
-
-
-def conv3x3(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """conv3x3-bn-relu-conv3x3-bn plus shortcut, then ReLU; returns (out, preact) so the stage can expose both."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            # Named `downsample` (Sequential: 0=conv, 1=bn) to match the published state-dict keys.
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        preact = out + shortcut
-        return F.relu(preact), preact
-
-
-class Stage(nn.Sequential):
-    """A sequence of BasicBlocks that also returns the last block's pre-activation (for preact_feats)."""
-
-    def forward(self, x):
-        preact = None
-        for block in self:
-            x, preact = block(x)
-        return x, preact
 
 
 class CifarResNet(ClassifierWithFeatures):

@@ -16,78 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures, init_conv_bn
+from ..blocks import BasicBlock, Bottleneck, Stage
 from ..registry import MODEL_REGISTRY
-
-
-def conv3x3(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-def _downsample(inplanes, outplanes, stride):
-    """Projection shortcut, or None for identity; a Sequential (0=conv, 1=bn) to match the published keys."""
-    if stride == 1 and inplanes == outplanes:
-        return None
-    return nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs plus shortcut, then ReLU; returns (out, preact) so the stage can expose both."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = _downsample(inplanes, planes, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        preact = out + shortcut
-        return F.relu(preact), preact
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carrying the stride, as torchvision v1.5), 1x1 expand x4, plus shortcut, then ReLU."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        outplanes = planes * self.expansion
-        self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, outplanes)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-        self.downsample = _downsample(inplanes, outplanes, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        preact = out + shortcut
-        return F.relu(preact), preact
-
-
-class Stage(nn.Sequential):
-    """A sequence of blocks that also returns the last block's pre-activation (for preact_feats)."""
-
-    def forward(self, x):
-        preact = None
-        for block in self:
-            x, preact = block(x)
-        return x, preact
 
 
 class ImageNetResNet(ClassifierWithFeatures):
