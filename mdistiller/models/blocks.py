@@ -79,3 +79,10 @@ class Stage(nn.Sequential):
         for block in self:
             x, preact = block(x)
         return x, preact
+
+
+def channel_shuffle(x, groups):
+    """Interleave the channels of `groups` groups, so the next grouped conv (ShuffleNet V1) or the next unit's
+    split (ShuffleNet V2) mixes information across them."""
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
