@@ -1,7 +1,9 @@
 """Residual building blocks shared by the CIFAR and ImageNet ResNets.
 
 Module names (conv1/bn1/conv2/bn2[/conv3/bn3]/downsample.0/.1) are those of the published checkpoints and of
-torchvision, so every ResNet built from these loads them with strict=True. Each block returns (out, preact),
+torchvision, so every ResNet built from these loads them with strict=True. The CIFAR ResNet18/50 of the
+published zoo call the projection "shortcut" instead; `shortcut_attr` is the only thing that differs, so those
+blocks are subclasses that rename it rather than copies. Each block returns (out, preact),
 preact being the residual sum before the final ReLU, and `Stage` passes the last block's preact up: that is
 where the models' "preact_feats" come from.
 """
@@ -25,7 +27,20 @@ def downsample(inplanes, outplanes, stride):
     return nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """Holds the projection shortcut under the attribute name the checkpoints use."""
+
+    shortcut_attr = "downsample"
+
+    def _set_projection(self, inplanes, outplanes, stride):
+        setattr(self, self.shortcut_attr, downsample(inplanes, outplanes, stride))
+
+    def _shortcut(self, x):
+        proj = getattr(self, self.shortcut_attr)
+        return x if proj is None else proj(x)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs plus shortcut, then ReLU; returns (out, preact) so the stage can expose both."""
 
     expansion = 1
@@ -36,17 +51,17 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample(inplanes, planes, stride)
+        self._set_projection(inplanes, planes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = self._shortcut(x)
         preact = out + shortcut
         return F.relu(preact), preact
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (carrying the stride, as torchvision v1.5), 1x1 expand x4, plus shortcut, then ReLU."""
 
     expansion = 4
@@ -60,13 +75,13 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, outplanes)
         self.bn3 = nn.BatchNorm2d(outplanes)
-        self.downsample = downsample(inplanes, outplanes, stride)
+        self._set_projection(inplanes, outplanes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = self._shortcut(x)
         preact = out + shortcut
         return F.relu(preact), preact
 
