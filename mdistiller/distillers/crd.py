@@ -1,0 +1,92 @@
+"""CRD, Contrastive Representation Distillation (Tian et al., ICLR 2020).
+
+KD matches only the teacher's output distribution; CRD makes the student's penultimate representation carry
+the teacher's by contrasting: a linear head + L2 normalisation maps both models' pooled features to a common
+128-d space, and an NCE objective pulls a student embedding towards the teacher's embedding of the same
+sample (positive) and away from teacher embeddings of samples of other classes (negatives), and vice versa.
+The K negatives come from memory banks of past embeddings (crd_memory.py) instead of from the batch, which
+is what makes 16384 negatives affordable at batch 64.
+
+loss = CE_WEIGHT * CE + FEAT_WEIGHT * (NCE(student anchor, teacher bank) + NCE(teacher anchor, student bank)).
+The teacher's head is learnable too (the teacher itself stays frozen). Defaults are CRD's CIFAR-100 settings.
+"""
+
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from ..config.defaults import register_config_section
+from ..utils.errors import ConfigError
+from .base import Distiller
+from .crd_memory import MODES, ContrastMemory
+from .losses import distill_loss, task_loss
+from .registry import DISTILLER_REGISTRY
+
+_cfg = CN()
+_cfg.FEAT_DIM = 128  # embedding size of both heads and of the memory rows
+_cfg.NCE_K = 16384  # negatives per anchor (capped at the smallest other-class pool, see crd_memory.py)
+_cfg.NCE_T = 0.07
+_cfg.NCE_MOMENTUM = 0.5  # memory rows: m * old + (1 - m) * new, then re-normalised
+_cfg.MODE = "exact"  # positive: the sample itself (exact) or a random same-class sample (relax)
+_cfg.LOSS = CN()
+_cfg.LOSS.CE_WEIGHT = 1.0
+_cfg.LOSS.FEAT_WEIGHT = 0.8
+register_config_section("CRD", _cfg)
+
+
+class Embed(nn.Module):
+    """Linear projection onto the unit sphere, where dot products are cosine similarities."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x):
+        return F.normalize(self.linear(x.flatten(1)), dim=1)
+
+
+@DISTILLER_REGISTRY.register("CRD")
+class CRD(Distiller):
+    config_section = "CRD"
+
+    @classmethod
+    def validate_config(cls, cfg):
+        c = cfg.CRD
+        if c.MODE not in MODES:
+            raise ConfigError(f"config key CRD.MODE: must be one of {', '.join(MODES)}, got {c.MODE!r}")
+        if c.NCE_K <= 0:
+            raise ConfigError(f"config key CRD.NCE_K: number of negatives must be > 0, got {c.NCE_K}")
+        if not 0 <= c.NCE_MOMENTUM < 1:
+            raise ConfigError(f"config key CRD.NCE_MOMENTUM: must be in [0, 1), got {c.NCE_MOMENTUM}")
+        if c.NCE_T <= 0:
+            raise ConfigError(f"config key CRD.NCE_T: temperature must be > 0, got {c.NCE_T}")
+        if c.FEAT_DIM <= 0:
+            raise ConfigError(f"config key CRD.FEAT_DIM: embedding size must be > 0, got {c.FEAT_DIM}")
+
+    def __init__(self, student, teacher, cfg, meta=None):
+        super().__init__(student, teacher, cfg, meta)
+        if meta is None:
+            raise ValueError("CRD needs the training set's meta (num_train, train_targets) for its memory bank")
+        if len(meta.train_targets) != meta.num_train:
+            raise ValueError(f"meta.train_targets has {len(meta.train_targets)} labels, meta.num_train is "
+                             f"{meta.num_train}")
+        c = cfg.CRD
+        self.embed_s = Embed(student.feat_dim, c.FEAT_DIM)
+        self.embed_t = Embed(teacher.feat_dim, c.FEAT_DIM)
+        self.memory = ContrastMemory(c.FEAT_DIM, meta.train_targets, c.NCE_K, c.NCE_T, c.NCE_MOMENTUM, c.MODE)
+
+    def embeddings(self, images):
+        """(student logits, student embedding, teacher embedding); the teacher's head sees constant features."""
+        logits, feats = self.student(images)
+        _, feats_t = self.teacher_forward(images)
+        return logits, self.embed_s(feats["pooled_feat"]), self.embed_t(feats_t["pooled_feat"])
+
+    def forward_train(self, images, labels, epoch, index=None):
+        if index is None:
+            raise ValueError("CRD needs the batch's dataset indices (index=) to address its memory bank")
+        logits, v_s, v_t = self.embeddings(images)
+        c = self.cfg.CRD.LOSS
+        return logits, {
+            "ce": task_loss(c.CE_WEIGHT * F.cross_entropy(logits, labels)),
+            "crd": distill_loss(c.FEAT_WEIGHT * self.memory(v_s, v_t, index)),
+        }

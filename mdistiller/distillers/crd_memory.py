@@ -1,0 +1,165 @@
+"""CRD's memory bank and NCE objective (Tian et al., ICLR 2020), kept apart from the distiller so each piece
+can be tested against hand computations.
+
+Two banks of num_train x dim rows hold a running (momentum) average of every training sample's student and
+teacher embedding. A student embedding is contrasted against the teacher bank and vice versa: its positive is
+a row of its own sample ("exact") or of a random same-class sample ("relax"), its K negatives rows of random
+samples of other classes. The banks, and the NCE normalisation constant Z, are buffers, so a checkpoint holds
+them and a resumed run continues with exactly the same state.
+
+Negatives are drawn with replacement from the samples of other classes, as in CRD, using the global torch RNG
+of the bank's device (which the trainer checkpoints, so resume draws the same ones). K is capped at the size
+of the smallest such pool, num_train - (largest class count): on a small training subset every anchor then
+still has at least K distinct candidates, and the noise term K * Pn = K / num_train stays below 1.
+
+Under torch.distributed with world_size > 1 each rank draws its own negatives, but the memory update and the
+Z estimate use the embeddings, indices and statistics of all ranks (all-gathered in rank order), so every
+rank's banks and Z stay identical without broadcasting them.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("exact", "relax")
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_rows(x):
+    """x's rows from every rank concatenated in rank order; ranks may hold different numbers of rows (the
+    last global batch of an epoch is split unevenly)."""
+    world = _world_size()
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def nce_loss(logits, log_z, num_train):
+    """CRD's NCE loss, mean over anchors, for logits = <anchor, row> / T of shape (B, 1 + K), positive first.
+
+    With P = exp(logits) / Z and noise mass c = K * Pn = K / num_train:
+        loss = -log(P_pos / (P_pos + c)) - sum_k log(c / (P_k + c)),
+    written with softplus in log space (no overflow of exp(1 / T), no log(0)); CRD's eps of 1e-7 inside the
+    logarithms is not needed then."""
+    log_p = logits - log_z
+    log_c = math.log((logits.shape[1] - 1) / num_train)
+    positive = F.softplus(log_c - log_p[:, 0])
+    negatives = F.softplus(log_p[:, 1:] - log_c).sum(1)
+    return (positive + negatives).mean()
+
+
+def row_scores(memory, anchor, idx):
+    """<memory[idx[b, j]], anchor[b]> for all b, j, shape of idx.
+
+    One product with the whole bank (B x num_train) is much smaller than the (B, 1 + K, dim) rows CRD gathers
+    whenever num_train <= (1 + K) * dim, i.e. for every CIFAR-sized set; the gather is kept for larger ones."""
+    n, dim = memory.shape
+    if n <= idx.shape[1] * dim:
+        return (anchor @ memory.t()).gather(1, idx)
+    return torch.bmm(memory[idx], anchor.unsqueeze(2)).squeeze(2)
+
+
+class ContrastMemory(nn.Module):
+    def __init__(self, dim, train_targets, num_negatives, temperature, momentum, mode="exact"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"CRD mode must be one of {MODES}, got {mode!r}")
+        targets = torch.as_tensor(train_targets, dtype=torch.int64).cpu()
+        counts = torch.bincount(targets)
+        pool = targets.numel() - int(counts.max()) if targets.numel() else 0
+        if pool <= 0:
+            raise ValueError("CRD needs training samples of at least two classes to draw negatives from")
+        self.num_train = targets.numel()
+        self.num_negatives = min(int(num_negatives), pool)
+        self.temperature = float(temperature)
+        self.momentum = float(momentum)
+        self.mode = mode
+        # CRD's initialisation: uniform in [-stdv, stdv] with stdv = 1 / sqrt(dim / 3), so each entry has
+        # variance 1 / dim and a row's expected squared norm is 1, like the normalised rows that replace it.
+        stdv = 1.0 / math.sqrt(dim / 3)
+        self.register_buffer("memory_s", torch.rand(self.num_train, dim) * (2 * stdv) - stdv)
+        self.register_buffer("memory_t", torch.rand(self.num_train, dim) * (2 * stdv) - stdv)
+        # Z for (student anchor vs teacher bank, teacher anchor vs student bank); 0 = not estimated yet.
+        self.register_buffer("z", torch.zeros(2))
+        self._z_ready = False
+        # Class-sorted sample order: class c's samples are order[start[c] : start[c] + count[c]], so sampling
+        # "any other class" is sampling a position in order[] that skips that block. Derived from the
+        # targets, hence not saved.
+        self.register_buffer("targets", targets, persistent=False)
+        self.register_buffer("order", torch.argsort(targets, stable=True), persistent=False)
+        self.register_buffer("class_count", counts, persistent=False)
+        self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_ready = False  # re-read from the loaded buffer on the next step
+
+    def sample(self, index):
+        """(B, 1 + K) dataset indices per anchor: the positive, then K negatives of other classes."""
+        labels = self.targets[index]
+        start, count = self.class_start[labels], self.class_count[labels]
+        pool = (self.num_train - count).unsqueeze(1)
+        u = torch.rand(index.shape[0], self.num_negatives, device=index.device, dtype=torch.float64)
+        pos = torch.minimum((u * pool).long(), pool - 1)
+        pos = pos + (pos >= start.unsqueeze(1)) * count.unsqueeze(1)
+        negatives = self.order[pos]
+        if self.mode == "exact":
+            positive = index
+        else:
+            u = torch.rand(index.shape[0], device=index.device, dtype=torch.float64)
+            positive = self.order[start + torch.minimum((u * count).long(), count - 1)]
+        return torch.cat([positive.unsqueeze(1), negatives], 1)
+
+    @torch.no_grad()
+    def _estimate_z(self, logits_s, logits_t):
+        """Z = mean(exp(logits)) * num_train over the first batch of all ranks, as CRD estimates it once."""
+        stats = torch.stack([logits_s.double().exp().sum(), logits_t.double().exp().sum(),
+                             torch.tensor(float(logits_s.numel()), dtype=torch.float64, device=logits_s.device)])
+        total = all_gather_rows(stats.unsqueeze(0)).sum(0)
+        self.z.copy_(total[:2] / total[2] * self.num_train)
+
+    def loss(self, v_s, v_t, idx):
+        """Sum of both directions' NCE losses for anchors v_s, v_t (L2-normalised) against rows idx."""
+        logits_s = row_scores(self.memory_t, v_s, idx) / self.temperature
+        logits_t = row_scores(self.memory_s, v_t, idx) / self.temperature
+        if not self._z_ready:
+            if not bool((self.z > 0).all()):
+                self._estimate_z(logits_s, logits_t)
+            self._z_ready = True
+        log_z = self.z.log()
+        return nce_loss(logits_s, log_z[0], self.num_train) + nce_loss(logits_t, log_z[1], self.num_train)
+
+    @torch.no_grad()
+    def update(self, v_s, v_t, index):
+        """Rows `index` <- normalize(m * row + (1 - m) * embedding), with every rank's batch.
+
+        Out of place: the loss's graph may hold the bank itself (row_scores' product), which an in-place
+        write would invalidate before backward."""
+        v = all_gather_rows(torch.cat([v_s, v_t], 1).detach())
+        index = all_gather_rows(index)
+        dim = self.memory_s.shape[1]
+        for name, new in (("memory_s", v[:, :dim]), ("memory_t", v[:, dim:])):
+            bank = getattr(self, name)
+            rows = bank.index_select(0, index) * self.momentum + new.to(bank.dtype) * (1 - self.momentum)
+            setattr(self, name, bank.index_copy(0, index, F.normalize(rows, dim=1)))
+
+    def forward(self, v_s, v_t, index):
+        """The contrastive loss of this batch; the banks are updated afterwards (they enter the loss as
+        constants, as in CRD)."""
+        loss = self.loss(v_s, v_t, self.sample(index))
+        self.update(v_s, v_t, index)
+        return loss
