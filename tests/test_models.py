@@ -158,3 +158,14 @@ def test_unknown_dataset_lists_available():
                  lambda: num_classes_for("mnist")):
         with pytest.raises(ConfigError, match=r"unknown dataset 'mnist'.*cifar100.*fashion_mnist"):
             call()
+
+
+def test_tiny_imagenet_mobilenetv2_taps_are_the_published_ones():
+    # The published Tiny-ImageNet MobileNetV2 exposes the stem, stages 2-4 and the 1280-d last conv; feature
+    # methods trained on it (AT, CRD in DOT table 3b) depend on exactly these tensors.
+    model = build_model("MobileNetV2", "tiny_imagenet").eval()
+    with torch.no_grad():
+        _, features = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(t.shape[1:]) for t in features["feats"]] == [
+        (32, 66, 66), (24, 33, 33), (32, 17, 17), (64, 9, 9), (1280, 9, 9)]
+    assert (features["preact_feats"][-1] < 0).any() and (features["feats"][-1] >= 0).all()

@@ -12,6 +12,7 @@ Facts of the published design kept here because the checkpoints were trained wit
 """
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures
 from ..registry import MODEL_REGISTRY
@@ -28,9 +29,9 @@ _SETTING = (
 )
 _STEM_CHANNELS = 32
 _LAST_CHANNELS = 1280
-# Stages whose outputs are "feats" after the stem: those of 24, 32, 96 and 320 channels, the same tap points
-# as the CIFAR MobileNetV2 (its groups 1, 2, 4, 6).
-_TAPS = ("stage2", "stage3", "stage5", "stage7")
+# Stages whose outputs are "feats" after the stem, the published model's tap points; the 1280-d last conv
+# follows them as the deepest entry.
+_TAPS = ("stage2", "stage3", "stage4")
 
 
 class LinearBottleneck(nn.Module):
@@ -61,12 +62,13 @@ class TinyImageNetMobileNetV2(ClassifierWithFeatures):
     """Stem, seven stages of linear bottlenecks, 1x1 conv to 1280 + ReLU6, global average pooling, 1x1-conv
     classifier.
 
-    Features (see base.py): "feats" are the stem output (after its ReLU6) and the outputs of stages 2, 3, 5
-    and 7 (channels 32, 24, 32, 96, 320; 66, 33, 17, 9, 9 pixels wide at 64x64 input), the tap points of the
-    CIFAR MobileNetV2. (The published model tapped stage 4 and the 1280-d last conv instead of stages 5 and 7;
-    we keep one definition across the two MobileNetV2s.) "preact_feats" are the same tensors: the stem has no
-    separate pre-activation tap (as for every zoo model), and each stage ends in a linear bottleneck with no
-    activation after it. "pooled_feat" is the pooled 1280-d last conv, flattened to (N, 1280).
+    Features (see base.py): "feats" are the stem output (after its ReLU6), the outputs of stages 2, 3 and 4,
+    and the 1280-d last conv after its ReLU6 (channels 32, 24, 32, 64, 1280; 66, 33, 17, 9, 9 pixels wide at
+    64x64 input): the published model's own tap points, so feature methods (AT, CRD, ReviewKD) see what the
+    published Tiny-ImageNet results were trained with. "preact_feats" are the same tensors except the last,
+    taken after the BN and before the ReLU6: the stem has no separate pre-activation tap (as for every zoo
+    model), and stages end in linear bottlenecks with no activation after them. "pooled_feat" is the pooled
+    1280-d last conv, flattened to (N, 1280).
     """
 
     def __init__(self, num_classes=200):
@@ -92,7 +94,7 @@ class TinyImageNetMobileNetV2(ClassifierWithFeatures):
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.conv2 = nn.Conv2d(_LAST_CHANNELS, num_classes, 1)
-        self._stage_channels = (_STEM_CHANNELS,) + tuple(channels[name] for name in _TAPS)
+        self._stage_channels = (_STEM_CHANNELS,) + tuple(channels[name] for name in _TAPS) + (_LAST_CHANNELS,)
         self.feat_dim = _LAST_CHANNELS
 
     def forward(self, x):
@@ -103,10 +105,12 @@ class TinyImageNetMobileNetV2(ClassifierWithFeatures):
             out = getattr(self, name)(out)
             if name in _TAPS:
                 feats.append(out)
-        pooled = self.avgpool(self.conv1(out))
+        pre_last = self.conv1[1](self.conv1[0](out))
+        last = F.relu6(pre_last)  # not the module's in-place ReLU6: pre_last must survive as a feature
+        pooled = self.avgpool(last)
         logits = self.conv2(pooled).flatten(1)
         # Linear-bottleneck outputs (and the stem, by convention) have no separate pre-activation.
-        return logits, self.make_features(feats, feats, pooled.flatten(1))
+        return logits, self.make_features(feats + [last], feats + [pre_last], pooled.flatten(1))
 
 
 @MODEL_REGISTRY.register("tiny_imagenet/MobileNetV2")
