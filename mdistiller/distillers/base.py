@@ -35,6 +35,10 @@ class Distiller(nn.Module):
     def validate_config(cls, cfg):
         """Raise ConfigError for invalid values in this method's section; nothing to check by default."""
 
+    def prepare(self, trainer):
+        """Work that needs the run's data before the first step (e.g. KD++'s teacher class means); the Trainer
+        calls it once, right after building the distiller. `trainer` gives cfg, meta and device. No-op here."""
+
     def train(self, mode=True):
         super().train(mode)
         if self.teacher is not None:

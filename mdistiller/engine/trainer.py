@@ -39,6 +39,7 @@ class Trainer:
         self.train_loader, self.test_loader, self.meta = build_dataloaders(
             cfg, self.device, self.rank, self.world_size)
         self.distiller = build_distiller(cfg, self.meta, self.device)
+        self.distiller.prepare(self)  # before the optimizer: prepare may add learnable state
         self.optimizer = self.build_optimizer()
         self.max_epochs = cfg.SOLVER.EPOCHS
         self.epoch = 0  # completed epochs

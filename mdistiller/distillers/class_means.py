@@ -1,0 +1,152 @@
+"""Teacher class means (KD++): the mean penultimate teacher feature of each class over the training set.
+
+They cost one teacher pass over the training set, which on ImageNet is most of an epoch, and depend only on
+the teacher's weights and on which images are averaged. So they are cached in a file next to the teacher
+checkpoint, named after the checkpoint's content hash (not its name or mtime: re-training a teacher into the
+same path must not reuse stale means) and the data they were averaged over:
+
+    <checkpoint>.class_means.<dataset>-n<num images>.<sha256 of the checkpoint, 16 hex>.pt
+
+holding {"format", "class_means" (C, D) float32, "class_counts" (C,) int64, "num_classes", "dim", "num_train",
+"checkpoint_sha256", "teacher", "dataset"}. A cache whose classes, dimension, image count or hash do not match
+is recomputed and rewritten; when a new cache is written, caches of older contents of the same checkpoint (same
+data tag, other hash) are removed.
+"""
+
+import hashlib
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from ..utils.checkpoint import atomic_save
+
+CACHE_FORMAT = "mdistiller-class-means-v1"
+logger = logging.getLogger("mdistiller")
+
+
+def _info(message):
+    # Trainer.__init__ runs before the run's logger exists; a fresh process must still show why it waits.
+    if logger.handlers:
+        logger.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_path(ckpt_path, sha256, tag):
+    return f"{ckpt_path}.class_means.{tag}.{sha256[:16]}.pt"
+
+
+@torch.no_grad()
+def compute_class_means(teacher, batches, num_classes):
+    """(means (C, D) float32, counts (C,) int64) of teacher(images)[1]["pooled_feat"] per label.
+
+    Sums are accumulated in float64 so the result does not depend on the batch size beyond float32 rounding
+    of the features themselves. A class without images gets a zero mean (its dino term is then constant)."""
+    was_training = teacher.training
+    teacher.eval()
+    sums, counts = None, None
+    for batch in batches:
+        images, labels = batch[0], batch[1]
+        feats = teacher(images)[1]["pooled_feat"].double()
+        if sums is None:
+            sums = feats.new_zeros(num_classes, feats.shape[1])
+            counts = torch.zeros(num_classes, dtype=torch.int64, device=feats.device)
+        labels = labels.to(feats.device)
+        sums.index_add_(0, labels, feats)
+        counts += torch.bincount(labels, minlength=num_classes)
+    teacher.train(was_training)
+    if sums is None:
+        raise ValueError("no training images to compute teacher class means from")
+    means = sums / counts.clamp_min(1).unsqueeze(1).double()
+    return means.float().cpu(), counts.cpu()
+
+
+def _usable(cache, num_classes, dim, num_train, sha256):
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT:
+        return "not a class-means file"
+    for key, want in (("num_classes", num_classes), ("dim", dim), ("num_train", num_train),
+                      ("checkpoint_sha256", sha256)):
+        if want is not None and cache.get(key) != want:
+            return f"{key} {cache.get(key)} != {want}"
+    means = cache.get("class_means")
+    if not torch.is_tensor(means) or tuple(means.shape) != (cache["num_classes"], cache["dim"]):
+        return "malformed class_means"
+    return None
+
+
+def _remove_stale(path, ckpt_path, tag):
+    prefix = f"{os.path.basename(ckpt_path)}.class_means.{tag}."
+    folder = os.path.dirname(os.path.abspath(path))
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if name.startswith(prefix) and name.endswith(".pt") and full != os.path.abspath(path):
+            try:
+                os.remove(full)
+            except OSError:
+                pass
+
+
+def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag, num_train=None,
+                                force=False):
+    """Class means for the teacher loaded from `ckpt_path`: from the cache when it matches, else computed from
+    `batches_fn()` (an iterable of (images, labels, ...)) and cached. Returns (means, counts, cache path)."""
+    from ..utils.checkpoint import load_file
+
+    sha = file_sha256(ckpt_path)
+    path = cache_path(ckpt_path, sha, tag)
+    dim = teacher.feat_dim
+    if os.path.isfile(path) and not force:
+        try:
+            cache = load_file(path, "class-means cache")
+            problem = _usable(cache, num_classes, dim, num_train, sha)
+        except Exception as e:  # unreadable or truncated: recompute rather than stop the run
+            problem = f"unreadable ({type(e).__name__})"
+        if problem is None:
+            _info(f"teacher class means: loaded from {path}")
+            return cache["class_means"].float(), cache["class_counts"].long(), path
+        _info(f"teacher class means: cache {path} does not match ({problem}); recomputing")
+    _info("teacher class means: computing them over the training set (one teacher pass, no augmentation)")
+    start = time.perf_counter()
+    means, counts = compute_class_means(teacher, batches_fn(), num_classes)
+    if num_train is not None and int(counts.sum()) != num_train:
+        raise RuntimeError(f"class-means pass saw {int(counts.sum())} images, the training set has {num_train}")
+    cache = {"format": CACHE_FORMAT, "class_means": means, "class_counts": counts, "num_classes": num_classes,
+             "dim": int(means.shape[1]), "num_train": int(counts.sum()), "checkpoint_sha256": sha,
+             "teacher": type(teacher).__name__, "dataset": tag}
+    try:
+        atomic_save(cache, path)
+        _remove_stale(path, ckpt_path, tag)
+        where = f"cached in {path}"
+    except OSError as e:  # a read-only checkpoint folder costs a recomputation next time, not the run
+        where = f"not cached ({path}: {e})"
+    _info(f"teacher class means: {int(counts.sum())} images, {num_classes} classes, dim {means.shape[1]}, "
+          f"{time.perf_counter() - start:.1f} s; {where}")
+    return means, counts, path
+
+
+def class_means_for_run(cfg, teacher, meta, device, force=False):
+    """The class means of this run's teacher over this run's (subset) training set, cached by checkpoint hash."""
+    from ..data.unaugmented import unaugmented_train_loader
+    from ..engine.teacher import teacher_ckpt_path
+
+    ckpt = teacher_ckpt_path(cfg)
+    tag = f"{meta.name}-n{meta.num_train}"
+    # The pass draws no random numbers today; the fork keeps it so for any loader, so that a run which finds the
+    # cache and one which computes it stay identical.
+    device = torch.device(device)
+    cuda = [] if device.type != "cuda" else [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        return load_or_compute_class_means(ckpt, teacher, meta.num_classes,
+                                           lambda: unaugmented_train_loader(cfg, device), tag,
+                                           num_train=meta.num_train, force=force)

@@ -1,0 +1,190 @@
+"""The "++" of KD++ (Wang et al., "Improving Knowledge Distillation via Regularizing Feature Direction and
+Norm"): the dino loss, added to any teacher-based method X as DISTILLER.TYPE "X++".
+
+The dino loss regularises the student's penultimate feature f_s of a sample of class k against the teacher's
+class mean c_k (e_k = c_k / |c_k|) and the teacher's feature f_t of the same sample (eq. 5-7):
+    |f_s| <  |f_t|:  1 - f_s.e_k / |f_t|   (eq. 5: grow the projection of f_s on e_k towards |f_t|)
+    |f_s| >= |f_t|:  1 - f_s.e_k / |f_s|   (eq. 6: only the direction; the norm may keep growing)
+i.e. 1 - f_s.e_k / max(|f_s|, |f_t|), averaged as eq. 7 does: over the samples of each class, then over the
+classes. A batch estimates that average by weighting each sample by N / (C |I_k|) (N training images, |I_k| of
+its class, C classes that have images), which is 1 on a class-balanced training set (plain batch mean). The
+constant 1 that eq. 7 drops is kept so the logged term reads as a distance (0 when aligned and long enough);
+gradients are the same. The total is eq. 8: X's own loss + DINO.WEIGHT * dino, X's CE/KD weights staying in
+X's own section.
+
+Why a class factory and forward hooks: the term needs the student's and teacher's penultimate features of the
+current batch, which every method computes but returns in its own way. Hooks on `self.student` /
+`self.teacher` see those outputs whatever X's forward_train does, so X++ needs no edit of X and no second
+forward (the teacher is run here only if X never ran it). `make_plus_plus(X)` returns `class XPlusPlus(
+PlusPlus, X)`; the registry (registry.py) builds it on demand for "X++".
+
+Class means come from `prepare()` (Trainer.__init__ calls it: one cached teacher pass, class_means.py) and live
+in buffers, so checkpoints carry them and evaluation/resume use exactly the means training used. A distiller
+built by hand and never prepared has zero means: its dino term is then a constant 1 with no gradient (and a
+warning), which keeps smoke tests of any X++ runnable without data.
+
+A student whose feature size differs from the teacher's gets a learnable Linear (+ BatchNorm1d) projector to the
+teacher's size (KD++ appendix A); the student's own classifier still reads the unprojected feature.
+"""
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from ..config.defaults import register_config_section
+from ..utils.errors import ConfigError
+from .losses import distill_loss
+
+_cfg = CN()
+# beta of eq. 8. KD++ repository, CIFAR (CE/KD/dino): res56-res20 1/1/2, res32x4-res8x4 1/3.5/2, wrn40_2-wrn40_1
+# 1/1/1.5, res50-mv2 1/3/0.5, res32x4-shuv1 1/2.5/1.5, res32x4-shuv2 1/4/0.5 (the CE/KD weights are X's keys).
+_cfg.WEIGHT = 2.0
+_cfg.PROJECTOR = "linear_bn"  # when student and teacher feature sizes differ: linear_bn (the paper's) or linear
+_cfg.NORM_MARGIN = 0.0  # m of appendix B.4: the teacher norm in the max is scaled by (1 + m)
+_cfg.CLASS_BALANCED = True  # eq. 7's per-class average (weights N / (C |I_k|)); False: plain batch mean
+register_config_section("DINO", _cfg)
+
+PROJECTORS = ("linear_bn", "linear")
+
+
+def dino_loss(feat_student, feat_teacher, class_means, labels, weight=None, norm_margin=0.0):
+    """mean_i w_i (1 - f_s,i . e_{y_i} / max(|f_s,i|, (1 + m) |f_t,i|)), e_k the unit class mean (0 if c_k = 0)."""
+    e = F.normalize(class_means[labels], dim=1)
+    s_norm = feat_student.norm(dim=1)
+    t_norm = feat_teacher.detach().norm(dim=1) * (1.0 + norm_margin)
+    denom = torch.maximum(s_norm, t_norm).clamp_min(1e-12)
+    per_sample = 1.0 - (feat_student * e).sum(1) / denom
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def class_weights(counts):
+    """N / (C' |I_k|) per class (C' classes with images); 1 for classes without images (never sampled)."""
+    counts = counts.double()
+    present = counts > 0
+    if not present.any():
+        return torch.ones_like(counts, dtype=torch.float32)
+    w = counts.sum() / (present.sum() * counts.clamp_min(1))
+    return torch.where(present, w, torch.ones_like(w)).float()
+
+
+def build_projector(dim_student, dim_teacher, kind):
+    if dim_student == dim_teacher:
+        return nn.Identity()
+    layers = [nn.Linear(dim_student, dim_teacher)]
+    if kind == "linear_bn":
+        layers.append(nn.BatchNorm1d(dim_teacher))
+    return nn.Sequential(*layers)
+
+
+class _FirstOutput:
+    """Within a with-block, keeps the output of `module`'s first call on `images` (else its first call)."""
+
+    def __init__(self, module, images):
+        self.module, self.images = module, images
+        self.match = self.first = None
+
+    def _hook(self, module, args, output):
+        if self.match is None and args and args[0] is self.images:
+            self.match = output
+        if self.first is None:
+            self.first = output
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+    @property
+    def output(self):
+        return self.match if self.match is not None else self.first
+
+
+class PlusPlus:
+    """Mixin placed before a Distiller subclass X in the MRO; see the module docstring."""
+
+    is_plus_plus = True
+    base_method = None  # X, set by make_plus_plus
+
+    def __init__(self, student, teacher, cfg, meta=None):
+        super().__init__(student, teacher, cfg, meta)
+        if teacher is None:
+            raise ConfigError(f"{type(self).__name__}: the dino term needs a teacher")
+        if meta is not None and getattr(meta, "num_classes", None):
+            num_classes = meta.num_classes
+        else:
+            from ..models import num_classes_for
+
+            num_classes = num_classes_for(cfg.DATASET.TYPE)
+        self.dino_projector = build_projector(student.feat_dim, teacher.feat_dim, cfg.DINO.PROJECTOR)
+        self.register_buffer("dino_class_means", torch.zeros(num_classes, teacher.feat_dim))
+        self.register_buffer("dino_class_weights", torch.ones(num_classes))
+        self.register_buffer("dino_ready", torch.zeros((), dtype=torch.bool))
+        self._warned_unprepared = False
+
+    @classmethod
+    def validate_config(cls, cfg):
+        super().validate_config(cfg)
+        d = cfg.DINO
+        if d.WEIGHT < 0:
+            raise ConfigError(f"config key DINO.WEIGHT: must be >= 0, got {d.WEIGHT}")
+        if d.PROJECTOR not in PROJECTORS:
+            raise ConfigError(f"config key DINO.PROJECTOR: must be one of {', '.join(PROJECTORS)}, got "
+                              f"'{d.PROJECTOR}'")
+        if d.NORM_MARGIN <= -1:
+            raise ConfigError(f"config key DINO.NORM_MARGIN: must be > -1 (teacher norm x (1 + m)), got "
+                              f"{d.NORM_MARGIN}")
+
+    def set_class_means(self, means, counts):
+        """Install teacher class means (C, D) and per-class image counts (C,) for the dino term."""
+        if tuple(means.shape) != tuple(self.dino_class_means.shape):
+            raise ValueError(f"class means of shape {tuple(means.shape)} do not fit this distiller "
+                             f"({tuple(self.dino_class_means.shape)}: classes x teacher feature size)")
+        self.dino_class_means.copy_(means)
+        self.dino_class_weights.copy_(class_weights(counts.to(self.dino_class_weights.device)))
+        self.dino_ready.fill_(True)
+
+    def prepare(self, trainer):
+        super().prepare(trainer)
+        from .class_means import class_means_for_run
+
+        means, counts, _ = class_means_for_run(trainer.cfg, self.teacher, trainer.meta, trainer.device)
+        self.set_class_means(means, counts)
+
+    def forward_train(self, images, labels, epoch, index=None):
+        with _FirstOutput(self.student, images) as s, _FirstOutput(self.teacher, images) as t:
+            logits, terms = super().forward_train(images, labels, epoch, index)
+        if "dino" in terms:
+            raise RuntimeError(f"{self.base_method.__name__} already returns a loss term named 'dino'")
+        if s.output is None:
+            raise RuntimeError(f"{self.base_method.__name__}.forward_train never called self.student, so "
+                               "the dino term has no student feature")
+        teacher_out = t.output if t.output is not None else self.teacher_forward(images)
+        if not bool(self.dino_ready) and not self._warned_unprepared:
+            self._warned_unprepared = True
+            warnings.warn(f"{type(self).__name__}: teacher class means were never computed (prepare() not "
+                          "called); the dino term is constant until they are")
+        c = self.cfg.DINO
+        feat_s = self.dino_projector(s.output[1]["pooled_feat"])
+        weight = self.dino_class_weights[labels] if c.CLASS_BALANCED else None
+        loss = dino_loss(feat_s, teacher_out[1]["pooled_feat"], self.dino_class_means, labels, weight,
+                         c.NORM_MARGIN)
+        terms = dict(terms)
+        terms["dino"] = distill_loss(c.WEIGHT * loss)
+        return logits, terms
+
+
+def make_plus_plus(base):
+    """class <X>PlusPlus(PlusPlus, X): X's losses plus DINO.WEIGHT * dino."""
+    return type(f"{base.__name__}PlusPlus", (PlusPlus, base), {
+        "__module__": __name__,
+        "__doc__": f"{base.__name__} plus the dino term of KD++ (see {__name__}).",
+        "base_method": base,
+    })
