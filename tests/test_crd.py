@@ -1,0 +1,291 @@
+"""CRD against hand computations: memory update rule, class-aware sampling, NCE value and Z, rank-synchronised
+memory under torch.distributed (2 CPU processes, gloo), and checkpoint round trips."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mdistiller.config import load_config
+from mdistiller.data.bundle import DatasetMeta
+from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
+from mdistiller.distillers.crd_memory import ContrastMemory, nce_loss, row_scores
+from mdistiller.utils.errors import ConfigError
+
+T = 0.07
+
+
+def normalize(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+class TinyNet(nn.Module):
+    """The model contract reduced to what CRD reads (logits, pooled_feat, feat_dim), on 3 x 4 x 4 images."""
+
+    def __init__(self, feat_dim, classes=4):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.body = nn.Linear(48, feat_dim)
+        self.fc = nn.Linear(feat_dim, classes)
+
+    def forward(self, x):
+        f = F.relu(self.body(x.flatten(1)))
+        return self.fc(f), {"feats": [], "preact_feats": [], "pooled_feat": f}
+
+
+TARGETS = torch.arange(40) % 4  # 40 samples, 4 classes of 10
+
+
+def make_crd(*overrides, targets=TARGETS, seed=0):
+    cfg = load_config(None, ["DISTILLER.TYPE", "CRD", "CRD.NCE_K", "8", "CRD.FEAT_DIM", "16", *overrides])
+    meta = DatasetMeta("fashion_mnist", 4, 4, len(targets), 0, (0.5,) * 3, (0.25,) * 3, targets)
+    torch.manual_seed(seed)
+    return DISTILLER_REGISTRY.get("CRD")(TinyNet(12), TinyNet(20), cfg, meta)
+
+
+# --- memory update -------------------------------------------------------------------------------------------
+
+def test_memory_update_by_hand():
+    mem = ContrastMemory(4, torch.tensor([0, 1, 0, 1, 2]), 2, T, momentum=0.5)
+    before_s, before_t = mem.memory_s.clone(), mem.memory_t.clone()
+    index = torch.tensor([3, 0])
+    v_s = F.normalize(torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, -1.0, 3.0, 1.0]]), dim=1)
+    v_t = F.normalize(torch.tensor([[2.0, 0.0, 0.0, 1.0], [-1.0, -1.0, 1.0, 1.0]]), dim=1)
+    mem.update(v_s, v_t, index)
+    for bank, old, new in ((mem.memory_s, before_s, v_s), (mem.memory_t, before_t, v_t)):
+        for row, i in enumerate(index.tolist()):
+            expected = normalize([0.5 * a + 0.5 * b for a, b in zip(old[i].tolist(), new[row].tolist())])
+            assert bank[i].tolist() == pytest.approx(expected, rel=1e-6)
+        untouched = [1, 2, 4]
+        assert torch.equal(bank[untouched], old[untouched])
+
+
+def test_memory_init_scale():
+    torch.manual_seed(0)
+    mem = ContrastMemory(128, torch.arange(4000) % 10, 16, T, 0.5)
+    stdv = 1 / math.sqrt(128 / 3)
+    assert mem.memory_s.abs().max() <= stdv and mem.memory_t.min() >= -stdv
+    # uniform in [-stdv, stdv]: variance stdv^2 / 3 = 1 / dim per entry, so rows have squared norm ~1
+    assert mem.memory_s.pow(2).sum(1).mean().item() == pytest.approx(1.0, abs=0.02)
+    assert not torch.equal(mem.memory_s, mem.memory_t)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+UNBALANCED = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 1, 0])  # class 2 has 4 of 12 samples
+
+
+def test_k_is_capped_by_the_smallest_negative_pool():
+    assert ContrastMemory(4, UNBALANCED, 16384, T, 0.5).num_negatives == 12 - 4
+    assert ContrastMemory(4, UNBALANCED, 5, T, 0.5).num_negatives == 5
+    with pytest.raises(ValueError, match="two classes"):
+        ContrastMemory(4, torch.zeros(5, dtype=torch.int64), 4, T, 0.5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "relax"])
+def test_negatives_from_other_classes_and_positives(mode):
+    torch.manual_seed(0)
+    mem = ContrastMemory(4, UNBALANCED, 8, T, 0.5, mode=mode)
+    index = torch.arange(12).repeat(500)
+    idx = mem.sample(index)
+    assert idx.shape == (6000, 9)
+    labels = UNBALANCED[index]
+    assert (UNBALANCED[idx[:, 1:]] != labels[:, None]).all()
+    if mode == "exact":
+        assert torch.equal(idx[:, 0], index)
+    else:
+        assert torch.equal(UNBALANCED[idx[:, 0]], labels)
+        assert (idx[:, 0] != index).any()  # not just the sample itself
+    # negatives are uniform over the other classes' samples: for class-2 anchors each of the 8 candidates
+    # is drawn with probability 1/8
+    neg = idx[labels == 2, 1:].flatten()
+    freq = torch.bincount(neg, minlength=12).double() / neg.numel()
+    candidates = (UNBALANCED != 2).nonzero().flatten()
+    assert freq[UNBALANCED == 2].sum() == 0
+    assert torch.allclose(freq[candidates], torch.full((8,), 1 / 8, dtype=torch.float64), atol=0.015)
+
+
+# --- NCE -----------------------------------------------------------------------------------------------------
+
+def test_row_scores_both_paths():
+    g = torch.Generator().manual_seed(0)
+    memory, anchor = torch.randn(50, 4, generator=g), torch.randn(3, 4, generator=g)
+    for k in (20, 5):  # 50 <= 20 * 4: one product with the bank; 50 > 5 * 4: gathered rows
+        idx = torch.randint(0, 50, (3, k), generator=g)
+        expected = torch.tensor([[dot(memory[i].tolist(), anchor[b].tolist()) for i in idx[b].tolist()]
+                                 for b in range(3)])
+        torch.testing.assert_close(row_scores(memory, anchor, idx), expected, rtol=1e-5, atol=1e-6)
+
+
+def hand_nce(memory, anchors, idx, z, n):
+    """-log(P0 / (P0 + c)) - sum_k log(c / (Pk + c)), P = exp(<row, anchor> / T) / Z, c = K / n; batch mean."""
+    c = (len(idx[0]) - 1) / n
+    total = 0.0
+    for a, rows in zip(anchors, idx):
+        p = [math.exp(dot(memory[i], a) / T) / z for i in rows]
+        total += -math.log(p[0] / (p[0] + c)) - sum(math.log(c / (pk + c)) for pk in p[1:])
+    return total / len(anchors)
+
+
+def test_nce_and_z_by_hand():
+    targets = torch.tensor([0, 1, 0, 1, 2, 2])
+    torch.manual_seed(0)
+    mem = ContrastMemory(4, targets, 2, T, 0.5)
+    assert mem.num_negatives == 2
+    mem.memory_s.copy_(F.normalize(torch.randn(6, 4), dim=1))
+    mem.memory_t.copy_(F.normalize(torch.randn(6, 4), dim=1))
+    v_s, v_t = F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1)
+    idx = torch.tensor([[0, 1, 4], [3, 2, 5]])  # positive, then two negatives of other classes
+    ms, mt, vs, vt, rows = (t.tolist() for t in (mem.memory_s, mem.memory_t, v_s, v_t, idx))
+    # Z from this first batch: mean of exp(<row, anchor> / T) over all (1 + K) entries, times num_train
+    z_s = sum(math.exp(dot(mt[i], a) / T) for a, r in zip(vs, rows) for i in r) / 6 * 6
+    z_t = sum(math.exp(dot(ms[i], a) / T) for a, r in zip(vt, rows) for i in r) / 6 * 6
+    loss = mem.loss(v_s, v_t, idx)
+    assert mem.z.tolist() == pytest.approx([z_s, z_t], rel=1e-5)
+    expected = hand_nce(mt, vs, rows, z_s, 6) + hand_nce(ms, vt, rows, z_t, 6)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Z is estimated once: a second batch keeps it
+    mem.loss(v_t, v_s, idx)
+    assert mem.z.tolist() == pytest.approx([z_s, z_t], rel=1e-5)
+
+
+def test_nce_is_lower_when_student_aligns_with_teacher():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(200, 16, generator=g), dim=1)  # the teacher bank
+    index = torch.arange(32)
+    idx = torch.cat([index[:, None], torch.randint(32, 200, (32, 64), generator=g)], 1)
+    unrelated = F.normalize(torch.randn(32, 16, generator=g), dim=1)
+    log_z = ((row_scores(bank, unrelated, idx) / T).exp().mean() * 200).log()  # as estimated at the start
+    losses = []
+    for noise in (0.0, 0.25, 0.75):  # student anchor = the teacher's embedding of the sample, perturbed
+        anchor = F.normalize(bank[index] + noise * torch.randn(32, 16, generator=g), dim=1)
+        losses.append(nce_loss(row_scores(bank, anchor, idx) / T, log_z, 200).item())
+    losses.append(nce_loss(row_scores(bank, unrelated, idx) / T, log_z, 200).item())
+    assert all(0 < x and math.isfinite(x) for x in losses)
+    assert losses == sorted(losses) and losses[-1] > 4 * losses[0]
+
+
+# --- the distiller -------------------------------------------------------------------------------------------
+
+def batch(index):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(40, 3, 4, 4, generator=g)
+    return images[index], TARGETS[index], index
+
+
+def test_distiller_terms():
+    crd = make_crd()
+    crd.train()
+    assert crd.memory.memory_s.shape == crd.memory.memory_t.shape == (40, 16)
+    assert crd.embed_s.linear.in_features == 12 and crd.embed_t.linear.in_features == 20
+    images, labels, index = batch(torch.tensor([0, 5, 9, 22, 31]))
+    logits, terms = crd.forward_train(images, labels, 1, index)
+    assert set(terms) == {"ce", "crd"} and terms["ce"].kind == TASK and terms["crd"].kind == DISTILL
+    value = terms["crd"].value
+    assert value.dim() == 0 and torch.isfinite(value) and value.item() > 0
+    assert terms["ce"].value.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    (terms["ce"].value + value).backward()
+    assert crd.embed_s.linear.weight.grad.abs().sum() > 0 and crd.embed_t.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in crd.teacher.parameters())
+    # the updated rows are unit vectors now, the rest still carry the random initialisation
+    norms = crd.memory.memory_s.norm(dim=1)
+    assert torch.allclose(norms[index], torch.ones(5))
+    assert not torch.allclose(norms[[1, 2, 3]], torch.ones(3))
+
+
+def test_checkpoint_round_trip_restores_memory_and_z():
+    crd = make_crd()
+    images, labels, index = batch(torch.arange(8))
+    crd.forward_train(images, labels, 1, index)
+    state = {k: v.clone() for k, v in crd.learnable_state_dict().items()}
+    assert {"memory.memory_s", "memory.memory_t", "memory.z"} <= set(state)
+    assert not any(k.startswith("teacher.") or k.endswith(("order", "targets")) for k in state)
+    assert (state["memory.z"] > 0).all()
+    other = make_crd(seed=1)
+    other.teacher.load_state_dict(crd.teacher.state_dict())  # the teacher comes from its own checkpoint
+    other.load_learnable_state_dict(state)
+    for key in ("memory_s", "memory_t", "z"):
+        assert torch.equal(getattr(other.memory, key), getattr(crd.memory, key))
+    # resuming continues exactly: same next loss, same banks, and Z is not re-estimated
+    images, labels, index = batch(torch.arange(8, 16))
+    torch.manual_seed(7)
+    _, t1 = crd.forward_train(images, labels, 1, index)
+    torch.manual_seed(7)
+    _, t2 = other.forward_train(images, labels, 1, index)
+    assert torch.equal(t1["crd"].value, t2["crd"].value)
+    assert torch.equal(other.memory.memory_t, crd.memory.memory_t)
+    assert torch.equal(other.memory.z, state["memory.z"])
+
+
+@pytest.mark.parametrize("key,value,match", [("CRD.MODE", "loose", "CRD.MODE"), ("CRD.NCE_K", "0", "CRD.NCE_K"),
+                                             ("CRD.NCE_MOMENTUM", "1.0", "CRD.NCE_MOMENTUM"),
+                                             ("CRD.NCE_T", "0.0", "CRD.NCE_T")])
+def test_config_validation(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["DISTILLER.TYPE", "CRD", key, value])
+
+
+# --- two processes -------------------------------------------------------------------------------------------
+
+RANK_INDEX = [torch.tensor([0, 7, 13, 21, 30, 38]), torch.tensor([2, 9, 14, 26, 35])]  # uneven shares
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        crd = make_crd()  # same seed: identical initial banks and heads on every rank
+        crd.train()
+        images, labels, index = batch(RANK_INDEX[rank])
+        start_t, start_s = crd.memory.memory_t.clone(), crd.memory.memory_s.clone()
+        with torch.no_grad():
+            _, v_s, v_t = crd.embeddings(images)
+        torch.manual_seed(100 + rank)  # each rank draws different negatives
+        rng = torch.get_rng_state()
+        _, terms = crd.forward_train(images, labels, 1, index)
+        terms["crd"].value.backward()
+        # this rank's own share of the Z estimate, recomputed from the same draw
+        torch.set_rng_state(rng)
+        idx = crd.memory.sample(index)
+        sums = [(row_scores(bank, v, idx) / T).double().exp().sum() for bank, v in ((start_t, v_s), (start_s, v_t))]
+        torch.save({"memory_s": crd.memory.memory_s, "memory_t": crd.memory.memory_t, "z": crd.memory.z,
+                    "v_s": v_s, "v_t": v_t, "index": index, "sums": torch.stack(sums), "count": idx.numel()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_keep_identical_memory(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for key in ("memory_s", "memory_t", "z"):
+        assert torch.equal(r0[key], r1[key]), key
+    # the single-process update with the concatenated batch (the ranks' own embeddings, in rank order)
+    single = make_crd()
+    cat = {k: torch.cat([r0[k], r1[k]]) for k in ("v_s", "v_t", "index")}
+    single.memory.update(cat["v_s"], cat["v_t"], cat["index"])
+    assert torch.equal(single.memory.memory_s, r0["memory_s"])
+    assert torch.equal(single.memory.memory_t, r0["memory_t"])
+    touched = cat["index"]
+    assert not torch.equal(single.memory.memory_s[touched], make_crd().memory.memory_s[touched])
+    # Z: the mean over both ranks' (1 + K) scores, not either rank's alone
+    z = (r0["sums"] + r1["sums"]) / (r0["count"] + r1["count"]) * 40
+    torch.testing.assert_close(r0["z"].double(), z, rtol=1e-5, atol=0)
+    # and a single process that runs forward_train on the concatenated images ends with the same banks
+    images, labels, index = batch(torch.cat(RANK_INDEX))
+    single = make_crd()
+    single.train()
+    single.forward_train(images, labels, 1, index)
+    torch.testing.assert_close(single.memory.memory_s, r0["memory_s"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(single.memory.memory_t, r0["memory_t"], rtol=1e-5, atol=1e-6)
