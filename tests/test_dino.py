@@ -1,0 +1,333 @@
+"""KD++'s dino term and the "X++" mechanism: the loss against hand computations of eq. 5-7, teacher class means
+against a direct computation, their checkpoint-hash cache, the projector, the registry, and a CLI run."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from data_fixtures import write_cifar100
+from mdistiller.config import load_config
+from mdistiller.data.bundle import DatasetMeta
+from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, Distiller, task_loss
+from mdistiller.distillers import class_means as cm
+from mdistiller.distillers.dkd import DKD
+from mdistiller.distillers.kd import KD
+from mdistiller.distillers.plus_plus import class_weights, dino_loss
+from mdistiller.distillers.registry import DistillerRegistry
+from mdistiller.models import build_model
+from mdistiller.utils.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- the loss (eq. 5-7) ------------------------------------------------------------------------------------
+def test_dino_student_norm_below_teacher_eq5():
+    # |f_s| = 5 < |f_t| = 10, e = (1, 0): 1 - f_s.e / |f_t| = 1 - 3/10; gradient -e / |f_t|
+    f_s = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    loss = dino_loss(f_s, torch.tensor([[0.0, 10.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+    assert loss.item() == pytest.approx(0.7)
+    loss.backward()
+    torch.testing.assert_close(f_s.grad, torch.tensor([[-0.1, 0.0]]))
+
+
+def test_dino_student_norm_above_teacher_eq6():
+    # |f_s| = 10 >= |f_t| = 3: 1 - cos = 1 - 6/10; gradient -(e/|f_s| - (f_s.e) f_s / |f_s|^3)
+    f_s = torch.tensor([[6.0, 8.0]], requires_grad=True)
+    loss = dino_loss(f_s, torch.tensor([[3.0, 0.0]]), torch.tensor([[0.5, 0.0]]), torch.tensor([0]))
+    assert loss.item() == pytest.approx(0.4)
+    loss.backward()
+    torch.testing.assert_close(f_s.grad, torch.tensor([[-(0.1 - 0.036), 0.048]]))
+
+
+def test_dino_batch_uses_each_label_norm_margin_and_zero_mean():
+    means = torch.tensor([[2.0, 0.0], [0.0, -1.0], [0.0, 0.0]])
+    f_s = torch.tensor([[3.0, 4.0], [6.0, -8.0], [1.0, 1.0]])
+    f_t = torch.tensor([[0.0, 10.0], [3.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 2])
+    # class 1: e = (0, -1), f_s.e = 8, max(10, 3) = 10 -> 0.2; class 2 has a zero mean -> constant 1
+    assert dino_loss(f_s, f_t, means, labels).item() == pytest.approx((0.7 + 0.2 + 1.0) / 3)
+    assert dino_loss(f_s, f_t, means, labels, torch.tensor([2.0, 1.0, 0.0])).item() == pytest.approx(1.6 / 3)
+    # appendix B.4: the teacher norm is scaled by (1 + m): sample 1 now divides by max(10, 3 * 4) = 12
+    assert dino_loss(f_s[1:2], f_t[1:2], means, labels[1:2], norm_margin=3.0).item() == pytest.approx(1 - 8 / 12)
+
+
+def test_class_weighted_batch_mean_is_eq7_per_class_average():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 7 + [1] * 2 + [3] * 3)  # imbalanced, class 2 empty
+    f_s, f_t = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g) * 2
+    means = torch.randn(4, 5, generator=g)
+    counts = torch.bincount(labels, minlength=4)
+    per_sample = [dino_loss(f_s[i:i + 1], f_t[i:i + 1], means, labels[i:i + 1]).item() for i in range(12)]
+    eq7 = sum(sum(per_sample[i] for i in range(12) if labels[i] == k) / counts[k].item() for k in (0, 1, 3)) / 3
+    weighted = dino_loss(f_s, f_t, means, labels, class_weights(counts)[labels])
+    assert weighted.item() == pytest.approx(eq7, rel=1e-6)
+    torch.testing.assert_close(class_weights(counts), torch.tensor([12 / 21, 12 / 6, 1.0, 12 / 9]))
+    torch.testing.assert_close(class_weights(torch.tensor([5, 5, 5])), torch.ones(3))  # balanced: batch mean
+
+
+# --- class means and their cache ----------------------------------------------------------------------------
+class FlatTeacher(nn.Module):
+    """pooled_feat = the first 3 pixel values of each image: class means are easy to compute by hand."""
+
+    feat_dim = 3
+
+    def forward(self, x):
+        feat = x.flatten(1)[:, :3]
+        return feat @ torch.ones(3, 4), {"pooled_feat": feat}
+
+
+def small_dataset():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(10, 1, 2, 2, generator=g)
+    labels = torch.tensor([0, 2, 2, 0, 1, 2, 0, 0, 2, 2])  # class 3 has no image
+    return images, labels
+
+
+def batches(images, labels, size=3):
+    return [(images[i:i + size], labels[i:i + size], torch.arange(i, min(i + size, 10))) for i in range(0, 10, size)]
+
+
+def test_class_means_by_hand():
+    images, labels = small_dataset()
+    means, counts = cm.compute_class_means(FlatTeacher(), batches(images, labels), num_classes=4)
+    flat = images.flatten(1)[:, :3].tolist()
+    for k in range(3):
+        rows = [flat[i] for i in range(10) if labels[i] == k]
+        expected = [sum(r[j] for r in rows) / len(rows) for j in range(3)]
+        assert means[k].tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert means[3].tolist() == [0.0, 0.0, 0.0]
+    assert counts.tolist() == [4, 1, 5, 0]
+
+
+def test_class_means_cache_keyed_by_checkpoint_hash(tmp_path):
+    images, labels = small_dataset()
+    ckpt = tmp_path / "teacher.pth"
+    ckpt.write_bytes(b"weights version 1")
+    calls = []
+
+    def batches_fn():
+        calls.append(1)
+        return batches(images, labels)
+
+    def run(**kw):
+        return cm.load_or_compute_class_means(str(ckpt), FlatTeacher(), 4, batches_fn, "toy-n10", num_train=10, **kw)
+
+    means, counts, path = run()
+    sha = hashlib.sha256(b"weights version 1").hexdigest()
+    assert path == f"{ckpt}.class_means.toy-n10.{sha[:16]}.pt" and os.path.isfile(path) and len(calls) == 1
+    saved = torch.load(path, weights_only=True)
+    assert (saved["num_classes"], saved["dim"], saved["num_train"], saved["checkpoint_sha256"]) == (4, 3, 10, sha)
+    torch.testing.assert_close(saved["class_means"], means)
+    mtime = os.stat(path).st_mtime_ns
+
+    means2, counts2, path2 = run()  # reused, not recomputed
+    assert len(calls) == 1 and path2 == path and os.stat(path).st_mtime_ns == mtime
+    assert torch.equal(means2, means) and torch.equal(counts2, counts)
+
+    ckpt.write_bytes(b"weights version 2")  # a re-trained teacher at the same path
+    _, _, path3 = run()
+    assert len(calls) == 2 and path3 != path and path3.endswith(hashlib.sha256(b"weights version 2").hexdigest()[:16]
+                                                                + ".pt")
+    assert not os.path.exists(path)  # the stale cache of the old weights is gone
+
+    with pytest.raises(RuntimeError, match="training set has 12"):  # a cache for other data is not trusted
+        cm.load_or_compute_class_means(str(ckpt), FlatTeacher(), 4, batches_fn, "toy-n10", num_train=12)
+    torch.save({**torch.load(path3, weights_only=True), "dim": 7}, path3)  # a mismatching cache: recomputed
+    run()
+    assert len(calls) == 4 and torch.load(path3, weights_only=True)["dim"] == 3
+    run(force=True)
+    assert len(calls) == 5
+
+
+# --- the distillers -----------------------------------------------------------------------------------------
+def make(distiller_type, teacher="resnet20", student="resnet8", *overrides):
+    cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
+                             teacher, "DISTILLER.STUDENT", student, *overrides])
+    torch.manual_seed(0)
+    s, t = build_model(student, "cifar100"), build_model(teacher, "cifar100")
+    return DISTILLER_REGISTRY.get(distiller_type)(s, t, cfg), cfg
+
+
+def test_projector_only_when_dims_differ_and_learnable():
+    same, _ = make("KD++")  # resnet20 and resnet8: both 64-d
+    assert isinstance(same.dino_projector, nn.Identity)
+    assert len(same.learnable_parameters()) == len(list(same.student.parameters()))
+
+    diff, _ = make("KD++", "resnet8x4", "resnet8")  # 256-d teacher, 64-d student
+    proj = diff.dino_projector
+    assert isinstance(proj[0], nn.Linear) and (proj[0].in_features, proj[0].out_features) == (64, 256)
+    assert isinstance(proj[1], nn.BatchNorm1d)
+    ids = {id(p) for p in diff.learnable_parameters()}
+    assert all(id(p) in ids for p in proj.parameters())
+    assert not any(id(p) in ids for p in diff.teacher.parameters())
+    diff.set_class_means(torch.randn(100, 256), torch.full((100,), 5))
+    diff.train()
+    _, terms = diff.forward_train(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 1)
+    terms["dino"].value.backward()
+    assert proj[0].weight.grad is not None and proj[0].weight.grad.abs().sum() > 0
+
+    plain, _ = make("KD++", "resnet8x4", "resnet8", "DINO.PROJECTOR", "linear")
+    assert len(plain.dino_projector) == 1
+    with pytest.raises(ConfigError, match="DINO.PROJECTOR"):
+        make("KD++", "resnet20", "resnet8", "DINO.PROJECTOR", "mlp")
+
+
+@pytest.mark.parametrize("name,base", [("KD++", KD), ("DKD++", DKD)])
+def test_plus_plus_adds_dino_to_the_base_terms_with_one_forward(name, base):
+    cls = DISTILLER_REGISTRY.get(name)
+    assert issubclass(cls, base) and cls is not base and DISTILLER_REGISTRY.get(name) is cls
+    pp, cfg = make(name, "resnet20", "resnet8", "DINO.WEIGHT", "3.0")
+    plain = base(pp.student, pp.teacher, cfg)
+    pp.eval(), plain.eval()  # BatchNorm in eval: both distillers see identical student outputs
+    means = torch.randn(100, 64)
+    pp.set_class_means(means, torch.full((100,), 500))
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([3, 1, 4, 1])
+    calls = {"student": 0, "teacher": 0}
+    hooks = [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, m in (("student", pp.student), ("teacher", pp.teacher))]
+    logits, terms = pp.forward_train(images, labels, 30)
+    assert calls == {"student": 1, "teacher": 1}  # no second forward
+    for h in hooks:
+        h.remove()
+    logits_b, terms_b = plain.forward_train(images, labels, 30)
+    assert list(terms) == list(terms_b) + ["dino"] and terms["dino"].kind == DISTILL
+    for k in terms_b:
+        torch.testing.assert_close(terms[k].value, terms_b[k].value)
+    torch.testing.assert_close(logits, logits_b)
+    with torch.no_grad():
+        _, fs = pp.student(images)
+        _, ft = pp.teacher(images)
+    expected = 3.0 * dino_loss(fs["pooled_feat"], ft["pooled_feat"], means, labels)
+    torch.testing.assert_close(terms["dino"].value, expected)
+
+
+def test_registry_names_errors_and_validation():
+    names = DISTILLER_REGISTRY.names()
+    assert {"KD", "KD++", "DKD", "DKD++"} <= set(names) and "NONE++" not in names
+    assert "KD++" in DISTILLER_REGISTRY and "FOO++" not in DISTILLER_REGISTRY
+    for bad in ("FOO++", "NONE++", "KD++++"):
+        with pytest.raises(ConfigError) as e:
+            DISTILLER_REGISTRY.get(bad, "DISTILLER.TYPE")
+        assert "\n" not in str(e.value) and f"'{bad}'" in str(e.value) and "KD++" in str(e.value)
+    with pytest.raises(ConfigError, match="DISTILLER.TYPE"):
+        load_config(None, ["DISTILLER.TYPE", "FOO++"])
+    cfg = load_config(None, ["DISTILLER.TYPE", "DKD++", "DISTILLER.TEACHER", "resnet20", "DINO.WEIGHT", "0.5"])
+    assert cfg.DINO.WEIGHT == 0.5
+    with pytest.raises(ConfigError, match="DINO.WEIGHT"):
+        load_config(None, ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet20", "DINO.WEIGHT", "-1"])
+    with pytest.raises(ConfigError, match="KD.TEMPERATURE"):  # the base method's own checks still run
+        load_config(None, ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet20", "KD.TEMPERATURE", "0"])
+
+
+def test_any_registered_method_gets_a_plus_plus():
+    """A method written without KD++ in mind (student called twice, teacher never via teacher_forward)."""
+    reg = DistillerRegistry("distiller")
+
+    @reg.register("TOY")
+    class Toy(Distiller):
+        def forward_train(self, images, labels, epoch, index=None):
+            self.student(images.flip(0))  # an extra call on other inputs: not the one the dino term uses
+            logits, _ = self.student(images)
+            with torch.no_grad():
+                self.teacher(images)
+            return logits, {"ce": task_loss(nn.functional.cross_entropy(logits, labels))}
+
+    assert reg.names() == ["TOY", "TOY++"]
+    cls = reg.get("TOY++")
+    assert issubclass(cls, Toy) and cls.base_method is Toy
+    cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TEACHER", "resnet20"])
+    d = cls(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), cfg).eval()
+    means = torch.randn(100, 64)
+    d.set_class_means(means, torch.ones(100))
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([5, 6, 7])
+    _, terms = d.forward_train(images, labels, 1)
+    with torch.no_grad():
+        fs, ft = d.student(images)[1]["pooled_feat"], d.teacher(images)[1]["pooled_feat"]
+    torch.testing.assert_close(terms["dino"].value, cfg.DINO.WEIGHT * dino_loss(fs, ft, means, labels))
+
+
+def test_class_means_travel_with_the_learnable_state():
+    a, cfg = make("KD++")
+    a.set_class_means(torch.randn(100, 64), torch.arange(100) + 1)
+    b, _ = make("KD++")
+    assert not bool(b.dino_ready)
+    b.load_learnable_state_dict(a.learnable_state_dict())
+    assert bool(b.dino_ready)
+    assert torch.equal(b.dino_class_means, a.dino_class_means)
+    assert torch.equal(b.dino_class_weights, a.dino_class_weights)
+
+
+def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
+    """Through the Trainer: the means are the teacher's features of the un-augmented training images."""
+    from mdistiller.data.cifar100 import MEAN, STD
+    from mdistiller.engine.trainer import VanillaTrainer
+
+    data = write_cifar100(str(tmp_path), n_train=60, n_test=20)
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", "cifar100")
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, ckpt)
+    cfg = load_config(None, [
+        "DATASET.TYPE", "cifar100", "DATASET.ROOT", str(tmp_path), "DATASET.DOWNLOAD", "False",
+        "DISTILLER.TYPE", "DKD++", "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8",
+        "DISTILLER.TEACHER_CKPT", str(ckpt), "EXPERIMENT.DEVICE", "cpu", "SOLVER.BATCH_SIZE", "16",
+        "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TEST.BATCH_SIZE", "7"])
+    trainer = VanillaTrainer(cfg)
+    d = trainer.distiller
+    assert bool(d.dino_ready)
+    images, labels = data["train"]
+    x = torch.tensor(images, dtype=torch.float32) / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    teacher.eval()
+    with torch.no_grad():
+        feats = teacher(x)[1]["pooled_feat"]
+    expected = torch.zeros(100, feats.shape[1])
+    for i, k in enumerate(labels.tolist()):  # 60 images, labels 0..59 once each
+        expected[k] = feats[i]
+    torch.testing.assert_close(d.dino_class_means, expected, rtol=1e-4, atol=1e-5)
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    assert os.path.isfile(f"{ckpt}.class_means.cifar100-n60.{sha}.pt")
+    losses, _ = trainer.run_step(*next(iter(trainer.train_loader)), 1)
+    assert torch.isfinite(losses["dino"]) and losses["dino"] > 0
+
+    computed = []
+    real = cm.compute_class_means
+    cm.compute_class_means = lambda *a, **k: computed.append(1) or real(*a, **k)
+    try:
+        again = VanillaTrainer(cfg).distiller  # a second run on the same teacher: loaded from the cache
+    finally:
+        cm.compute_class_means = real
+    assert computed == [] and torch.equal(again.dino_class_means, d.dino_class_means)
+
+
+@pytest.mark.slow
+def test_train_cli_kdpp_one_epoch_on_fashion_mnist(tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "teacher" / "resnet20.pth"
+    ckpt.parent.mkdir()
+    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, ckpt)
+    args = ["--cfg", os.path.join(ROOT, "configs", "fashion_mnist", "kdpp", "resnet20_resnet8.yaml"),
+            "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TRAIN_SUBSET", "256",
+            "DATASET.TEST_SUBSET", "64", "LOG.PREFIX", str(tmp_path / "out"), "DISTILLER.TEACHER_CKPT", str(ckpt),
+            "EXPERIMENT.DEVICE", "cpu", "EXPERIMENT.NAME", "kdpp"]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), *args], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "computing them" in run.stderr
+    with open(tmp_path / "out" / "kdpp" / "metrics.jsonl") as f:
+        record = json.loads(f.readline())
+    assert record["loss/dino"] > 0 and {"loss/ce", "loss/kd"} <= set(record)
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    cache = f"{ckpt}.class_means.fashion_mnist-n256.{sha}.pt"
+    assert os.path.isfile(cache)
+    tool = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compute_class_means.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    assert "loaded from" in tool.stdout + tool.stderr and cache in tool.stdout
