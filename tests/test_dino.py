@@ -253,6 +253,33 @@ def test_any_registered_method_gets_a_plus_plus():
     torch.testing.assert_close(terms["dino"].value, cfg.DINO.WEIGHT * dino_loss(fs, ft, means, labels))
 
 
+@pytest.mark.parametrize("name", [n for n in DISTILLER_REGISTRY.names() if n.endswith("++")])
+def test_every_registered_plus_plus_takes_a_step_with_one_forward(name):
+    """Whatever the other methods' files do, X++ returns X's terms plus "dino" from X's single forward."""
+    cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", name, "DISTILLER.TEACHER", "resnet20",
+                             "DISTILLER.STUDENT", "resnet8"])
+    targets = torch.arange(8) % 100
+    meta = DatasetMeta(name="cifar100", num_classes=100, image_size=32, num_train=8, num_test=0,
+                       mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=targets)
+    torch.manual_seed(0)
+    d = DISTILLER_REGISTRY.get(name)(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), cfg,
+                                     meta)
+    d.set_class_means(torch.randn(100, 64), torch.ones(100))
+    d.train()
+    calls = []
+    for m in (d.student, d.teacher):
+        m.register_forward_hook(lambda mod, *a: calls.append(mod))
+    _, terms = d.forward_train(torch.randn(4, 3, 32, 32), targets[:4], 1, torch.arange(4))
+    assert calls.count(d.student) == 1 and calls.count(d.teacher) == 1
+    assert list(terms)[-1] == "dino" and terms["dino"].kind == DISTILL and len(terms) >= 2
+    before = [p.detach().clone() for p in d.student.parameters()]
+    loss = sum(t.value for t in terms.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD(d.learnable_parameters(), lr=0.1).step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, d.student.parameters()))
+
+
 def test_class_means_travel_with_the_learnable_state():
     a, cfg = make("KD++")
     a.set_class_means(torch.randn(100, 64), torch.arange(100) + 1)

@@ -18,7 +18,6 @@ from mdistiller.distillers.class_means import class_means_for_run
 from mdistiller.engine.teacher import build_teacher
 from mdistiller.utils.cli import run_cli
 from mdistiller.utils.env import resolve_device
-from mdistiller.utils.logger import setup_logger
 
 
 def main(argv=None):
@@ -28,7 +27,6 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg, args.opts)
-    setup_logger()
     device = resolve_device(cfg.EXPERIMENT.DEVICE)
     _, _, meta = build_dataloaders(cfg, device)
     teacher = build_teacher(cfg, meta.num_classes).to(device)

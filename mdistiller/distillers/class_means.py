@@ -14,7 +14,6 @@ data tag, other hash) are removed.
 """
 
 import hashlib
-import logging
 import os
 import sys
 import time
@@ -24,15 +23,12 @@ import torch
 from ..utils.checkpoint import atomic_save
 
 CACHE_FORMAT = "mdistiller-class-means-v1"
-logger = logging.getLogger("mdistiller")
 
 
 def _info(message):
-    # Trainer.__init__ runs before the run's logger exists; a fresh process must still show why it waits.
-    if logger.handlers:
-        logger.info(message)
-    else:
-        print(message, file=sys.stderr, flush=True)
+    """Progress on stderr, not the `mdistiller` logger: this runs in Trainer.__init__, before the run's logger is
+    set up, when that logger may still point at the train.log of an earlier run of the same process."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def file_sha256(path, chunk=1 << 20):
