@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import build_dataloaders
-from ..distillers import total_loss
+from ..distillers import DISTILL, TASK, total_loss
 from ..utils.checkpoint import load_file
 from ..utils.env import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
 from ..utils.errors import CheckpointError
@@ -73,9 +73,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        return self.loss_record(terms, loss), logits.detach()
+
+    @staticmethod
+    def loss_record(terms, loss):
+        """Detached terms, their total and the per-kind totals ("task_total", "distill_total": the task and
+        distillation losses the DOT paper plots per epoch, fig. 3), for every trainer alike."""
         losses = {name: term.value.detach() for name, term in terms.items()}
+        for kind in (TASK, DISTILL):
+            part = total_loss(terms, kind)
+            if part is not None:
+                losses[f"{kind}_total"] = part.detach()
         losses["total"] = loss.detach()
-        return losses, logits.detach()
+        return losses
+
+    def step_stats(self):
+        """Extra per-step diagnostics of the update (e.g. DOT's gradient cosines): {name: scalar tensor}, averaged
+        per epoch into metrics.jsonl under their own names and sent to the hooks with the losses."""
+        return {}
 
     # --- the loop --------------------------------------------------------------------------------------------
     def register_hooks(self, hooks):
@@ -113,7 +128,7 @@ class Trainer:
         self.distiller.train()
         self.train_loader.set_epoch(epoch - 1)
         iters = len(self.train_loader)
-        sums, seen, correct = {}, 0, None
+        sums, stat_sums, seen, correct = {}, {}, 0, None
         # A bar on a terminal; in logs (CI, redirected output) the per-epoch log line is the progress report.
         bar = tqdm(self.train_loader, total=iters, desc=f"epoch {epoch}/{self.max_epochs}", leave=False,
                    dynamic_ncols=True, disable=self.rank != 0 or not os.isatty(2))
@@ -121,15 +136,18 @@ class Trainer:
         for it, (images, labels, index) in enumerate(bar):
             self.set_lr(learning_rate(self.cfg.SOLVER, epoch, it, iters))
             losses, logits = self.run_step(images, labels, index, epoch)
+            stats = self.step_stats()
             self.global_step += 1
             n = labels.shape[0]
             seen += n
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value * n
+            for name, value in stats.items():
+                stat_sums[name] = stat_sums.get(name, 0.0) + value * n
             hits = (logits.argmax(1) == labels).sum()
             correct = hits if correct is None else correct + hits
             for hook in self.hooks:
-                hook.after_step(losses)
+                hook.after_step({**losses, **stats} if stats else losses)
             if it % 50 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}", refresh=False)
         if self.device.type == "cuda":
@@ -141,6 +159,7 @@ class Trainer:
         stats = {"lr": self.lr, "train_loss": float(sums.pop("total")) / seen,
                  "train_top1": 100.0 * float(correct) / seen}
         stats.update({f"loss/{name}": float(v) / seen for name, v in sums.items()})
+        stats.update({name: float(v) / seen for name, v in stat_sums.items()})
         stats.update({"epoch_time_s": elapsed, "images_per_s": seen / elapsed})
         return stats
 

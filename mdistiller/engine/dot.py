@@ -1,0 +1,104 @@
+"""SOLVER.TRAINER dot: the Distillation-Oriented Trainer (Zhao et al., ICCV 2023), for every distiller.
+
+DOT keeps one momentum buffer for the task-loss gradient (momentum mu - Delta) and one for the distillation-loss
+gradient (mu + Delta), so distillation dominates the optimisation while the task loss still steers it
+(dot_optimizer.py has the update). The loop needs the two gradients separately from one forward pass; the
+distillers already mark every loss term as task or distill, which is all this trainer needs to know about a
+method, so it works for KD, DKD, CRD, ReviewKD, DIST, AT and every "++" variant alike.
+
+The two gradients (SOLVER.DOT.GRAD_MODE):
+  - two_pass: one backward of the task loss keeping the graph, one of the distillation loss. The forward and
+    the teacher are shared; the cost over the vanilla trainer is one extra student backward.
+  - batched: one call to autograd with both losses stacked and an identity of cotangents
+    (`is_grads_batched`), which vmaps the backward over the two losses. Which parameters each loss reaches is
+    read from the autograd graph.
+Both give the same gradients; see the README for which is faster where.
+"""
+
+import torch
+
+from ..distillers import DISTILL, TASK, total_loss
+from ..utils.errors import ConfigError
+from .dot_optimizer import DOTOptimizer
+from .registry import TRAINER_REGISTRY
+from .trainer import Trainer
+
+GRAD_MODES = ("two_pass", "batched")
+
+
+def reachable_leaves(loss):
+    """ids of the leaf tensors whose gradient `loss` depends on (the AccumulateGrad nodes of its graph)."""
+    seen, found, stack = set(), set(), [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def two_pass_grads(task, distill, params):
+    """(task grads, distill grads), None where a loss does not reach a parameter."""
+
+    def grads(loss, retain):
+        if loss is None or not loss.requires_grad:
+            return [None] * len(params)
+        return list(torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True))
+
+    return grads(task, retain=True), grads(distill, retain=False)
+
+
+def batched_grads(task, distill, params):
+    """The same gradients from one vmapped backward over the two stacked losses."""
+    if task is None or distill is None or not (task.requires_grad and distill.requires_grad):
+        return two_pass_grads(task, distill, params)
+    by_task, by_distill = reachable_leaves(task), reachable_leaves(distill)
+    used = [p for p in params if id(p) in by_task or id(p) in by_distill]
+    out = torch.autograd.grad(torch.stack([task, distill]), used, grad_outputs=torch.eye(2, device=task.device,
+                              dtype=task.dtype), is_grads_batched=True, allow_unused=True)
+    got = {id(p): g for p, g in zip(used, out)}
+    task_grads = [got[id(p)][0] if id(p) in by_task and got.get(id(p)) is not None else None for p in params]
+    distill_grads = [got[id(p)][1] if id(p) in by_distill and got.get(id(p)) is not None else None for p in params]
+    return task_grads, distill_grads
+
+
+@TRAINER_REGISTRY.register("dot")
+class DOTTrainer(Trainer):
+    @classmethod
+    def validate_config(cls, cfg):
+        s = cfg.SOLVER
+        mu, delta = s.MOMENTUM, s.DOT.DELTA
+        for name, value in (("task", mu - delta), ("distillation", mu + delta)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(
+                    f"config key SOLVER.DOT.DELTA: the {name} momentum SOLVER.MOMENTUM {'-' if name == 'task' else '+'}"
+                    f" DELTA = {mu} {'-' if name == 'task' else '+'} {delta} = {value:g} is outside [0, 1); choose "
+                    f"|DELTA| <= {min(mu, 1 - mu):g} (negative DELTA is the task-oriented ablation)")
+        if s.DOT.GRAD_MODE not in GRAD_MODES:
+            raise ConfigError(f"config key SOLVER.DOT.GRAD_MODE: must be one of {', '.join(GRAD_MODES)}, "
+                              f"got '{s.DOT.GRAD_MODE}'")
+
+    def build_optimizer(self):
+        s = self.cfg.SOLVER
+        self._grads = two_pass_grads if s.DOT.GRAD_MODE == "two_pass" else batched_grads
+        self._track_cosine = s.DOT.LOG_COSINE
+        return DOTOptimizer(self.distiller.learnable_parameters(), lr=s.LR, momentum=s.MOMENTUM,
+                            delta=s.DOT.DELTA, weight_decay=s.WEIGHT_DECAY)
+
+    def run_step(self, images, labels, index, epoch):
+        logits, terms = self.distiller.forward_train(images, labels, epoch, index)
+        task, distill = total_loss(terms, TASK), total_loss(terms, DISTILL)
+        loss = total_loss(terms)
+        task_grads, distill_grads = self._grads(task, distill, self.optimizer.params())
+        self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
+        return self.loss_record(terms, loss), logits.detach()
+
+    def step_stats(self):
+        cosines = self.optimizer.cosines
+        if cosines is None:
+            return {}
+        return {"dot/cos_task": cosines[0], "dot/cos_distill": cosines[1]}
