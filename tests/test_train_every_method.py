@@ -1,4 +1,5 @@
-"""`tools/train.py` trains one epoch on a Fashion-MNIST subset for every DISTILLER.TYPE the registry knows.
+"""`tools/train.py` trains one epoch on a Fashion-MNIST subset for every DISTILLER.TYPE the registry knows, with the
+vanilla trainer and with DOT.
 
 Each method runs from its own Fashion-MNIST config where there is one (so the shipped configs are exercised end
 to end), else from the KD config with DISTILLER.TYPE overridden (which is how a "++" variant of any method is
@@ -58,10 +59,11 @@ def teacher_ckpt(tmp_path_factory):
     return os.path.join(prefix, "teacher", "student_best.pth")
 
 
+@pytest.mark.parametrize("trainer", ["vanilla", "dot"])
 @pytest.mark.parametrize("method", DISTILLER_REGISTRY.names())
-def test_train_tool_runs_one_epoch(method, teacher_ckpt, tmp_path):
+def test_train_tool_runs_one_epoch(method, trainer, teacher_ckpt, tmp_path):
     cfg_path = _config_for(method)
-    overrides = [] if cfg_path else ["DISTILLER.TYPE", method]
+    overrides = ([] if cfg_path else ["DISTILLER.TYPE", method]) + ["SOLVER.TRAINER", trainer]
     cfg_path = cfg_path or KD_CFG
     _train_main()(["--cfg", cfg_path, "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "run",
                    "DISTILLER.TEACHER_CKPT", teacher_ckpt, *SMALL, *overrides])
@@ -76,4 +78,4 @@ def test_train_tool_runs_one_epoch(method, teacher_ckpt, tmp_path):
     if method.endswith("++"):
         assert "loss/dino" in terms
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["distiller"] == method and summary["epochs"] == 1
+    assert summary["distiller"] == method and summary["trainer"] == trainer and summary["epochs"] == 1
