@@ -4,6 +4,8 @@ A component registers itself with a decorator; configs refer to it by name. Look
 `ConfigError` that lists what is available, so a typo in a config becomes a one-line message.
 """
 
+import contextlib
+
 from .errors import ConfigError
 
 
@@ -25,6 +27,20 @@ class Registry:
             return obj
 
         return deco
+
+    @contextlib.contextmanager
+    def override(self, name, obj):
+        """Temporarily register `obj` under `name` (replacing what is there): for tools and tests that substitute a
+        component, e.g. tools/benchmark.py serving synthetic images under a real dataset's name."""
+        had, old, old_meta = name in self._items, self._items.get(name), self._meta.get(name)
+        self._items[name], self._meta[name] = obj, {}
+        try:
+            yield obj
+        finally:
+            if had:
+                self._items[name], self._meta[name] = old, old_meta
+            else:
+                del self._items[name], self._meta[name]
 
     def get(self, name, key_hint=None):
         if name not in self._items:
