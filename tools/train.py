@@ -1,6 +1,7 @@
 """Train a student (alone, or distilled from a teacher) from a config.
 
     python tools/train.py --cfg configs/fashion_mnist/vanilla/resnet8.yaml [--resume] [KEY VALUE ...]
+    torchrun --nproc_per_node=4 tools/train.py --cfg ...      # DistributedDataParallel, SOLVER.BATCH_SIZE global
 
 Writes <LOG.PREFIX>/<run name>/ with config.yaml, train.log, metrics.jsonl, summary.json, TensorBoard events and
 checkpoints; --resume continues an interrupted run exactly where its last checkpoint left it.
@@ -11,6 +12,7 @@ import argparse
 import _path  # noqa: F401
 
 from mdistiller.config import load_config
+from mdistiller.engine import distributed
 from mdistiller.engine.launch import train_from_config
 from mdistiller.utils.cli import run_cli
 
@@ -22,9 +24,13 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg, args.opts)
-    summary = train_from_config(cfg, resume=args.resume)
-    print(f"best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']})  "
-          f"last top-1 {summary['last_top1']:.2f}  run {summary['run_dir']}")
+    try:
+        summary = train_from_config(cfg, resume=args.resume)
+        if distributed.rank() == 0:
+            print(f"best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']})  "
+                  f"last top-1 {summary['last_top1']:.2f}  run {summary['run_dir']}")
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

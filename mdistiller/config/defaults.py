@@ -51,6 +51,11 @@ _C.SOLVER.DOT.DELTA = 0.075  # CIFAR-100 KD; CRD and DKD 0.05, Tiny-ImageNet 0.0
 _C.SOLVER.DOT.GRAD_MODE = "two_pass"  # how the two gradients are computed: two_pass (two backwards) or batched
 _C.SOLVER.DOT.LOG_COSINE = False  # log cos(v_task, v) and cos(v_distill, v) every step (DOT fig. 5); costs a pass
 
+_C.DISTRIBUTED = CN()  # used when launched by torchrun (RANK / WORLD_SIZE set); ignored in one process
+_C.DISTRIBUTED.SYNC_BN = False  # student BatchNorm statistics over the global batch (CUDA only)
+_C.DISTRIBUTED.FIND_UNUSED_PARAMETERS = False  # DDP option, for methods whose steps leave some parameters unused
+_C.DISTRIBUTED.TIMEOUT_MIN = 30.0  # a collective waiting longer than this ends the job
+
 _C.LOG = CN()
 _C.LOG.PREFIX = "output"
 _C.LOG.SAVE_CHECKPOINT_FREQ = 40  # also keep ckpt_epoch_<N>.pth every N epochs (0 = only the last epoch)

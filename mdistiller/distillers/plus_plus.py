@@ -152,10 +152,23 @@ class PlusPlus:
         self.dino_ready.fill_(True)
 
     def prepare(self, trainer):
+        """Class means from one teacher pass (or its cache). With several processes rank 0 alone reads or
+        computes them (and writes the cache) and the others receive them, so all ranks use the same means."""
         super().prepare(trainer)
+        from ..engine import distributed
         from .class_means import class_means_for_run
 
-        means, counts, _ = class_means_for_run(trainer.cfg, self.teacher, trainer.meta, trainer.device)
+        means = self.dino_class_means.new_zeros(self.dino_class_means.shape)
+        counts = torch.zeros(means.shape[0], dtype=torch.int64, device=means.device)
+
+        def on_rank_0():
+            if getattr(trainer, "rank", 0) == 0:
+                m, c, _ = class_means_for_run(trainer.cfg, self.teacher, trainer.meta, trainer.device)
+                means.copy_(m)
+                counts.copy_(c)
+
+        distributed.agree(on_rank_0)  # a failure on rank 0 stops every rank, before they wait for its means
+        distributed.broadcast_([means, counts])
         self.set_class_means(means, counts)
 
     def forward_train(self, images, labels, epoch, index=None):

@@ -15,10 +15,14 @@ The two gradients (SOLVER.DOT.GRAD_MODE):
 Both give the same gradients; see the README for which is faster where.
 """
 
+import contextlib
+
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..distillers import DISTILL, TASK, total_loss
 from ..utils.errors import ConfigError
+from . import distributed
 from .dot_optimizer import DOTOptimizer
 from .registry import TRAINER_REGISTRY
 from .trainer import Trainer
@@ -90,10 +94,15 @@ class DOTTrainer(Trainer):
                             delta=s.DOT.DELTA, weight_decay=s.WEIGHT_DECAY)
 
     def run_step(self, images, labels, index, epoch):
-        logits, terms = self.distiller.forward_train(images, labels, epoch, index)
+        # Under DDP the forward runs in no_sync(): DDP's reducer averages .grad during .backward(), but the two
+        # gradients here come from autograd.grad, so they are averaged over the ranks explicitly instead.
+        with self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext():
+            logits, terms = self.model(images, labels, epoch, index)
         task, distill = total_loss(terms, TASK), total_loss(terms, DISTILL)
         loss = total_loss(terms)
         task_grads, distill_grads = self._grads(task, distill, self.optimizer.params())
+        distributed.mean_grads_(task_grads)
+        distributed.mean_grads_(distill_grads)
         self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
         return self.loss_record(terms, loss), logits.detach()
 

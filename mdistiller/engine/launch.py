@@ -11,9 +11,10 @@ import os
 import torch
 import yaml
 
-from ..utils.env import describe_device, git_info
+from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.errors import UserError
 from ..utils.logger import setup_logger
+from . import distributed
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
 from .registry import TRAINER_REGISTRY
 
@@ -72,37 +73,57 @@ def write_config(cfg, path):
 
 
 def train_from_config(cfg, resume=False, extra_hooks=()):
-    """Train the run `cfg` describes; returns its summary dict. Safe to call again on a finished run."""
+    """Train the run `cfg` describes; returns its summary dict. Safe to call again on a finished run.
+
+    Under torchrun every rank calls this; rank 0 decides about the run directory and writes every file (logs,
+    TensorBoard, metrics, checkpoints, summary), the others train and get the same summary back. `extra_hooks`
+    run on every rank."""
+    ctx, _ = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
     path = run_dir_for(cfg)
     summary_file = os.path.join(path, "summary.json")
-    if resume and os.path.exists(summary_file):
-        setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
-        with open(summary_file) as f:
-            return json.load(f)
-    path, checkpoint = check_run_dir(cfg, resume)
+
+    def finished():
+        if ctx.is_main and resume and os.path.exists(summary_file):
+            setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
+            with open(summary_file) as f:
+                return json.load(f)
+        return None
+
+    done = distributed.broadcast_object(finished())
+    if done is not None:
+        return done
+    # Rank 0 alone looks at the run directory (other nodes may not share the disk); all ranks follow its answer.
+    path, checkpoint = distributed.broadcast_object(
+        distributed.agree(lambda: check_run_dir(cfg, resume) if ctx.is_main else None))
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
     trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
-    write_config(cfg, path)
-    logger = setup_logger(os.path.join(path, "train.log"))
-    logger.info("run directory %s", path)
+    if ctx.is_main:
+        write_config(cfg, path)
+        logger = setup_logger(os.path.join(path, "train.log"))
+    else:
+        logger = setup_logger(None, console=False)  # one voice: rank 0 logs for the job
+    logger.info("run directory %s%s", path, f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
     if checkpoint:
         trainer.resume(checkpoint)
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting from scratch", path)
-    sha, dirty = git_info()
-    extra = {"git_sha": sha, "git_dirty": dirty, "torch_version": torch.__version__,
-             "device": describe_device(trainer.device), "world_size": trainer.world_size,
-             "num_train": trainer.meta.num_train, "num_test": trainer.meta.num_test,
-             "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
-             "dataset": cfg.DATASET.TYPE, "run_dir": path}
-    trainer.register_hooks([
-        MetricsHook(os.path.join(path, "metrics.jsonl")),
-        TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
-        CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ),
-        SummaryHook(summary_file, extra),
-        *extra_hooks,
-    ])
-    summary = trainer.train()
+    hooks = list(extra_hooks)
+    if ctx.is_main:
+        sha, dirty = git_info()
+        extra = {"git_sha": sha, "git_dirty": dirty, "torch_version": torch.__version__,
+                 "device": describe_device(trainer.device), "world_size": trainer.world_size,
+                 "num_train": trainer.meta.num_train, "num_test": trainer.meta.num_test,
+                 "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
+                 "dataset": cfg.DATASET.TYPE, "run_dir": path}
+        hooks = [
+            MetricsHook(os.path.join(path, "metrics.jsonl")),
+            TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
+            CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ),
+            SummaryHook(summary_file, extra),
+            *hooks,
+        ]
+    trainer.register_hooks(hooks)
+    summary = distributed.broadcast_object(trainer.train())
     logger.info("done: best top-1 %.2f (epoch %d), last top-1 %.2f, %.0f img/s", summary["best_top1"],
                 summary["best_epoch"], summary["last_top1"], summary["images_per_s"])
     return summary

@@ -19,7 +19,9 @@ from ..distillers import DISTILL, TASK, total_loss
 from ..utils.checkpoint import load_file
 from ..utils.env import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
 from ..utils.errors import CheckpointError
+from . import distributed
 from .build import build_distiller
+from .ddp_wrap import wrap_for_training
 from .evaluator import evaluate
 from .lr_schedule import learning_rate
 from .registry import TRAINER_REGISTRY
@@ -33,13 +35,18 @@ class Trainer:
     def __init__(self, cfg, run_dir=None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.rank, self.world_size = 0, 1
-        self.device = resolve_device(cfg.EXPERIMENT.DEVICE)
+        self.dist, self.device = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE),
+                                                   cfg.DISTRIBUTED.TIMEOUT_MIN)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
         seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
-        self.train_loader, self.test_loader, self.meta = build_dataloaders(
-            cfg, self.device, self.rank, self.world_size)
-        self.distiller = build_distiller(cfg, self.meta, self.device)
-        self.distiller.prepare(self)  # before the optimizer: prepare may add learnable state
+        # Steps that can fail on one rank only go through agree(): every rank stops, with one message.
+        self.train_loader, self.test_loader, self.meta = distributed.agree(
+            build_dataloaders, cfg, self.device, self.rank, self.world_size)
+        self.distiller = distributed.agree(build_distiller, cfg, self.meta, self.device)
+        # Before the optimizer: prepare may add learnable state. Not under agree(): prepare may run collectives
+        # itself (KD++ shares rank 0's class means), so it uses agree() around its own rank-specific work.
+        self.distiller.prepare(self)
+        self.model = wrap_for_training(self.distiller, cfg, self.dist, self.device)
         self.optimizer = self.build_optimizer()
         self.max_epochs = cfg.SOLVER.EPOCHS
         self.epoch = 0  # completed epochs
@@ -67,8 +74,11 @@ class Trainer:
             group["lr"] = lr
 
     def run_step(self, images, labels, index, epoch):
-        """One update; returns the step's loss terms as detached tensors (no device sync)."""
-        logits, terms = self.distiller.forward_train(images, labels, epoch, index)
+        """One update; returns the step's loss terms as detached tensors (no device sync).
+
+        `self.model` is the distiller's training forward, wrapped in DDP when several processes train: the
+        backward then averages the gradients over ranks."""
+        logits, terms = self.model(images, labels, epoch, index)
         loss = total_loss(terms)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,7 +117,7 @@ class Trainer:
             epoch = self.epoch + 1
             start = time.perf_counter()
             train_stats = self.train_one_epoch(epoch)
-            test = evaluate(self.distiller, self.test_loader)
+            test = self.evaluate()
             self.counters["wall_time_s"] += time.perf_counter() - start
             self.epoch = epoch
             self.last = {"top1": test["top1"], "top5": test["top5"]}
@@ -123,6 +133,14 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train()
         return self.summary
+
+    def evaluate(self):
+        """Test accuracy of the student, every test sample counted once over all ranks.
+
+        Ranks first take rank 0's BatchNorm statistics (their last training step updated them from their own
+        shard), so every rank evaluates the very model rank 0 saves; tools/eval.py on that file agrees."""
+        distributed.broadcast_(self.distiller.student.buffers())
+        return evaluate(self.distiller, self.test_loader, reduce_fn=distributed.all_reduce_sum)
 
     def train_one_epoch(self, epoch):
         self.distiller.train()
@@ -150,8 +168,15 @@ class Trainer:
                 hook.after_step({**losses, **stats} if stats else losses)
             if it % 50 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}", refresh=False)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        names, stat_names = sorted(sums), sorted(stat_sums)
+        totals = distributed.all_reduce_sum(torch.stack(
+            [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names]
+            + [torch.as_tensor(stat_sums[k], dtype=torch.float64, device=self.device) for k in stat_names]
+            + [torch.as_tensor(correct, dtype=torch.float64, device=self.device),
+               torch.tensor(float(seen), dtype=torch.float64, device=self.device)])).tolist()
+        sums = dict(zip(names, totals[:len(names)]))
+        stat_sums = dict(zip(stat_names, totals[len(names):-2]))
+        correct, seen = totals[-2], int(totals[-1])  # all ranks: the epoch's global figures
         elapsed = time.perf_counter() - start
         bar.close()
         self.counters["train_images"] += seen
@@ -200,9 +225,18 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def resume(self, path):
-        state = load_file(path, "resume checkpoint")
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not an mdistiller training checkpoint (format {CHECKPOINT_FORMAT})")
+        """Continue from a training checkpoint. Rank 0 reads it and sends it to the others, so ranks on other
+        nodes need no copy of the run directory."""
+
+        def read():
+            if self.rank != 0:
+                return None
+            state = load_file(path, "resume checkpoint")
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not an mdistiller training checkpoint (format {CHECKPOINT_FORMAT})")
+            return state
+
+        state = distributed.broadcast_object(distributed.agree(read))
         self.load_state_dict(state)
         logger.info("resumed from %s at epoch %d", path, self.epoch)
 

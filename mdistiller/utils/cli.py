@@ -9,7 +9,8 @@ def run_cli(main, argv=None):
     try:
         code = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # an error all ranks agreed on is printed by rank 0 alone
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted; a run can be continued with --resume", file=sys.stderr)

@@ -1,0 +1,144 @@
+"""Multi-process training under torchrun, on the CPU with 2 Gloo processes (what CI can run).
+
+- KD, CRD and KD+DOT runs complete; tools/eval.py on the saved student reproduces the accuracy the run reported
+  (evaluation is sharded over the ranks and reduced); every rank ends with the same learnable state, CRD's
+  memory banks included.
+- 2 processes with global batch B take the same steps as 1 process with batch B, vanilla and DOT.
+- A rank that fails during set-up ends the whole job with one clear message, without hanging.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mdistiller.config import load_config
+from mdistiller.engine.launch import train_from_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
+FM = os.path.join(ROOT, "configs", "fashion_mnist")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args, nproc=2, timeout=300, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout,
+                          cwd=ROOT)
+
+
+def small(prefix, name, *extra):
+    return ["EXPERIMENT.DEVICE", "cpu", "LOG.PREFIX", str(prefix), "EXPERIMENT.NAME", name,
+            "DATASET.TRAIN_SUBSET", "640", "DATASET.TEST_SUBSET", "300", "SOLVER.BATCH_SIZE", "64",
+            "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.WARMUP_EPOCHS", "1",
+            "LOG.TENSORBOARD_FREQ", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("teacher")
+    cfg = load_config(os.path.join(FM, "vanilla", "resnet20.yaml"), small(prefix, "teacher", "DATASET.TRAIN_SUBSET",
+                                                                           "1280"))
+    train_from_config(cfg)
+    return str(prefix / "teacher" / "student_best.pth")
+
+
+@pytest.mark.parametrize("cfg", ["kd/resnet20_resnet8.yaml", "crd/resnet20_resnet8.yaml",
+                                 "dot/kd_resnet20_resnet8.yaml"])
+def test_two_process_run(cfg, teacher_ckpt, tmp_path):
+    proc = torchrun(WORKER, "train", str(tmp_path / "ranks"), "--cfg", os.path.join(FM, cfg),
+                    *small(tmp_path, "run", "DISTILLER.TEACHER_CKPT", teacher_ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["num_test"] == 300 and summary["epochs"] == 2
+    assert summary["last_top1"] > 12  # above chance (10 balanced classes): the comparison below is not 10 == 10
+    # Only rank 0 wrote the run's files: one line per epoch, one config.
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # The saved student, evaluated by one process over the whole test set, scores what the 2-rank run reported.
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval.py"), "-m", "resnet8", "-c",
+                         str(run / "student_last.pth"), "--run-config", str(run / "config.yaml"), "--json"],
+                        capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert result["num"] == 300
+    assert result["top1"] == pytest.approx(summary["last_top1"], abs=1e-9)
+    # Every rank holds the same learnable state (student, heads, CRD's two memory banks).
+    r0, r1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt") for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    if cfg.startswith("crd"):
+        assert any("memory" in k for k in r0)
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+
+
+@pytest.mark.parametrize("trainer", ["vanilla", "dot"])
+def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
+    # Per rank, BatchNorm in training mode normalises with the statistics of its half of the batch, which one
+    # process with the whole batch does not: the two are different computations, not different roundings. With
+    # the student's BatchNorm in eval mode every sample is processed independently, so averaging the two ranks'
+    # gradients (each the mean over its half) is exactly the gradient of the mean over the whole batch. In
+    # float64, so that what is compared is that algebra and not float32 rounding amplified over steps.
+    args = ["--steps", "3", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
+            *small(tmp_path, "eq", "DISTILLER.TEACHER_CKPT", teacher_ckpt, "SOLVER.TRAINER", trainer)]
+    two = torchrun(WORKER, "steps", str(tmp_path / "two.pt"), *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, WORKER, "steps", str(tmp_path / "one.pt"), *args], capture_output=True,
+                         text=True, env=ENV, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for key in a["initial"]:
+        assert torch.equal(a["initial"][key], b["initial"][key]), key  # same start (same seed)
+    assert a["final"].keys() == b["final"].keys()
+    for key in a["final"]:
+        assert torch.allclose(a["final"][key], b["final"][key], rtol=0, atol=1e-10), key
+    w0, w1 = a["initial"]["student.fc.weight"], a["final"]["student.fc.weight"]
+    assert (w1 - w0).abs().max() > 1e-3  # the steps did move the weights
+
+
+def test_two_process_resume_is_exact(teacher_ckpt, tmp_path):
+    # CRD+DOT: the most state there is to restore (two DOT buffers per parameter, two memory banks, Z).
+    cfg = ["--cfg", os.path.join(FM, "crd", "resnet20_resnet8.yaml")]
+    opts = ["DISTILLER.TEACHER_CKPT", teacher_ckpt, "SOLVER.TRAINER", "dot"]
+    straight = torchrun(WORKER, "train", str(tmp_path / "s"), *cfg, *small(tmp_path, "straight", *opts))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = torchrun(WORKER, "train", str(tmp_path / "c"), *cfg, *small(tmp_path, "crashed", *opts),
+                       env={"CRASH_AFTER_EPOCH": "1"})
+    assert crashed.returncode != 0 and not (tmp_path / "crashed" / "summary.json").exists()
+    resumed = torchrun(WORKER, "train", str(tmp_path / "c"), *cfg, "--resume", *small(tmp_path, "crashed", *opts))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "straight" / "latest.pth", weights_only=False)
+    b = torch.load(tmp_path / "crashed" / "latest.pth", weights_only=False)
+    for key in a["distiller"]:
+        assert torch.equal(a["distiller"][key], b["distiller"][key]), key
+    for k in a["optimizer"]["state"]:
+        for buf, value in a["optimizer"]["state"][k].items():
+            assert torch.equal(value, b["optimizer"]["state"][k][buf]), (k, buf)
+    for r in (0, 1):  # and each rank of the resumed job ended where the uninterrupted job's rank ended
+        sa, sb = torch.load(tmp_path / "s" / f"rank{r}.pt"), torch.load(tmp_path / "c" / f"rank{r}.pt")
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_failing_rank_stops_the_job_with_one_message(teacher_ckpt, tmp_path):
+    start = time.time()
+    proc = torchrun(WORKER, "fail-on-rank", "1", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
+                    *small(tmp_path, "fail", "DISTILLER.TEACHER_CKPT", teacher_ckpt), timeout=240)
+    assert proc.returncode != 0
+    assert time.time() - start < 120, "the healthy rank should not wait for the failed one"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 1")]
+    assert lines and "/nonexistent/node/teacher.pth" in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "fail").exists()  # nothing was started
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    proc = torchrun(os.path.join(ROOT, "tools", "train.py"), "--cfg", os.path.join(FM, "vanilla", "resnet8.yaml"),
+                    *small(tmp_path, "odd", "SOLVER.BATCH_SIZE", "63"), timeout=240)
+    assert proc.returncode != 0
+    assert "error: " in proc.stderr and "SOLVER.BATCH_SIZE=63 must be a positive multiple of the number of " \
+           "processes (2)" in proc.stderr
