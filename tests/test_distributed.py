@@ -142,3 +142,39 @@ def test_batch_not_divisible_by_world_size(tmp_path):
     assert proc.returncode != 0
     assert "error: " in proc.stderr and "SOLVER.BATCH_SIZE=63 must be a positive multiple of the number of " \
            "processes (2)" in proc.stderr
+
+
+def test_ddp_leaves_teacher_and_method_state_alone():
+    from mdistiller.data.bundle import DatasetMeta
+    from mdistiller.distillers import DISTILLER_REGISTRY
+    from mdistiller.engine.ddp_wrap import TrainForward, _ignored_state
+    from mdistiller.models import build_model
+
+    cfg = load_config(os.path.join(FM, "crd", "resnet20_resnet8.yaml"))
+    meta = DatasetMeta(name="fashion_mnist", num_classes=10, image_size=32, num_train=40, num_test=0,
+                       mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(40) % 10)
+    crd = DISTILLER_REGISTRY.get("CRD")(build_model("resnet8", "fashion_mnist"),
+                                        build_model("resnet20", "fashion_mnist"), cfg, meta)
+    ignored = set(_ignored_state(TrainForward(crd)))
+    teacher = {f"distiller.{n}" for n in crd.state_dict() if n.startswith("teacher.")}
+    assert teacher <= ignored  # every teacher parameter and buffer
+    assert any("memory" in n for n in ignored)  # CRD keeps its banks identical itself
+    student = {f"distiller.{n}" for n in crd.state_dict() if n.startswith("student.")}
+    assert not student & ignored  # the student's weights and BatchNorm statistics are DDP's
+
+
+def test_sync_bn_on_cpu_is_a_config_error():
+    from mdistiller.engine.ddp_wrap import wrap_for_training
+    from mdistiller.engine.distributed import DistContext
+    from mdistiller.models import build_model
+    from mdistiller.utils.errors import ConfigError
+
+    cfg = load_config(os.path.join(FM, "vanilla", "resnet8.yaml"), ["DISTRIBUTED.SYNC_BN", "True"])
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = build_model("resnet8", "fashion_mnist")
+
+    with pytest.raises(ConfigError, match="DISTRIBUTED.SYNC_BN.*CUDA only"):
+        wrap_for_training(Holder(), cfg, DistContext(rank=0, world_size=2), torch.device("cpu"))
