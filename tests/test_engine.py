@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from mdistiller.config import load_config
 from mdistiller.engine import HookBase
@@ -195,3 +196,14 @@ def test_a_run_that_cannot_start_leaves_no_directory(tmp_path):
     with pytest.raises(UserError, match="teacher checkpoint for resnet56"):
         train_from_config(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_accepts_a_config_saved_before_new_keys_existed():
+    from mdistiller.engine.launch import _config_differences
+
+    cfg = load_config(STUDENT_CFG)
+    saved = yaml.safe_load(cfg.dump())
+    del saved["DISTRIBUTED"]  # as written by a version without this section
+    assert _config_differences(yaml.safe_dump(saved), cfg) == []
+    changed = load_config(STUDENT_CFG, ["DISTRIBUTED.TIMEOUT_MIN", "5"])
+    assert _config_differences(yaml.safe_dump(saved), changed) == ["DISTRIBUTED.TIMEOUT_MIN"]

@@ -33,8 +33,14 @@ def run_dir_for(cfg):
 
 
 def _config_differences(saved_text, cfg):
+    """Keys whose values differ between a run's saved config and `cfg`. A key the saved config lacks (added to
+    mdistiller after the run started) only counts when `cfg` sets it away from its default: the run used the
+    behaviour the default describes, so it can be resumed by a newer version."""
+    from ..config import get_cfg_defaults
+
     saved = yaml.safe_load(saved_text)
     now = yaml.safe_load(cfg.dump())
+    defaults = yaml.safe_load(get_cfg_defaults().dump())
 
     def flat(d, prefix=""):
         out = {}
@@ -42,8 +48,9 @@ def _config_differences(saved_text, cfg):
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    a, b = flat(saved), flat(now)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    a, b, d = flat(saved), flat(now), flat(defaults)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not (k not in a and k in d and b.get(k) == d[k]))
 
 
 def check_run_dir(cfg, resume):
