@@ -24,6 +24,8 @@ class DatasetMeta:
     std: Tuple[float, ...]
     # labels of the (subset) training set in index order, int64 on CPU: CRD samples negatives by class
     train_targets: torch.Tensor = field(repr=False)
+    # the files (or folders) the data was read from: what the run's dataset fingerprint is computed over
+    sources: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -69,3 +71,4 @@ class DatasetBundle:
     std: Tuple[float, ...]
     train: Callable[[], object]
     test: Callable[[], object]
+    sources: Tuple[str, ...] = ()  # files (in-memory datasets) or split folders (folder datasets) read

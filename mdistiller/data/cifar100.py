@@ -87,4 +87,5 @@ def load(cfg):
         if not all(os.path.isfile(p) for p in paths.values()):
             raise DataError("the CIFAR-100 download did not contain train and test; " + _how_to_get(directory))
     return DatasetBundle(name="cifar100", num_classes=NUM_CLASSES, image_size=32, mean=MEAN, std=STD,
-                         train=lambda: read_split(paths["train"]), test=lambda: read_split(paths["test"]))
+                         train=lambda: read_split(paths["train"]), test=lambda: read_split(paths["test"]),
+                         sources=(paths["train"], paths["test"]))

@@ -5,18 +5,33 @@ The run directory is a pure function of the config (EXPERIMENT.NAME, or dataset/
 old one.
 """
 
+import hashlib
 import json
 import os
+import platform
+from importlib import metadata
 
 import torch
 import yaml
 
+from ..data.fingerprint import fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.errors import UserError
 from ..utils.logger import setup_logger
 from . import distributed
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
 from .registry import TRAINER_REGISTRY
+
+
+def package_versions():
+    """Versions of Python and of the packages that decide a run's numbers, for summary.json."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "yacs", "mdistiller"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def run_name(cfg):
@@ -118,6 +133,9 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
     if ctx.is_main:
         sha, dirty = git_info()
         extra = {"git_sha": sha, "git_dirty": dirty, "torch_version": torch.__version__,
+                 "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),
+                 "versions": package_versions(), "dataset_sources": list(trainer.meta.sources),
+                 "dataset_fingerprint": fingerprint(trainer.meta.sources),
                  "device": describe_device(trainer.device), "world_size": trainer.world_size,
                  "num_train": trainer.meta.num_train, "num_test": trainer.meta.num_test,
                  "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
