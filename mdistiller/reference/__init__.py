@@ -1,0 +1,5 @@
+"""Published numbers shipped with the package (CI and users have no access to the shared reference folder)."""
+
+import os
+
+PAPER_RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.csv")

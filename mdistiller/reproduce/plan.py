@@ -1,0 +1,133 @@
+"""From a published cell to the run(s) that reproduce it: a config under configs/ plus KEY VALUE overrides.
+
+The mapping is a naming convention plus two small tables, so a new table needs configs, not code:
+- teacher / student rows: configs/<dataset>/vanilla/<model>.yaml;
+- a method M: configs/<dataset>/<METHOD_DIRS[M]>/<teacher>_<student>.yaml;
+- X+DOT: configs/<dataset>/dot/<METHOD_DIRS[X]>_<teacher>_<student>.yaml;
+- the note column of sweep rows ("delta=0.05", "momentum=0.9") becomes overrides through NOTE_KEYS.
+Methods the framework does not implement are reported as such and are never counted as missing configs.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+from ..utils.env import REPO_ROOT
+
+CONFIGS_ROOT = os.path.join(REPO_ROOT, "configs")
+
+METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "reviewkd", "DIST": "dist",
+               "KD++": "kdpp", "DKD++": "dkdpp", "ReviewKD++": "reviewkdpp", "DIST++": "distpp", "CRD++": "crdpp"}
+NOT_IMPLEMENTED = {"OFD", "RKD", "PKT", "FitNet", "SRRL", "VID", "FT", "AB", "FSP", "NST", "SP", "CC", "KDSVD",
+                   "MLKD", "CTKD"}
+
+# note key -> override key; a callable picks the key from the method (temperature is KD's or DKD's).
+NOTE_KEYS = {
+    "delta": lambda m: "SOLVER.DOT.DELTA",
+    "momentum": lambda m: "SOLVER.MOMENTUM",
+    "beta": lambda m: "DKD.BETA",
+    "temperature": lambda m: "DKD.T" if m.startswith("DKD") else "KD.TEMPERATURE",
+    "epochs": lambda m: "SOLVER.EPOCHS",
+}
+# Notes that describe the published number rather than the run.
+INFORMATIVE_NOTES = {"train task loss", "mean of 5 trials"}
+
+OK, MISSING, NOT_IMPL, UNMAPPED = "ok", "missing config", "not implemented", "unmapped"
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    cell: object
+    status: str  # OK, MISSING, NOT_IMPL or UNMAPPED
+    config: str = ""  # path relative to the repository root
+    overrides: tuple = ()  # ("KEY", "VALUE", ...)
+    reason: str = ""
+
+    @property
+    def runnable(self):
+        return self.status == OK
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    config: str
+    overrides: tuple
+    seed: int
+    tag_suffix: str  # keeps sweep points of one config apart in the run directory name
+
+    def opts(self, prefix=None):
+        """The KEY VALUE list for load_config / tools/train.py."""
+        out = list(self.overrides) + ["EXPERIMENT.SEED", str(self.seed)]
+        if self.tag_suffix:
+            out += ["EXPERIMENT.TAG", self.tag_suffix]
+        if prefix:
+            out += ["LOG.PREFIX", prefix]
+        return out
+
+
+def _config_path(cell):
+    """(relative config path, None) or (None, (status, reason))."""
+    method = cell.method
+    if method in ("teacher", "student"):
+        model = cell.teacher if method == "teacher" else cell.student
+        return os.path.join("configs", cell.dataset, "vanilla", f"{model}.yaml"), None
+    dot = method.endswith("+DOT")
+    base = method[:-len("+DOT")] if dot else method
+    if base in NOT_IMPLEMENTED:
+        return None, (NOT_IMPL, f"{base} is not implemented in mdistiller")
+    if base not in METHOD_DIRS:
+        return None, (UNMAPPED, f"method {method!r} has no entry in METHOD_DIRS/NOT_IMPLEMENTED")
+    pair = f"{cell.teacher}_{cell.student}"
+    if dot:
+        return os.path.join("configs", cell.dataset, "dot", f"{METHOD_DIRS[base]}_{pair}.yaml"), None
+    return os.path.join("configs", cell.dataset, METHOD_DIRS[base], f"{pair}.yaml"), None
+
+
+def _note_overrides(cell):
+    """(overrides tuple, None) or (None, reason)."""
+    out = []
+    for part in filter(None, (p.strip() for p in cell.note.split(";"))):
+        if "=" not in part:
+            if part in INFORMATIVE_NOTES:
+                continue
+            return None, f"note {part!r} has no override mapping"
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key in INFORMATIVE_NOTES:
+            continue
+        if key not in NOTE_KEYS:
+            return None, f"note {part!r} has no override mapping (NOTE_KEYS)"
+        out += [NOTE_KEYS[key](cell.method), value]
+    return tuple(out), None
+
+
+def plan_cell(cell, configs_root=CONFIGS_ROOT):
+    path, problem = _config_path(cell)
+    if problem:
+        return CellPlan(cell, *problem[:1], reason=problem[1])
+    overrides, reason = _note_overrides(cell)
+    if reason:
+        return CellPlan(cell, UNMAPPED, path, reason=reason)
+    full = os.path.join(configs_root, os.path.relpath(path, "configs"))
+    if not os.path.isfile(full):
+        return CellPlan(cell, MISSING, path, overrides, reason=f"{path} does not exist")
+    return CellPlan(cell, OK, path, overrides)
+
+
+def tag_suffix(overrides):
+    """'' without overrides (the config's own tag, so the run is the one tools/train.py makes), else a slug."""
+    if not overrides:
+        return ""
+    pairs = zip(overrides[0::2], overrides[1::2])
+    return "repro_" + "_".join(f"{k.rsplit('.', 1)[-1].lower()}{re.sub('[^0-9A-Za-z.-]', '', v)}" for k, v in pairs)
+
+
+def plan_table(cells, seeds=1, configs_root=CONFIGS_ROOT):
+    """(cell plans, unique planned runs in order). Equal cells (a teacher shared by two pairs) share runs."""
+    plans = [plan_cell(c, configs_root) for c in cells]
+    runs = {}
+    for p in plans:
+        if p.runnable:
+            for seed in range(seeds):
+                run = PlannedRun(p.config, p.overrides, seed, tag_suffix(p.overrides))
+                runs.setdefault(run, None)
+    return plans, list(runs)
