@@ -1,0 +1,133 @@
+"""tools/reproduce.py: every cell of the DOT CIFAR-100 tables plans to an existing config, a missing config fails
+naming the cell, --collect aggregates summary.json files (hand-computed means and sample std), --emit-script
+writes valid bash with one torchrun line per run."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mdistiller.config import load_config
+from mdistiller.engine.launch import run_name
+from mdistiller.reproduce.plan import plan_table, tag_suffix
+from mdistiller.reproduce.table import cells_of, load_cells
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "reproduce.py")
+
+
+def reproduce(*args):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("table,cells,runs", [("dot-3a", 27, 26), ("dot-1", 9, 9), ("dot-2", 9, 9)])
+def test_dry_run_lists_every_cell(table, cells, runs):
+    # dot-3a: the resnet32x4 teacher row appears for two students and is one run.
+    r = reproduce("--table", table, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("#")]
+    assert len(lines) == runs
+    assert f"# {runs} runs for {cells} cells" in r.stdout
+    for line in lines:
+        assert os.path.isfile(os.path.join(ROOT, line.split()[0]))
+
+
+def test_sweep_notes_become_overrides():
+    r = reproduce("--table", "dot-1", "--dry-run")
+    assert "configs/cifar100/dot/kd_resnet32x4_resnet8x4.yaml  overrides: SOLVER.DOT.DELTA -0.05  seed: 0" in r.stdout
+    r = reproduce("--table", "dot-2", "--dry-run", "--seeds", "2")
+    assert "configs/cifar100/kd/resnet32x4_resnet8x4.yaml  overrides: SOLVER.MOMENTUM 0.975  seed: 1" in r.stdout
+    assert len([x for x in r.stdout.splitlines() if not x.startswith("#")]) == 18
+
+
+def test_not_implemented_methods_are_not_missing():
+    cells = [c for c in load_cells() if c.method == "OFD"]
+    plans, runs = plan_table(cells)
+    assert plans and all(p.status == "not implemented" for p in plans) and runs == []
+
+
+def test_missing_config_fails_naming_the_cell(tmp_path):
+    root = tmp_path / "configs"
+    shutil.copytree(os.path.join(ROOT, "configs"), root)
+    os.remove(root / "cifar100" / "dot" / "crd_vgg13_vgg8.yaml")
+    r = reproduce("--table", "dot-3a", "--dry-run", "--configs-root", str(root))
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "vgg13->vgg8 CRD+DOT" in err and "configs/cifar100/dot/crd_vgg13_vgg8.yaml does not exist" in err
+
+
+def test_unknown_table_is_one_line():
+    r = reproduce("--table", "dot-99", "--dry-run")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown table 'dot-99'")
+
+
+def _write_summary(prefix, config, overrides, seed, best, last):
+    opts = list(overrides) + ["EXPERIMENT.SEED", str(seed), "LOG.PREFIX", str(prefix)]
+    if overrides:
+        opts += ["EXPERIMENT.TAG", tag_suffix(overrides)]
+    cfg = load_config(os.path.join(ROOT, config), opts)
+    d = prefix / run_name(cfg)
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"best_top1": best, "last_top1": last, "seed": seed}))
+    (d / "config.yaml").write_text(cfg.dump())
+
+
+def test_collect_means_and_sample_std(tmp_path):
+    prefix = tmp_path / "runs"
+    kd = "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"
+    # momentum 0.9: best 73, 74, 75 -> mean 74, sample std 1; last 72, 72, 75 -> mean 73, std sqrt(3) = 1.732
+    for seed, (best, last) in enumerate([(73.0, 72.0), (74.0, 72.0), (75.0, 75.0)]):
+        _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.9"), seed, best, last)
+    # momentum 0.81: one seed -> std undefined
+    _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.81"), 0, 70.5, 70.0)
+    # a run of another sweep point with seed 10 must not leak into 0.9 (run-name prefix match)
+    _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.95"), 10, 10.0, 10.0)
+    md, out_csv = tmp_path / "t.md", tmp_path / "t.csv"
+    r = reproduce("--table", "dot-2", "--collect", "--prefix", str(prefix), "--out-md", str(md), "--out-csv",
+                  str(out_csv))
+    assert r.returncode == 0, r.stderr
+    rows = {row["note"]: row for row in csv.DictReader(open(out_csv))}
+    m9 = rows["momentum=0.9"]
+    assert (m9["n"], m9["best_mean"], m9["best_std"], m9["last_mean"], m9["last_std"]) == (
+        "3", "74.00", "1.00", "73.00", "1.73")
+    assert m9["paper"] == "73.33" and m9["diff"] == "0.67"
+    m81 = rows["momentum=0.81"]
+    assert (m81["n"], m81["best_mean"], m81["best_std"], m81["diff"]) == ("1", "70.50", "", "-3.03")
+    assert rows["momentum=0.95"]["seeds"] == "10" and rows["momentum=0.95"]["best_mean"] == "10.00"
+    assert rows["momentum=0.99"]["status"] == "missing runs" and rows["momentum=0.99"]["best_mean"] == ""
+    text = md.read_text()
+    assert "| 74.00 ± 1.00 | 73.00 ± 1.73 | 73.33 | +0.67 |" in text and "sample std (n-1)" in text
+    assert "| missing | missing | 37.19 |" in text
+
+
+def test_collect_teacher_row_reports_the_checkpoint(tmp_path):
+    prefix = tmp_path / "runs"
+    # the KD run of the plain config (the run name does not depend on the checkpoint), with its own teacher
+    cfg = load_config(os.path.join(ROOT, "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"),
+                      ["LOG.PREFIX", str(prefix), "DISTILLER.TEACHER_CKPT", "/ckpts/r32x4.pth"])
+    d = prefix / run_name(cfg)
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"best_top1": 74.0, "last_top1": 73.0, "seed": 0}))
+    (d / "config.yaml").write_text(cfg.dump())
+    r = reproduce("--table", "dot-3a", "--collect", "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    teacher = [x for x in r.stdout.splitlines() if "| resnet32x4 | resnet8x4 | teacher |" in x]
+    assert len(teacher) == 1 and "teacher used: /ckpts/r32x4.pth" in teacher[0]
+
+
+@pytest.mark.parametrize("slurm", [False, True])
+def test_emit_script(tmp_path, slurm):
+    path = tmp_path / "run.sh"
+    r = reproduce("--table", "dot-1", "--seeds", "2", "--emit-script", str(path), *(["--slurm"] if slurm else []))
+    assert r.returncode == 0, r.stderr
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    lines = [x for x in path.read_text().splitlines() if "torchrun " in x]
+    assert len(lines) == 18  # 9 deltas x 2 seeds
+    assert len(set(lines)) == 18 and all("tools/train.py --cfg configs/cifar100/dot/" in x for x in lines)
+    if slurm:
+        assert "#SBATCH --array=0-17" in path.read_text()
