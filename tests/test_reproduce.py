@@ -2,26 +2,43 @@
 naming the cell, --collect aggregates summary.json files (hand-computed means and sample std), --emit-script
 writes valid bash with one torchrun line per run."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
 from mdistiller.config import load_config
 from mdistiller.engine.launch import run_name
 from mdistiller.reproduce.plan import plan_table, tag_suffix
-from mdistiller.reproduce.table import cells_of, load_cells
+from mdistiller.reproduce.table import load_cells
+from mdistiller.utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "reproduce.py")
 
 
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import reproduce as tool  # noqa: E402
+
+
 def reproduce(*args):
-    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """In process (a subprocess per call costs a torch import); errors as tools/reproduce.py prints them."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = tool.main(list(args)) or 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = e.exit_code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.parametrize("table,cells,runs", [("dot-3a", 27, 26), ("dot-1", 9, 9), ("dot-2", 9, 9)])
@@ -61,9 +78,11 @@ def test_missing_config_fails_naming_the_cell(tmp_path):
     assert "vgg13->vgg8 CRD+DOT" in err and "configs/cifar100/dot/crd_vgg13_vgg8.yaml does not exist" in err
 
 
-def test_unknown_table_is_one_line():
-    r = reproduce("--table", "dot-99", "--dry-run")
+def test_unknown_table_is_one_line_through_the_cli():
+    r = subprocess.run([sys.executable, TOOL, "--table", "dot-99", "--dry-run"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown table 'dot-99'")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def _write_summary(prefix, config, overrides, seed, best, last):
