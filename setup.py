@@ -8,6 +8,8 @@ setup(
     version="0.1.0",
     description="Config-driven knowledge-distillation benchmark: KD, DKD, CRD, ReviewKD, KD++ and the DOT trainer",
     packages=find_packages(include=["mdistiller", "mdistiller.*"]),
+    package_data={"mdistiller": ["reference/*.csv"]},  # the published numbers tools/reproduce.py compares with
+    include_package_data=True,
     python_requires=">=3.9",
     install_requires=requirements,
     extras_require={"test": ["pytest>=7"]},
