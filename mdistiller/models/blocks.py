@@ -101,3 +101,27 @@ def channel_shuffle(x, groups):
     split (ShuffleNet V2) mixes information across them."""
     n, c, h, w = x.shape
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def add_resnet_stages(module, block, layers, inplanes=64):
+    """Give `module` the four ResNet stages layer1..layer4 (64-128-256-512 planes, strides 1/2/2/2, `layers`
+    blocks each) under the names the checkpoints use; returns the channels [inplanes, out1, ..., out4]."""
+    channels = [inplanes]
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        stage = [block(inplanes, planes, 1 if i == 0 else 2)]
+        inplanes = planes * block.expansion
+        stage += [block(inplanes, planes) for _ in range(blocks - 1)]
+        setattr(module, f"layer{i + 1}", Stage(*stage))
+        channels.append(inplanes)
+    return channels
+
+
+def run_resnet_stages(module, stem):
+    """Run layer1..layer4 after `stem`: (last output, feats, preact_feats), both lists starting with the stem
+    (which has no separate pre-activation tap)."""
+    feats, preacts, out = [stem], [stem], stem
+    for stage in (module.layer1, module.layer2, module.layer3, module.layer4):
+        out, preact = stage(out)
+        feats.append(out)
+        preacts.append(preact)
+    return out, feats, preacts

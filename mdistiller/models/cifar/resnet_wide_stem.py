@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures, init_conv_bn
-from ..blocks import BasicBlock, Bottleneck, Stage
+from ..blocks import BasicBlock, Bottleneck, add_resnet_stages, run_resnet_stages
 from ..registry import MODEL_REGISTRY
 
 
@@ -32,13 +32,8 @@ class CifarStemResNet(ClassifierWithFeatures):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        inplanes, channels = 64, [64]
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stage = [block(inplanes, planes, 1 if i == 0 else 2)]
-            inplanes = planes * block.expansion
-            stage += [block(inplanes, planes) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", Stage(*stage))
-            channels.append(inplanes)
+        channels = add_resnet_stages(self, block, layers)
+        inplanes = channels[-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(inplanes, num_classes)
         self._stage_channels = tuple(channels)
@@ -46,13 +41,7 @@ class CifarStemResNet(ClassifierWithFeatures):
         init_conv_bn(self)
 
     def forward(self, x):
-        stem = F.relu(self.bn1(self.conv1(x)))
-        feats, preacts = [stem], [stem]
-        out = stem
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            out, preact = stage(out)
-            feats.append(out)
-            preacts.append(preact)
+        out, feats, preacts = run_resnet_stages(self, F.relu(self.bn1(self.conv1(x))))
         pooled = self.avgpool(out).flatten(1)
         return self.linear(pooled), self.make_features(feats, preacts, pooled)
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures, init_conv_bn
-from ..blocks import BasicBlock, Bottleneck, Stage
+from ..blocks import BasicBlock, Bottleneck, add_resnet_stages, run_resnet_stages
 from ..registry import MODEL_REGISTRY
 
 
@@ -28,14 +28,8 @@ class ImageNetResNet(ClassifierWithFeatures):
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes, channels = 64, [64]
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
-            stage = [block(inplanes, planes, stride)]
-            inplanes = planes * block.expansion
-            stage += [block(inplanes, planes) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", Stage(*stage))
-            channels.append(inplanes)
+        channels = add_resnet_stages(self, block, layers)
+        inplanes = channels[-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
         self._stage_channels = tuple(channels)
@@ -43,13 +37,7 @@ class ImageNetResNet(ClassifierWithFeatures):
         init_conv_bn(self)  # the fc keeps nn.Linear's default init, as in torchvision
 
     def forward(self, x):
-        stem = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        feats, preacts = [stem], [stem]  # the stem has no separate pre-activation tap
-        out = stem
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            out, preact = stage(out)
-            feats.append(out)
-            preacts.append(preact)
+        out, feats, preacts = run_resnet_stages(self, self.maxpool(F.relu(self.bn1(self.conv1(x)))))
         pooled = self.avgpool(out).flatten(1)
         return self.fc(pooled), self.make_features(feats, preacts, pooled)
 
