@@ -18,15 +18,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import train as train_tool  # noqa: E402  (tools/train.py)
 from mdistiller.config import load_config  # noqa: E402
-from mdistiller.engine import TRAINER_REGISTRY, HookBase, distributed  # noqa: E402
+from mdistiller.engine import TRAINER_REGISTRY, HookBase  # noqa: E402
 from mdistiller.engine import launch  # noqa: E402
+from mdistiller.utils import distributed  # noqa: E402
 from mdistiller.utils.cli import run_cli  # noqa: E402
+from test_engine import CrashAfterEpoch  # noqa: E402  (every rank stops after that epoch, as a killed job)
 
 
 class SaveRankState(HookBase):
@@ -37,17 +40,6 @@ class SaveRankState(HookBase):
         os.makedirs(self.directory, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.trainer.distiller.learnable_state_dict().items()}
         torch.save(state, os.path.join(self.directory, f"rank{self.trainer.rank}.pt"))
-
-
-class CrashAfterEpoch(HookBase):
-    """Every rank stops right after epoch N's checkpoint, as a killed job would (env CRASH_AFTER_EPOCH)."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def after_epoch(self, record):
-        if self.trainer.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def train(state_dir, argv):

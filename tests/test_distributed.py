@@ -165,7 +165,7 @@ def test_ddp_leaves_teacher_and_method_state_alone():
 
 def test_sync_bn_on_cpu_is_a_config_error():
     from mdistiller.engine.ddp_wrap import wrap_for_training
-    from mdistiller.engine.distributed import DistContext
+    from mdistiller.utils.distributed import DistContext
     from mdistiller.models import build_model
     from mdistiller.utils.errors import ConfigError
 

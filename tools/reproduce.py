@@ -57,7 +57,7 @@ def do_dry_run(plans, runs, table, prefix):
 
 def do_run(plans, runs, table, prefix, repo_root):
     from mdistiller.config import load_config
-    from mdistiller.engine import distributed
+    from mdistiller.utils import distributed
     from mdistiller.engine.launch import run_dir_for, train_from_config
 
     check_complete(plans, table)

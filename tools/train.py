@@ -12,7 +12,7 @@ import argparse
 import _path  # noqa: F401
 
 from mdistiller.config import load_config
-from mdistiller.engine import distributed
+from mdistiller.utils import distributed
 from mdistiller.engine.launch import train_from_config
 from mdistiller.utils.cli import run_cli
 

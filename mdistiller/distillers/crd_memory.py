@@ -20,32 +20,12 @@ rank's banks and Z stay identical without broadcasting them.
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.distributed import all_gather_rows
+
 MODES = ("exact", "relax")
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_gather_rows(x):
-    """x's rows from every rank concatenated in rank order; ranks may hold different numbers of rows (the
-    last global batch of an epoch is split unevenly)."""
-    world = _world_size()
-    if world == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
 def nce_loss(logits, log_z, num_train):

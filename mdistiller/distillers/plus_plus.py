@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from ..config.defaults import register_config_section
+from ..utils import distributed
 from ..utils.errors import ConfigError
 from .losses import distill_loss
 
@@ -155,7 +156,6 @@ class PlusPlus:
         """Class means from one teacher pass (or its cache). With several processes rank 0 alone reads or
         computes them (and writes the cache) and the others receive them, so all ranks use the same means."""
         super().prepare(trainer)
-        from ..engine import distributed
         from .class_means import class_means_for_run
 
         means = self.dino_class_means.new_zeros(self.dino_class_means.shape)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..distillers import DISTILL, TASK, total_loss
 from ..utils.errors import ConfigError
-from . import distributed
+from ..utils import distributed
 from .dot_optimizer import DOTOptimizer
 from .registry import TRAINER_REGISTRY
 from .trainer import Trainer

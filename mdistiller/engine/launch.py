@@ -18,7 +18,7 @@ from ..data.fingerprint import fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.errors import UserError
 from ..utils.logger import setup_logger
-from . import distributed
+from ..utils import distributed
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
 from .registry import TRAINER_REGISTRY
 

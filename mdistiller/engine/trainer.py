@@ -19,7 +19,7 @@ from ..distillers import DISTILL, TASK, total_loss
 from ..utils.checkpoint import load_file
 from ..utils.env import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
 from ..utils.errors import CheckpointError
-from . import distributed
+from ..utils import distributed
 from .build import build_distiller
 from .ddp_wrap import wrap_for_training
 from .evaluator import evaluate

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..utils.errors import ConfigError, UserError
+from .errors import ConfigError, UserError
 
 
 @dataclass
@@ -98,19 +98,24 @@ def all_reduce_sum(tensor):
     return out
 
 
-def broadcast_(tensors, src=0):
-    """Overwrite `tensors` in place with rank `src`'s values (one coalesced message per dtype)."""
-    if not active():
-        return
+def _coalesced_(tensors, collective):
+    """Run `collective` on one flat tensor per dtype holding all of `tensors`, then copy the result back into
+    them in place: one message per dtype instead of one per tensor."""
     tensors = list(tensors)
     for dtype in _dtypes(tensors):
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.broadcast(flat, src)
+        collective(flat)
         offset = 0
         for t in group:
             t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def broadcast_(tensors, src=0):
+    """Overwrite `tensors` in place with rank `src`'s values."""
+    if active():
+        _coalesced_(tensors, lambda flat: dist.broadcast(flat, src))
 
 
 def broadcast_object(obj, src=0):
@@ -123,20 +128,33 @@ def broadcast_object(obj, src=0):
 
 
 def mean_grads_(grads):
-    """Average gradient tensors over ranks in place (None entries skipped), in one message per dtype."""
+    """Average gradient tensors over ranks in place (None entries skipped)."""
     if not active():
         return
-    present = [g for g in grads if g is not None]
     world = world_size()
-    for dtype in _dtypes(present):
-        group = [g for g in present if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in group])
+
+    def mean(flat):
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(world)
-        offset = 0
-        for g in group:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+
+    _coalesced_([g for g in grads if g is not None], mean)
+
+
+def all_gather_rows(x):
+    """x's rows from every rank concatenated in rank order; ranks may hold different numbers of rows (the
+    last global batch of an epoch is split unevenly). Identity in one process."""
+    world = world_size()
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
 def agree(fn, *args, **kwargs):
