@@ -16,6 +16,7 @@ variant; on CPU the process's peak resident size (shared by all variants of a --
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -139,7 +140,7 @@ def run(args):
         loader = synthetic_loader(base.DATASET.TYPE, needed) if args.synthetic else None
         if loader:
             extra += ["DATASET.TRAIN_SUBSET", "0", "DATASET.TEST_SUBSET", "0"]
-        ctx = DATASET_REGISTRY.override(base.DATASET.TYPE, loader) if loader else _nullcontext()
+        ctx = DATASET_REGISTRY.override(base.DATASET.TYPE, loader) if loader else contextlib.nullcontext()
         with ctx:
             variants = [Variant(label, load_config(args.cfg, opts + extra)) for label, opts in variants_opts]
             for v in variants:  # warm-up: allocator, caches, lazily created optimizer state
@@ -155,14 +156,6 @@ def run(args):
         r["ratio_to_first"] = r["ms_per_step"] / results[0]["ms_per_step"]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results, peak_rss_mb
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):

@@ -10,12 +10,10 @@ Features (models/base.py), 5 entries: the post-ReLU output of each block; preact
 ReLU (for block0 too, since it has its own tap).
 """
 
-import math
-
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..base import ClassifierWithFeatures
+from ..base import ClassifierWithFeatures, init_conv_bn
 from ..registry import MODEL_REGISTRY
 
 _CONFIGS = {
@@ -50,14 +48,10 @@ class VGG(ClassifierWithFeatures):
         self._init_weights()
 
     def _init_weights(self):
-        """The published init: conv N(0, sqrt(2 / (k*k*out))) with zero bias, BN 1/0, classifier N(0, 0.01)."""
+        """The published init: He-normal (fan_out) convs with zero bias, BN 1/0, classifier N(0, 0.01)."""
+        init_conv_bn(self)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / n))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
