@@ -76,12 +76,12 @@ class DOTTrainer(Trainer):
     def validate_config(cls, cfg):
         s = cfg.SOLVER
         mu, delta = s.MOMENTUM, s.DOT.DELTA
-        for name, value in (("task", mu - delta), ("distillation", mu + delta)):
+        for name, sign, value in (("task", "-", mu - delta), ("distillation", "+", mu + delta)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(
-                    f"config key SOLVER.DOT.DELTA: the {name} momentum SOLVER.MOMENTUM {'-' if name == 'task' else '+'}"
-                    f" DELTA = {mu} {'-' if name == 'task' else '+'} {delta} = {value:g} is outside [0, 1); choose "
-                    f"|DELTA| <= {min(mu, 1 - mu):g} (negative DELTA is the task-oriented ablation)")
+                    f"config key SOLVER.DOT.DELTA: the {name} momentum SOLVER.MOMENTUM {sign} DELTA = {mu} {sign} "
+                    f"{delta} = {value:g} is outside [0, 1); choose |DELTA| <= {min(mu, 1 - mu):g} (negative DELTA "
+                    f"is the task-oriented ablation)")
         if s.DOT.GRAD_MODE not in GRAD_MODES:
             raise ConfigError(f"config key SOLVER.DOT.GRAD_MODE: must be one of {', '.join(GRAD_MODES)}, "
                               f"got '{s.DOT.GRAD_MODE}'")
@@ -101,8 +101,7 @@ class DOTTrainer(Trainer):
         task, distill = total_loss(terms, TASK), total_loss(terms, DISTILL)
         loss = total_loss(terms)
         task_grads, distill_grads = self._grads(task, distill, self.optimizer.params())
-        distributed.mean_grads_(task_grads)
-        distributed.mean_grads_(distill_grads)
+        distributed.mean_grads_(task_grads + distill_grads)  # both gradients in one message
         self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
         return self.loss_record(terms, loss), logits.detach()
 
