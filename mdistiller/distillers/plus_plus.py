@@ -128,7 +128,7 @@ class PlusPlus:
         self.register_buffer("dino_class_means", torch.zeros(num_classes, teacher.feat_dim))
         self.register_buffer("dino_class_weights", torch.ones(num_classes))
         self.register_buffer("dino_ready", torch.zeros((), dtype=torch.bool))
-        self._warned_unprepared = False
+        self._ready_checked = False
 
     @classmethod
     def validate_config(cls, cfg):
@@ -180,10 +180,11 @@ class PlusPlus:
             raise RuntimeError(f"{self.base_method.__name__}.forward_train never called self.student, so "
                                "the dino term has no student feature")
         teacher_out = t.output if t.output is not None else self.teacher_forward(images)
-        if not bool(self.dino_ready) and not self._warned_unprepared:
-            self._warned_unprepared = True
-            warnings.warn(f"{type(self).__name__}: teacher class means were never computed (prepare() not "
-                          "called); the dino term is constant until they are")
+        if not self._ready_checked:  # once: reading the flag is a device sync, not for every step
+            self._ready_checked = True
+            if not bool(self.dino_ready):
+                warnings.warn(f"{type(self).__name__}: teacher class means were never computed (prepare() not "
+                              "called); the dino term is constant until they are")
         c = self.cfg.DINO
         feat_s = self.dino_projector(s.output[1]["pooled_feat"])
         weight = self.dino_class_weights[labels] if c.CLASS_BALANCED else None
