@@ -15,15 +15,20 @@ import os
 _CACHE = {}  # (path, size, mtime) -> digest: the main job reads the same files for every run
 
 
-def _file_digest(path, chunk=1 << 20):
+def file_sha256(path, chunk=1 << 20):
+    """SHA-256 hex digest of a file's content, read in chunks (also what keys KD++'s class-means cache)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_digest(path):
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                h.update(block)
-        _CACHE[key] = h.hexdigest()
+        _CACHE[key] = file_sha256(path)
     return _CACHE[key]
 
 

@@ -13,13 +13,13 @@ is recomputed and rewritten; when a new cache is written, caches of older conten
 data tag, other hash) are removed.
 """
 
-import hashlib
 import os
 import sys
 import time
 
 import torch
 
+from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import atomic_save
 
 CACHE_FORMAT = "mdistiller-class-means-v1"
@@ -29,14 +29,6 @@ def _info(message):
     """Progress on stderr, not the `mdistiller` logger: this runs in Trainer.__init__, before the run's logger is
     set up, when that logger may still point at the train.log of an earlier run of the same process."""
     print(message, file=sys.stderr, flush=True)
-
-
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_path(ckpt_path, sha256, tag):
