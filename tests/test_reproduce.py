@@ -43,7 +43,8 @@ def reproduce(*args):
 
 @pytest.mark.parametrize("table,cells,runs", [
     ("dot-3a", 27, 26), ("dot-3b", 18, 17), ("dot-3c", 16, 16), ("dot-1", 9, 9), ("dot-2", 9, 9), ("dot-6", 14, 14),
-    ("dot-7", 12, 12), ("kdpp-1", 66, 64), ("kdpp-2", 18, 18)])
+    ("dot-7", 12, 12), ("dot-4", 6, 6), ("dot-5", 6, 6), ("kdpp-1", 66, 64), ("kdpp-2", 18, 18), ("kdpp-b3", 12, 12),
+    ("proxy-fmnist", 7, 7)])
 def test_dry_run_lists_every_cell(table, cells, runs):
     # A teacher row shared by several students is one run (dot-3a's resnet32x4, dot-3b's ResNet18, ...). Cells
     # of methods the framework does not implement (OFD, RKD, PKT, FitNet, SRRL) are not counted.
@@ -62,6 +63,26 @@ def test_sweep_notes_become_overrides():
     r = reproduce("--table", "dot-2", "--dry-run", "--seeds", "2")
     assert "configs/cifar100/kd/resnet32x4_resnet8x4.yaml  overrides: SOLVER.MOMENTUM 0.975  seed: 1" in r.stdout
     assert len([x for x in r.stdout.splitlines() if not x.startswith("#")]) == 18
+
+
+def test_task_weight_sweep_and_config_values():
+    # DOT tables 4/5: "alpha(task weight)=a" is CE weight a and KD weight 1 - a (DOT eq. 1). A sweep point equal
+    # to the config's own value is the config's run (no overrides, no extra tag), so it is not trained twice.
+    out = reproduce("--table", "dot-4", "--dry-run").stdout
+    assert "configs/cifar100/kd/resnet32x4_resnet8x4.yaml  overrides: KD.LOSS.CE_WEIGHT 0.25 KD.LOSS.KD_WEIGHT 0.75" \
+        in out
+    assert "configs/cifar100/kd/resnet32x4_resnet8x4.yaml  overrides: -  seed: 0" in out  # alpha 0.1 is the config
+    assert "KD.LOSS.CE_WEIGHT 0.1 " not in out
+    out = reproduce("--table", "dot-1", "--dry-run").stdout
+    assert "SOLVER.DOT.DELTA 0.075" not in out and "kd_resnet32x4_resnet8x4.yaml  overrides: -  seed: 0" in out
+
+
+def test_seeds_note_caps_a_cell_and_runs_go_seed_by_seed():
+    r = reproduce("--table", "proxy-fmnist", "--dry-run", "--seeds", "3")
+    lines = [x for x in r.stdout.splitlines() if not x.startswith("#")]
+    assert len(lines) == 1 + 6 * 3  # the teacher ("seeds=1") once, six student rows three times
+    assert [x.rsplit("seed: ", 1)[1] for x in lines] == ["0"] * 7 + ["1"] * 6 + ["2"] * 6
+    assert lines[0].startswith("configs/fashion_mnist/vanilla/resnet20.yaml")
 
 
 def test_not_implemented_methods_are_not_missing():
@@ -102,9 +123,10 @@ def _write_summary(prefix, config, overrides, seed, best, last):
 def test_collect_means_and_sample_std(tmp_path):
     prefix = tmp_path / "runs"
     kd = "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"
-    # momentum 0.9: best 73, 74, 75 -> mean 74, sample std 1; last 72, 72, 75 -> mean 73, std sqrt(3) = 1.732
+    # momentum 0.9 (the config's own value, so its own run): best 73, 74, 75 -> mean 74, sample std 1;
+    # last 72, 72, 75 -> mean 73, std sqrt(3) = 1.732
     for seed, (best, last) in enumerate([(73.0, 72.0), (74.0, 72.0), (75.0, 75.0)]):
-        _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.9"), seed, best, last)
+        _write_summary(prefix, kd, (), seed, best, last)
     # momentum 0.81: one seed -> std undefined
     _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.81"), 0, 70.5, 70.0)
     # a run of another sweep point with seed 10 must not leak into 0.9 (run-name prefix match)
@@ -140,6 +162,20 @@ def test_collect_teacher_row_reports_the_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     teacher = [x for x in r.stdout.splitlines() if "| resnet32x4 | resnet8x4 | teacher |" in x]
     assert len(teacher) == 1 and "teacher used: /ckpts/r32x4.pth" in teacher[0]
+
+
+def test_collect_proxy_table_has_no_paper_number(tmp_path):
+    prefix = tmp_path / "runs"
+    _write_summary(prefix, "configs/fashion_mnist/vanilla/resnet20.yaml", (), 0, 88.0, 87.5)
+    for seed, best in enumerate([85.0, 86.0]):
+        _write_summary(prefix, "configs/fashion_mnist/kd/resnet20_resnet8.yaml", (), seed, best, best)
+    r = reproduce("--table", "proxy-fmnist", "--collect", "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    kd = [x for x in r.stdout.splitlines() if "| resnet20 | resnet8 | KD |" in x]
+    assert kd == ["| resnet20 | resnet8 | KD |  | 2 | 85.50 ± 0.71 | 85.50 ± 0.71 | - |  | ok |"]
+    teacher = [x for x in r.stdout.splitlines() if "| resnet8 | teacher |" in x][0]
+    assert "| 88.00 | 87.50 | - |" in teacher
+    assert "fashion_mnist_none_resnet20_vanilla_seed0/student_best.pth" in teacher  # the default teacher location
 
 
 @pytest.mark.parametrize("slurm", [False, True])

@@ -81,7 +81,7 @@ def collect(plans, prefix, repo_root):
             "teacher": c.teacher, "student": c.student, "method": c.method, "note": c.note, "status": status,
             "n": len(runs), "seeds": " ".join(str(k) for k in sorted(runs)),
             "best_mean": best[0], "best_std": best[1], "last_mean": last[0], "last_std": last[1],
-            "paper": c.top1, "diff": None if best[0] is None else best[0] - c.top1, "teacher_used": teacher_used,
+            "paper": c.top1, "diff": None if best[0] is None or c.top1 is None else best[0] - c.top1, "teacher_used": teacher_used,
         })
     return rows
 
@@ -106,7 +106,7 @@ def to_markdown(table, rows):
         diff = "" if r["diff"] is None else f"{r['diff']:+.2f}"
         lines.append(f"| {r['teacher']} | {r['student']} | {r['method']} | {r['note']} | {r['n']} | "
                      f"{_pm(r['best_mean'], r['best_std'])} | {_pm(r['last_mean'], r['last_std'])} | "
-                     f"{r['paper']:.2f} | {diff} | {extra} |")
+                     f"{'-' if r['paper'] is None else format(r['paper'], '.2f')} | {diff} | {extra} |")
     return "\n".join(lines) + "\n"
 
 

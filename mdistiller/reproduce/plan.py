@@ -4,7 +4,8 @@ The mapping is a naming convention plus two small tables, so a new table needs c
 - teacher / student rows: configs/<dataset>/vanilla/<model>.yaml;
 - a method M: configs/<dataset>/<METHOD_DIRS[M]>/<teacher>_<student>.yaml;
 - X+DOT: configs/<dataset>/dot/<METHOD_DIRS[X]>_<teacher>_<student>.yaml;
-- the note column of sweep rows ("delta=0.05", "momentum=0.9") becomes overrides through NOTE_KEYS.
+- the note column of sweep rows ("delta=0.05", "momentum=0.9") becomes overrides through NOTE_KEYS;
+- the note "seeds=N" caps a cell's seeds (a proxy table's teacher is trained once and shared by every seed).
 Methods the framework does not implement are reported as such and are never counted as missing configs.
 """
 
@@ -21,13 +22,25 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
 NOT_IMPLEMENTED = {"OFD", "RKD", "PKT", "FitNet", "SRRL", "VID", "FT", "AB", "FSP", "NST", "SP", "CC", "KDSVD",
                    "MLKD", "CTKD"}
 
-# note key -> override key; a callable picks the key from the method (temperature is KD's or DKD's).
+
+
+def _one(key):
+    return lambda method, value: [(key, value)]
+
+
+def _task_weight(method, value):
+    """DOT tables 4/5: CE weight alpha and KD weight 1 - alpha (DOT eq. 1)."""
+    return [("KD.LOSS.CE_WEIGHT", value), ("KD.LOSS.KD_WEIGHT", f"{1 - float(value):g}")]
+
+
+# note key -> function(method, value) -> [(override key, value), ...] (temperature is KD's or DKD's).
 NOTE_KEYS = {
-    "delta": lambda m: "SOLVER.DOT.DELTA",
-    "momentum": lambda m: "SOLVER.MOMENTUM",
-    "beta": lambda m: "DKD.BETA",
-    "temperature": lambda m: "DKD.T" if m.startswith("DKD") else "KD.TEMPERATURE",
-    "epochs": lambda m: "SOLVER.EPOCHS",
+    "delta": _one("SOLVER.DOT.DELTA"),
+    "momentum": _one("SOLVER.MOMENTUM"),
+    "beta": _one("DKD.BETA"),
+    "temperature": lambda m, v: [("DKD.T" if m.startswith("DKD") else "KD.TEMPERATURE", v)],
+    "epochs": _one("SOLVER.EPOCHS"),
+    "alpha(task weight)": _task_weight,
 }
 # Notes that describe the published number rather than the run.
 INFORMATIVE_NOTES = {"train task loss", "mean of 5 trials"}
@@ -42,6 +55,7 @@ class CellPlan:
     config: str = ""  # path relative to the repository root
     overrides: tuple = ()  # ("KEY", "VALUE", ...)
     reason: str = ""
+    max_seeds: int = 0  # 0: as many as asked for
 
     @property
     def runnable(self):
@@ -84,33 +98,55 @@ def _config_path(cell):
 
 
 def _note_overrides(cell):
-    """(overrides tuple, None) or (None, reason)."""
-    out = []
+    """(overrides tuple, max seeds or 0, None) or (None, 0, reason)."""
+    out, max_seeds = [], 0
     for part in filter(None, (p.strip() for p in cell.note.split(";"))):
         if "=" not in part:
             if part in INFORMATIVE_NOTES:
                 continue
-            return None, f"note {part!r} has no override mapping"
+            return None, 0, f"note {part!r} has no override mapping"
         key, value = (s.strip() for s in part.split("=", 1))
         if key in INFORMATIVE_NOTES:
             continue
+        if key == "seeds":
+            max_seeds = int(value)
+            continue
         if key not in NOTE_KEYS:
-            return None, f"note {part!r} has no override mapping (NOTE_KEYS)"
-        out += [NOTE_KEYS[key](cell.method), value]
-    return tuple(out), None
+            return None, 0, f"note {part!r} has no override mapping (NOTE_KEYS)"
+        for k, v in NOTE_KEYS[key](cell.method, value):
+            out += [k, v]
+    return tuple(out), max_seeds, None
 
 
 def plan_cell(cell, configs_root=CONFIGS_ROOT):
     path, problem = _config_path(cell)
     if problem:
         return CellPlan(cell, *problem[:1], reason=problem[1])
-    overrides, reason = _note_overrides(cell)
+    overrides, max_seeds, reason = _note_overrides(cell)
     if reason:
         return CellPlan(cell, UNMAPPED, path, reason=reason)
     full = os.path.join(configs_root, os.path.relpath(path, "configs"))
     if not os.path.isfile(full):
-        return CellPlan(cell, MISSING, path, overrides, reason=f"{path} does not exist")
-    return CellPlan(cell, OK, path, overrides)
+        return CellPlan(cell, MISSING, path, overrides, reason=f"{path} does not exist", max_seeds=max_seeds)
+    return CellPlan(cell, OK, path, _drop_config_values(full, overrides), max_seeds=max_seeds)
+
+
+def _drop_config_values(path, overrides):
+    """Overrides minus those the config already has, so a sweep point at the config's own value ("delta=0.075" on
+    the KD+DOT config) is the config's run itself and is trained once, not again under another name."""
+    if not overrides:
+        return overrides
+    from ..config import load_config
+
+    base, swept = load_config(path, validate=False), load_config(path, list(overrides), validate=False)
+    keep = []
+    for key, value in zip(overrides[0::2], overrides[1::2]):
+        a, b = base, swept
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            keep += [key, value]
+    return tuple(keep)
 
 
 def tag_suffix(overrides):
@@ -122,12 +158,14 @@ def tag_suffix(overrides):
 
 
 def plan_table(cells, seeds=1, configs_root=CONFIGS_ROOT):
-    """(cell plans, unique planned runs in order). Equal cells (a teacher shared by two pairs) share runs."""
+    """(cell plans, unique planned runs). Equal cells (a teacher shared by two pairs) share runs. Runs go seed by
+    seed (every cell's seed 0 first, in table order, so teachers come before their students): a study cut short
+    still has every row."""
     plans = [plan_cell(c, configs_root) for c in cells]
     runs = {}
     for p in plans:
         if p.runnable:
-            for seed in range(seeds):
+            for seed in range(min(seeds, p.max_seeds or seeds)):
                 run = PlannedRun(p.config, p.overrides, seed, tag_suffix(p.overrides))
                 runs.setdefault(run, None)
-    return plans, list(runs)
+    return plans, sorted(runs, key=lambda r: r.seed)
