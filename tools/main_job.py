@@ -12,6 +12,7 @@ import time
 import _path  # noqa: F401
 
 from mdistiller.config import load_config
+from mdistiller.distillers import DISTILLER_REGISTRY
 from mdistiller.engine.launch import train_from_config
 from mdistiller.models import build_model
 from mdistiller.utils.cli import run_cli
@@ -51,7 +52,7 @@ def main(argv=None):
     for label, rel in RUNS:
         overrides = list(args.opts)
         cfg = load_config(os.path.join(CONFIG_DIR, rel), overrides, validate=False)
-        if cfg.DISTILLER.TYPE != "NONE":
+        if DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).wants_teacher(cfg):
             overrides += ["DISTILLER.TEACHER_CKPT", teacher_ckpt]
         cfg = load_config(os.path.join(CONFIG_DIR, rel), overrides)
         print(f"=== {label}: {rel} ===", flush=True)

@@ -25,7 +25,7 @@ def validate_config(cfg):
 
     _check(cfg.DISTILLER.TYPE in DISTILLER_REGISTRY, "DISTILLER.TYPE",
            f"unknown distiller '{cfg.DISTILLER.TYPE}'; allowed: {', '.join(DISTILLER_REGISTRY.names())}")
-    roles = ["STUDENT"] + (["TEACHER"] if DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).needs_teacher else [])
+    roles = ["STUDENT"] + (["TEACHER"] if DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).wants_teacher(cfg) else [])
     for role in roles:
         name, allowed = cfg.DISTILLER[role], model_names(d.TYPE)
         _check(name in allowed, f"DISTILLER.{role}",
@@ -49,6 +49,7 @@ def validate_config(cfg):
 
     _check(cfg.LOG.SAVE_CHECKPOINT_FREQ >= 0, "LOG.SAVE_CHECKPOINT_FREQ", "must be >= 0 (0 = last epoch only)")
     _check(cfg.LOG.TENSORBOARD_FREQ >= 0, "LOG.TENSORBOARD_FREQ", "must be >= 0 (0 = off)")
+    _check(cfg.LOG.MONITOR_T > 0, "LOG.MONITOR_T", f"must be > 0, got {cfg.LOG.MONITOR_T}")
     dev = cfg.EXPERIMENT.DEVICE
     _check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "EXPERIMENT.DEVICE",
            f"must be auto, cpu, cuda or cuda:N, got '{dev}'")

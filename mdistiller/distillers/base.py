@@ -45,10 +45,19 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    @classmethod
+    def wants_teacher(cls, cfg):
+        """Whether this run loads DISTILLER.TEACHER: the methods that distil, and the student alone when it is
+        asked to monitor its distance to a teacher (LOG.MONITOR_TEACHER)."""
+        return cls.needs_teacher
+
     @torch.no_grad()
     def teacher_forward(self, images):
-        """(logits, features) of the frozen teacher; constants for the losses (no graph is kept)."""
-        return self.teacher(images)
+        """(logits, features) of the frozen teacher; constants for the losses (no graph is kept). The logits are
+        kept for the trainer's monitor (the unweighted KL to the teacher, logged per epoch for DOT fig. 3)."""
+        out = self.teacher(images)
+        self.last_teacher_logits = out[0]
+        return out
 
     def forward_train(self, images, labels, epoch, index=None):
         """Return (student logits, {name: LossTerm}) for one training batch; `epoch` is 1-based."""

@@ -12,10 +12,12 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import build_dataloaders
 from ..distillers import DISTILL, TASK, total_loss
+from ..distillers.kd import kd_loss
 from ..utils.checkpoint import load_file
 from ..utils.env import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
 from ..utils.errors import CheckpointError
@@ -102,6 +104,16 @@ class Trainer:
         per epoch into metrics.jsonl under their own names and sent to the hooks with the losses."""
         return {}
 
+    def monitor(self, logits, labels):
+        """Unweighted training losses of the step's (pre-update) predictions, the same for every method and loss
+        weighting: monitor/ce, and monitor/kl when a teacher ran (T^2 KL at LOG.MONITOR_T). What DOT fig. 3 plots;
+        a KD run's loss/task_total is 0.1 x CE and not comparable with the student alone's."""
+        out = {"monitor/ce": F.cross_entropy(logits.float(), labels)}
+        t_logits = getattr(self.distiller, "last_teacher_logits", None)
+        if t_logits is not None:
+            out["monitor/kl"] = kd_loss(logits.float(), t_logits.float(), self.cfg.LOG.MONITOR_T)
+        return out
+
     # --- the loop --------------------------------------------------------------------------------------------
     def register_hooks(self, hooks):
         for hook in hooks:
@@ -153,8 +165,9 @@ class Trainer:
         start = time.perf_counter()
         for it, (images, labels, index) in enumerate(bar):
             self.set_lr(learning_rate(self.cfg.SOLVER, epoch, it, iters))
+            self.distiller.last_teacher_logits = None
             losses, logits = self.run_step(images, labels, index, epoch)
-            stats = self.step_stats()
+            stats = {**self.step_stats(), **self.monitor(logits, labels)}
             self.global_step += 1
             n = labels.shape[0]
             seen += n
