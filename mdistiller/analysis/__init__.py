@@ -1,0 +1,1 @@
+"""Reading finished runs back for figures: their per-epoch and per-step logs, and their predictions."""
