@@ -44,7 +44,7 @@ def reproduce(*args):
 @pytest.mark.parametrize("table,cells,runs", [
     ("dot-3a", 27, 26), ("dot-3b", 18, 17), ("dot-3c", 16, 16), ("dot-1", 9, 9), ("dot-2", 9, 9), ("dot-6", 14, 14),
     ("dot-7", 12, 12), ("dot-4", 6, 6), ("dot-5", 6, 6), ("kdpp-1", 66, 64), ("kdpp-2", 18, 18), ("kdpp-b3", 12, 12),
-    ("proxy-fmnist", 7, 7)])
+    ("proxy-fmnist", 8, 8)])
 def test_dry_run_lists_every_cell(table, cells, runs):
     # A teacher row shared by several students is one run (dot-3a's resnet32x4, dot-3b's ResNet18, ...). Cells
     # of methods the framework does not implement (OFD, RKD, PKT, FitNet, SRRL) are not counted.
@@ -80,8 +80,9 @@ def test_task_weight_sweep_and_config_values():
 def test_seeds_note_caps_a_cell_and_runs_go_seed_by_seed():
     r = reproduce("--table", "proxy-fmnist", "--dry-run", "--seeds", "3")
     lines = [x for x in r.stdout.splitlines() if not x.startswith("#")]
-    assert len(lines) == 1 + 6 * 3  # the teacher ("seeds=1") once, six student rows three times
-    assert [x.rsplit("seed: ", 1)[1] for x in lines] == ["0"] * 7 + ["1"] * 6 + ["2"] * 6
+    # the teacher and KD+DOT at delta 0 ("seeds=1") once, six student rows three times
+    assert len(lines) == 2 + 6 * 3
+    assert [x.rsplit("seed: ", 1)[1].split()[0] for x in lines] == ["0"] * 8 + ["1"] * 6 + ["2"] * 6
     assert lines[0].startswith("configs/fashion_mnist/vanilla/resnet20.yaml")
 
 
