@@ -1,37 +1,195 @@
-"""tools/benchmark.py: builds each variant as a real Trainer, times it, and reports consistent figures."""
+"""tools/benchmark.py and mdistiller/bench: each variant is a real Trainer, timed consistently; the phase breakdown
+times the real step without changing it; the torchvision baseline reads the very images the variant trains on."""
 
+import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR100
+
+from mdistiller.bench.baseline import TorchvisionKD
+from mdistiller.bench.cifar_format import UncheckedCIFAR100, write_cifar100
+from mdistiller.bench.phases import PHASES, PhaseClock, time_phases
+from mdistiller.bench.synthetic import SyntheticDataset
+from mdistiller.bench.variant import Variant
+from mdistiller.config import load_config
+from mdistiller.data import DATASET_REGISTRY, build_dataloaders
+from mdistiller.data.cifar100 import read_split
+from mdistiller.distillers.kd import kd_loss
+from mdistiller.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "tools", "benchmark.py")
+KD_CFG = os.path.join(ROOT, "configs", "cifar100", "kd", "resnet32x4_resnet8x4.yaml")
+TINY = ["SOLVER.BATCH_SIZE", "8", "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8"]
+# The breakdown and the step time come from different repetitions on a shared 2-core machine: their ratio is
+# only expected within this factor either way (on the CPU the syncs at phase boundaries cost nothing).
+STEP_TIME_FACTOR = 4.0
 
 
-def test_benchmark_compare_reports_every_variant():
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--cfg",
-           os.path.join(ROOT, "configs", "cifar100", "kd", "resnet32x4_resnet8x4.yaml"), "--synthetic",
-           "--random-teacher", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json",
-           "--compare", "SOLVER.TRAINER vanilla", "SOLVER.TRAINER dot", "--",
-           "SOLVER.BATCH_SIZE", "8", "DISTILLER.TEACHER", "resnet8x4", "DISTILLER.STUDENT", "resnet8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run beside other work: two spinning threads of one process would mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench_json(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, BENCH, "--cfg", KD_CFG, "--synthetic", "--random-teacher", "--json",
+                           *args], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def tiny_cfg(tmp_path, *extra):
+    """KD resnet20 -> resnet8, batch 8, with a random teacher checkpoint, on the CPU."""
+    ckpt = tmp_path / "teacher.pth"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        torch.save({"model": build_model("resnet20", "cifar100").state_dict()}, ckpt)
+    return load_config(KD_CFG, ["LOG.PREFIX", str(tmp_path), "EXPERIMENT.DEVICE", "cpu", *TINY,
+                                "DISTILLER.TEACHER_CKPT", str(ckpt), *extra])
+
+
+def test_benchmark_compare_reports_every_variant_and_the_baseline_speedup():
+    out, stdout = bench_json("--steps", "2", "--warmup", "1", "--rounds", "3", "--baseline", "torchvision",
+                             "--epoch-images", "64", "--baseline-workers", "1",
+                             "--compare", "SOLVER.TRAINER vanilla", "SOLVER.TRAINER dot", "--", *TINY)
     first, dot = out["results"]
     assert (first["variant"], dot["variant"]) == ("SOLVER.TRAINER vanilla", "SOLVER.TRAINER dot")
     assert first["ratio_to_first"] == 1.0 and first["batch_size"] == 8
     for r in out["results"]:
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["ms_per_step"] / 1e3))
         assert r["images_per_s_with_data"] > 0
+        # breakdown: every phase, non-negative, shares of their sum, and the sum close to a plain step
+        assert set(r["breakdown"]) == set(PHASES)
+        assert all(p["ms"] >= 0 for p in r["breakdown"].values())
+        assert sum(p["ms"] for p in r["breakdown"].values()) == pytest.approx(r["breakdown_sum_ms"])
+        assert sum(p["pct"] for p in r["breakdown"].values()) == pytest.approx(100.0)
+        assert r["breakdown"]["teacher"]["ms"] > 0 and r["breakdown"]["backward"]["ms"] > 0
+        assert 1 / STEP_TIME_FACTOR < r["breakdown_sum_ms"] / r["ms_per_step"] < STEP_TIME_FACTOR
+        # the epoch comparison: 64 images = 8 full batches on both sides
+        assert r["epoch"]["images"] == 64
+        assert r["speedup_vs_baseline"] == pytest.approx(r["epoch"]["images_per_s"] / out["baseline"]["images_per_s"])
     assert dot["ratio_to_first"] == pytest.approx(dot["ms_per_step"] / first["ms_per_step"])
+    base = out["baseline"]
+    assert (base["name"], base["workers"], base["images"]) == ("torchvision", 1, 64) and base["loss_finite"]
+    assert "where a step goes" in stdout and "torchvision baseline (1 workers)" in stdout
+
+
+def test_phase_clock_times_the_real_step_and_leaves_no_trace(tmp_path):
+    """An instrumented update is bit-identical to a plain one from the same state (vanilla and DOT, whose own
+    gradient code runs inside), its phases add up to most of its wall time, and nothing stays installed."""
+    with DATASET_REGISTRY.override("cifar100", SyntheticDataset("cifar100", 64)):
+        for trainer_name in ("vanilla", "dot"):
+            cfg = tiny_cfg(tmp_path, "SOLVER.TRAINER", trainer_name)
+            timed, plain = Variant("timed", cfg), Variant("plain", cfg)  # same seed: same initial weights
+            distiller, optimizer = timed.trainer.distiller, timed.trainer.optimizer
+            hooks_before = len(distiller.student._forward_hooks) + len(distiller.student._forward_pre_hooks)
+            start = time.perf_counter()
+            with PhaseClock(timed.trainer) as clock:
+                timed.trainer.run_step(*timed.batch[:3], 1)
+            wall = time.perf_counter() - start
+            plain.trainer.run_step(*plain.batch[:3], 1)
+            a, b = timed.trainer.distiller.state_dict(), plain.trainer.distiller.state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), trainer_name
+            (step,) = clock.steps
+            assert all(step[p] >= 0 for p in PHASES) and step["teacher"] > 0 and step["student"] > 0
+            assert 0.5 * wall < sum(step.values()) <= wall
+            assert "teacher_forward" not in vars(distiller)
+            assert "step" not in vars(optimizer) and "step_with_grads" not in vars(optimizer)
+            assert len(distiller.student._forward_hooks) + len(distiller.student._forward_pre_hooks) == hooks_before
+            assert not timed.trainer.model._forward_hooks and not timed.trainer.model._forward_pre_hooks
+            # A second clock on the restored trainer, reading a fake clock that advances by 1 per reading: one
+            # teacher call and one student call are 1 each, forward_train spans 5 ticks (two readings in each
+            # model, then its end), so loss = 5 - 1 - 1 = 3; backward and optimizer are 1 each. A forward whose update
+            # never comes (an fp16 overflow skips it) is dropped, not added to the next step's teacher and student.
+            with PhaseClock(timed.trainer) as clock:
+                ticks = itertools.count()
+                clock._now = lambda: float(next(ticks))
+                images, labels, index = timed.batch
+                timed.trainer.model(images, labels, 1, index)
+                timed.trainer.run_step(images, labels, index, 1)
+            assert clock.steps == [{"teacher": 1.0, "student": 1.0, "loss": 3.0, "backward": 1.0, "optimizer": 1.0}]
+
+
+def test_cifar100_files_hold_the_synthetic_images_in_torchvisions_format(tmp_path):
+    synthetic = SyntheticDataset("cifar100", 300, num_test=50)
+    train, test = synthetic.train_split, synthetic.test_split
+    root = write_cifar100(str(tmp_path), train, test)
+    folder = tmp_path / "cifar-100-python"
+    # the published layout, as torchvision unpickles it (latin1: the keys are Python 2 str)
+    with open(folder / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    assert raw["data"].dtype == np.uint8 and raw["data"].shape == (300, 3072)
+    for i, c, y, x in ((0, 0, 0, 0), (7, 1, 5, 30), (299, 2, 31, 31)):  # row = R plane, G plane, B plane
+        assert raw["data"][i, c * 1024 + y * 32 + x] == train.images[i, c, y, x]
+    assert raw["fine_labels"] == [i % 100 for i in range(300)] and raw["coarse_labels"][7] == 1
+    assert len(raw["filenames"]) == 300 and isinstance(raw["filenames"][0], str)
+    # the stock reader refuses the copy only for its MD5; the subclass reads it with torchvision's own code
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR100(root, train=True, download=False)
+    ds = UncheckedCIFAR100(root, train=True, download=False)
+    assert ds.data.shape == (300, 32, 32, 3) and ds.targets == train.targets.tolist() and len(ds.classes) == 100
+    for i in (0, 123, 299):
+        image, label = ds[i]  # a PIL image, HWC
+        assert np.array_equal(np.asarray(image), train.images[i].permute(1, 2, 0).numpy()) and label == i % 100
+    ds_test = UncheckedCIFAR100(root, train=False)
+    assert np.array_equal(ds_test.data[49], test.images[49].permute(1, 2, 0).numpy())
+    # and mdistiller's own reader (encoding="bytes") gets back the same tensors
+    again = read_split(str(folder / "train"))
+    assert torch.equal(again.images, train.images) and torch.equal(again.targets, train.targets)
+
+
+def test_torchvision_baseline_trains_kd_on_the_variants_images(tmp_path):
+    synthetic = SyntheticDataset("cifar100", 250)
+    root = write_cifar100(str(tmp_path / "data"), synthetic.train_split, synthetic.test_split)
+    cfg = tiny_cfg(tmp_path, "DATASET.ROOT", root, "SOLVER.BATCH_SIZE", "32")
+    baseline = TorchvisionKD(cfg, root, "cpu", workers=0, mean=(0.5,) * 3, std=(0.25,) * 3, verify_md5=False)
+    # its loss is mdistiller's KD objective: 0.1 CE + 0.9 T^2 KL at T = 4, computed here with the repo's kd_loss
+    images, labels = next(iter(baseline.loader))
+    baseline.student.train()
+    with torch.no_grad():
+        logits, logits_t = baseline.student(images)[0], baseline.teacher(images)[0]
+        expected = 0.1 * F.cross_entropy(logits, labels) + 0.9 * kd_loss(logits, logits_t, 4.0)
+    student0 = [p.detach().clone() for p in baseline.student.parameters()]
+    teacher0 = [p.detach().clone() for p in baseline.teacher.parameters()]
+    assert float(baseline.step(images, labels)) == pytest.approx(float(expected), rel=1e-5)
+    seen, seconds, losses = baseline.epoch()
+    assert seen == 224 and losses.shape == (7,) and seconds > 0  # 250 images, drop_last: 7 batches of 32
+    assert torch.isfinite(losses).all()
+    assert any(not torch.equal(p, q) for p, q in zip(baseline.student.parameters(), student0))
+    assert all(torch.equal(p, q) for p, q in zip(baseline.teacher.parameters(), teacher0))
+    # a DATASET.TRAIN_SUBSET run: the baseline picks exactly the images mdistiller's loader trains on
+    subset_cfg = tiny_cfg(tmp_path, "DATASET.ROOT", root, "DATASET.TRAIN_SUBSET", "100")
+    sub = TorchvisionKD(subset_cfg, root, "cpu", workers=0, mean=(0.5,) * 3, std=(0.25,) * 3, verify_md5=False,
+                        subset=100)
+    train_loader, _, _ = build_dataloaders(subset_cfg, "cpu")
+    picked = torch.from_numpy(sub.loader.dataset.dataset.data[sub.loader.dataset.indices]).permute(0, 3, 1, 2)
+    assert sub.num_images == 100 and torch.equal(picked, train_loader.images.cpu())
+
+
+def test_baseline_needs_a_cifar100_config():
+    cfg = os.path.join(ROOT, "configs", "fashion_mnist", "kd", "resnet20_resnet8.yaml")
+    proc = subprocess.run([sys.executable, BENCH, "--cfg", cfg, "--synthetic", "--baseline", "torchvision"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --baseline torchvision is a CIFAR-100 loop")
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_missing_dataset_without_synthetic_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--cfg",
-                           os.path.join(ROOT, "configs", "cifar100", "kd", "resnet32x4_resnet8x4.yaml"),
-                           "DATASET.ROOT", str(tmp_path), "DATASET.DOWNLOAD", "False"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, BENCH, "--cfg", KD_CFG, "DATASET.ROOT", str(tmp_path),
+                           "DATASET.DOWNLOAD", "False"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1

@@ -1,18 +1,33 @@
-"""Time real training steps of any config: ms per step and images/s, with and without data loading.
+"""Time real training steps of any config: ms per step and images/s, with and without data loading, where the
+step's time goes, and (--baseline) a full epoch against a plain torchvision + PyTorch KD loop.
 
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher
     python tools/benchmark.py --cfg FILE --compare "SOLVER.TRAINER vanilla" "SOLVER.TRAINER dot" [-- KEY VALUE ...]
+    python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher \\
+        --baseline torchvision --epoch-images 6400 [KEY VALUE ...]
 
 Each variant is a full Trainer built from the config (the same distiller, optimizer and run_step that
 tools/train.py uses); the steps timed are its own `run_step`. "step" times repeat one batch already on the
 device (the update alone); "with data" times iterate the real training loader (augmentation and copies
 included). With --compare, the variants (extra KEY VALUE pairs each) are built in one process and timed in
 alternating rounds, so drifts of a shared machine hit all of them alike; ratios are to the first variant.
+KEY VALUE pairs after the options (or after `--`) apply to every variant, the baseline comparison included.
+
+Breakdown (on unless --no-breakdown): the same update on the fixed batch, with a device sync at each phase
+boundary (mdistiller/bench/phases.py): teacher forward, student forward, loss (the rest of forward_train),
+backward (DOT: its two gradients), optimizer step; ms per step and % of their sum, median over rounds.
+
+--baseline torchvision (CIFAR-100-shaped configs): one training epoch, data included, of the variant's real
+Trainer.train_one_epoch and of the plain loop in mdistiller/bench/baseline.py (torchvision CIFAR100, per-sample
+PIL transforms, DataLoader with --baseline-workers processes, same models, KD loss, torch SGD), alternated over
+--epoch-rounds rounds in this process; speedup = the variant's images/s over the baseline's. --epoch-images
+limits the epoch (default: the whole training split).
 
 --synthetic serves random uint8 images of the dataset's shape and class count under its name (through the
-same in-memory loader CIFAR-100 uses), for machines without the dataset; --random-teacher writes a teacher
-checkpoint with random weights (timings do not depend on the weights). Peak memory: CUDA's allocator peak per
-variant; on CPU the process's peak resident size (shared by all variants of a --compare run).
+same in-memory loader CIFAR-100 uses), for machines without the dataset; with --baseline the same images are
+written as CIFAR-100 files for torchvision to read. --random-teacher writes a teacher checkpoint with random
+weights (timings do not depend on the weights). Peak memory: CUDA's allocator peak per variant (and for the
+baseline); on CPU the process's peak resident size (shared by everything in the run).
 """
 
 import argparse
@@ -21,105 +36,22 @@ import json
 import os
 import resource
 import shlex
-import statistics
 import tempfile
-import time
 
 import _path  # noqa: F401
 import torch
 
+from mdistiller.bench.device import peak_mb, reset_peak
+from mdistiller.bench.phases import PHASES
+from mdistiller.bench.synthetic import SHAPES, SyntheticDataset
+from mdistiller.bench.variant import Variant, epoch_result
 from mdistiller.config import load_config
 from mdistiller.data import DATASET_REGISTRY
-from mdistiller.data.bundle import DatasetBundle, TensorSplit
-from mdistiller.engine import TRAINER_REGISTRY
 from mdistiller.models import build_model
 from mdistiller.utils.cli import run_cli
+from mdistiller.utils.errors import DataError, UserError
 
-# DATASET.TYPE -> (classes, image size) of the synthetic stand-in
-SHAPES = {"cifar100": (100, 32), "fashion_mnist": (10, 32), "tiny_imagenet": (200, 64), "imagenet": (1000, 224)}
-
-
-def synthetic_loader(dataset, num_train, num_test=64):
-    classes, size = SHAPES[dataset]
-
-    def split(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-        return TensorSplit(images, torch.arange(n) % classes)
-
-    def load(cfg):
-        return DatasetBundle(name=dataset, num_classes=classes, image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3,
-                             train=lambda: split(num_train, 0), test=lambda: split(num_test, 1))
-
-    return load
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Variant:
-    def __init__(self, label, cfg):
-        self.label, self.cfg = label, cfg
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self.trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg)
-        self.trainer.distiller.train()
-        self.trainer.set_lr(cfg.SOLVER.LR)
-        loader = self.trainer.train_loader
-        loader.set_epoch(0)
-        self.batch = next(iter(loader))
-        self.batch_size = int(self.batch[1].shape[0])
-        self.step_times, self.data_times = [], []
-        self.peak_cuda = 0
-
-    def _step(self, batch):
-        images, labels, index = batch
-        self.trainer.run_step(images, labels, index, 1)
-
-    def time_steps(self, steps):
-        """Mean seconds per update on the fixed batch."""
-        device = self.trainer.device
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self._step(self.batch)
-        sync(device)
-        return (time.perf_counter() - start) / steps
-
-    def time_with_data(self, steps):
-        """Mean seconds per update while iterating the training loader (fresh epochs as needed)."""
-        device = self.trainer.device
-        loader, done, epoch = self.trainer.train_loader, 0, 1
-        sync(device)
-        start = time.perf_counter()
-        while done < steps:
-            loader.set_epoch(epoch)
-            for batch in loader:
-                self._step(batch)
-                done += 1
-                if done == steps:
-                    break
-            epoch += 1
-        sync(device)
-        return (time.perf_counter() - start) / steps
-
-    def record_memory(self):
-        if self.trainer.device.type == "cuda":
-            self.peak_cuda = max(self.peak_cuda, torch.cuda.max_memory_allocated(self.trainer.device))
-
-    def result(self):
-        step = statistics.median(self.step_times)
-        data = statistics.median(self.data_times) if self.data_times else None
-        out = {"variant": self.label, "batch_size": self.batch_size, "ms_per_step": 1e3 * step,
-               "images_per_s": self.batch_size / step, "rounds": len(self.step_times),
-               "device": str(self.trainer.device), "threads": torch.get_num_threads()}
-        if data is not None:
-            out.update({"ms_per_step_with_data": 1e3 * data, "images_per_s_with_data": self.batch_size / data})
-        if self.peak_cuda:
-            out["peak_cuda_mb"] = self.peak_cuda / 2**20
-        return out
+BASELINES = ("torchvision",)
 
 
 def random_teacher(cfg, directory):
@@ -129,33 +61,132 @@ def random_teacher(cfg, directory):
     return path
 
 
+def check_args(args, base):
+    if args.synthetic and base.DATASET.TYPE not in SHAPES:
+        raise UserError(f"--synthetic knows the shapes of {', '.join(sorted(SHAPES))}, not DATASET.TYPE "
+                        f"'{base.DATASET.TYPE}'")
+    if not args.baseline:
+        return
+    if base.DATASET.TYPE != "cifar100":
+        raise UserError(f"--baseline torchvision is a CIFAR-100 loop; this config trains on '{base.DATASET.TYPE}'")
+    if args.epoch_images and args.epoch_images < base.SOLVER.BATCH_SIZE:
+        raise UserError(f"--epoch-images {args.epoch_images} is less than one batch of SOLVER.BATCH_SIZE "
+                        f"{base.SOLVER.BATCH_SIZE}")
+    if args.baseline_workers is not None and args.baseline_workers < 0:
+        raise UserError("--baseline-workers must be >= 0")
+
+
+def build_baseline(args, variant, synthetic, tmp):
+    """The torchvision loop on the variant's images: the generated split written as CIFAR-100 files, or the real
+    files under DATASET.ROOT (with the variant's DATASET.TRAIN_SUBSET selection)."""
+    from mdistiller.bench.baseline import TorchvisionKD
+    from mdistiller.bench.cifar_format import write_cifar100
+
+    cfg, meta = variant.cfg, variant.trainer.meta
+    workers = cfg.DATASET.NUM_WORKERS if args.baseline_workers is None else args.baseline_workers
+    common = dict(cfg=cfg, device=variant.device, workers=workers, mean=meta.mean, std=meta.std)
+    if synthetic is not None:
+        root = write_cifar100(os.path.join(tmp, "cifar"), synthetic.train_split, synthetic.test_split)
+        return TorchvisionKD(root=root, verify_md5=False, **common)
+    try:
+        return TorchvisionKD(root=cfg.DATASET.ROOT, subset=cfg.DATASET.TRAIN_SUBSET, **common)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"torchvision's CIFAR100 rejects the copy in {cfg.DATASET.ROOT} ({e})") from None
+
+
+def time_epochs(args, variants, baseline):
+    """Alternating epoch rounds (the order flips every round); returns the baseline's summary."""
+    runs, losses, peak = [], [], None
+    for r in range(args.epoch_rounds):
+        order = [*variants, None] if r % 2 == 0 else [None, *variants]
+        for v in order:
+            if v is not None:
+                v.epoch_round(r + 1)
+                continue
+            reset_peak(baseline.device)
+            n, seconds, step_losses = baseline.epoch()
+            p = peak_mb(baseline.device)
+            peak = p if peak is None else max(peak, p or 0.0)
+            runs.append((n, seconds))
+            losses.append(step_losses)
+    out = {"name": args.baseline, "workers": baseline.workers, **epoch_result(runs)}
+    all_losses = torch.cat(losses)
+    out.update({"loss_first": float(all_losses[0]), "loss_last": float(all_losses[-1]),
+                "loss_finite": bool(torch.isfinite(all_losses).all())})
+    if peak is not None:
+        out["peak_cuda_mb"] = peak
+    return out
+
+
 def run(args):
     variants_opts = [(c, list(args.opts) + shlex.split(c)) for c in args.compare] or [("config", list(args.opts))]
     base = load_config(args.cfg, args.opts, validate=False)
+    check_args(args, base)
     needed = base.SOLVER.BATCH_SIZE * (args.steps + args.warmup + 2)
+    baseline_summary = None
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["LOG.PREFIX", tmp]
         if args.random_teacher:
             extra += ["DISTILLER.TEACHER_CKPT", random_teacher(base, tmp)]
-        loader = synthetic_loader(base.DATASET.TYPE, needed) if args.synthetic else None
-        if loader:
+        synthetic = None
+        if args.synthetic:
+            num_train = (args.epoch_images or SHAPES[base.DATASET.TYPE][2]) if args.baseline else needed
+            synthetic = SyntheticDataset(base.DATASET.TYPE, num_train)
             extra += ["DATASET.TRAIN_SUBSET", "0", "DATASET.TEST_SUBSET", "0"]
-        ctx = DATASET_REGISTRY.override(base.DATASET.TYPE, loader) if loader else contextlib.nullcontext()
+        elif args.baseline and args.epoch_images:
+            extra += ["DATASET.TRAIN_SUBSET", str(args.epoch_images)]
+        ctx = DATASET_REGISTRY.override(base.DATASET.TYPE, synthetic) if synthetic else contextlib.nullcontext()
         with ctx:
             variants = [Variant(label, load_config(args.cfg, opts + extra)) for label, opts in variants_opts]
+            baseline = build_baseline(args, variants[0], synthetic, tmp) if args.baseline else None
             for v in variants:  # warm-up: allocator, caches, lazily created optimizer state
-                v.time_steps(args.warmup)
+                if args.warmup:
+                    v.time_steps(args.warmup)
             for _ in range(args.rounds):
                 for v in variants:
-                    v.step_times.append(v.time_steps(args.steps))
-                    if not args.no_data:
-                        v.data_times.append(v.time_with_data(args.steps))
-                    v.record_memory()
+                    v.round(args.steps, with_data=not args.no_data, breakdown=not args.no_breakdown)
+            if baseline is not None:
+                baseline.warmup(args.warmup)
+                baseline_summary = time_epochs(args, variants, baseline)
     results = [v.result() for v in variants]
     for r in results:
         r["ratio_to_first"] = r["ms_per_step"] / results[0]["ms_per_step"]
+        if baseline_summary:
+            r["speedup_vs_baseline"] = r["epoch"]["images_per_s"] / baseline_summary["images_per_s"]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return results, peak_rss_mb
+    notes = [f"the baseline is KD; variant '{v.label}' runs DISTILLER.TYPE {v.cfg.DISTILLER.TYPE}"
+             for v in variants if baseline_summary and v.cfg.DISTILLER.TYPE != "KD"]
+    return results, peak_rss_mb, baseline_summary, notes
+
+
+def print_report(args, results, peak_rss_mb, baseline, notes):
+    print(f"{'variant':32s} {'ms/step':>9s} {'img/s':>8s} {'ms/step+data':>13s} {'img/s+data':>11s} {'ratio':>6s}")
+    for r in results:
+        with_data = (f"{r['ms_per_step_with_data']:13.1f} {r['images_per_s_with_data']:11.1f}"
+                     if "ms_per_step_with_data" in r else f"{'':13s} {'':11s}")
+        print(f"{r['variant'][:32]:32s} {r['ms_per_step']:9.1f} {r['images_per_s']:8.1f} {with_data} "
+              f"{r['ratio_to_first']:6.3f}")
+    if "breakdown" in results[0]:
+        print(f"\nwhere a step goes: ms and % of the phases' sum (median of {args.rounds} rounds of {args.steps} "
+              "steps, device synced at each phase boundary)")
+        print(f"{'variant':32s} " + " ".join(f"{p:>14s}" for p in PHASES) + f" {'sum ms':>8s} {'peak MB':>8s}")
+        for r in results:
+            cells = " ".join(f"{r['breakdown'][p]['ms']:8.1f} {r['breakdown'][p]['pct']:4.0f}%" for p in PHASES)
+            peak = f"{r['peak_cuda_mb']:8.0f}" if "peak_cuda_mb" in r else f"{'-':>8s}"
+            print(f"{r['variant'][:32]:32s} {cells} {r['breakdown_sum_ms']:8.1f} {peak}")
+    if baseline:
+        print(f"\nepoch, data included: {baseline['images']} images per epoch, median of {baseline['rounds']} "
+              "alternating round(s)")
+        print(f"{'':48s} {'img/s':>9s} {'speedup':>8s}")
+        for r in results:
+            print(f"{('mdistiller epoch: ' + r['variant'])[:48]:48s} {r['epoch']['images_per_s']:9.1f} "
+                  f"{r['speedup_vs_baseline']:8.2f}")
+        label = f"{baseline['name']} baseline ({baseline['workers']} workers)"
+        print(f"{label[:48]:48s} {baseline['images_per_s']:9.1f} {1.0:8.2f}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"batch {results[0]['batch_size']}, device {results[0]['device']}, {results[0]['threads']} threads, "
+          f"peak RSS {peak_rss_mb:.0f} MB")
 
 
 def main(argv=None):
@@ -169,22 +200,30 @@ def main(argv=None):
     p.add_argument("--synthetic", action="store_true", help="random images of the dataset's shape")
     p.add_argument("--random-teacher", action="store_true", help="a teacher with random weights")
     p.add_argument("--no-data", action="store_true", help="skip the timing through the training loader")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-phase timing of the step")
+    p.add_argument("--baseline", choices=BASELINES, help="also time one epoch of this plain loop and of each variant")
+    p.add_argument("--baseline-workers", type=int, default=None,
+                   help="DataLoader processes of the baseline (default DATASET.NUM_WORKERS)")
+    p.add_argument("--epoch-images", type=int, default=0,
+                   help="images per timed epoch (default 0: the whole training split)")
+    p.add_argument("--epoch-rounds", type=int, default=1, help="epochs timed per variant and for the baseline")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs for every variant")
     args = p.parse_args(argv)
     if args.opts[:1] == ["--"]:  # `--compare A B -- KEY VALUE`: the -- ends the variant list
         args.opts = args.opts[1:]
-    results, peak_rss_mb = run(args)
-    print(f"{'variant':32s} {'ms/step':>9s} {'img/s':>8s} {'ms/step+data':>13s} {'img/s+data':>11s} {'ratio':>6s}")
-    for r in results:
-        with_data = (f"{r['ms_per_step_with_data']:13.1f} {r['images_per_s_with_data']:11.1f}"
-                     if "ms_per_step_with_data" in r else f"{'':13s} {'':11s}")
-        print(f"{r['variant'][:32]:32s} {r['ms_per_step']:9.1f} {r['images_per_s']:8.1f} {with_data} "
-              f"{r['ratio_to_first']:6.3f}")
-    print(f"batch {results[0]['batch_size']}, device {results[0]['device']}, {results[0]['threads']} threads, "
-          f"peak RSS {peak_rss_mb:.0f} MB")
+    for name in ("steps", "rounds", "epoch_rounds"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.epoch_images < 0:
+        raise UserError("--warmup and --epoch-images must be >= 0")
+    results, peak_rss_mb, baseline, notes = run(args)
+    print_report(args, results, peak_rss_mb, baseline, notes)
     if args.json:
-        print(json.dumps({"results": results, "peak_rss_mb": peak_rss_mb}))
+        out = {"results": results, "peak_rss_mb": peak_rss_mb}
+        if baseline:
+            out["baseline"] = baseline
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":
