@@ -35,6 +35,12 @@ def _pyplot():
     return plt
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def loss_curves(runs):
     """{label: {"epochs", "task", "distill", "weighted"}} from metrics.jsonl."""
     out = {}
@@ -60,6 +66,7 @@ def plot_losses(curves, path):
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label + (" (weighted)" if c["weighted"] else ""))
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
