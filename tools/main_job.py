@@ -25,7 +25,6 @@ RUNS = [
     ("student alone", "vanilla/resnet8.yaml"),
     ("KD", "kd/resnet20_resnet8.yaml"),
     ("DKD", "dkd/resnet20_resnet8.yaml"),
-    ("KD++", "kdpp/resnet20_resnet8.yaml"),
     ("KD+DOT", "dot/kd_resnet20_resnet8.yaml"),
 ]
 
