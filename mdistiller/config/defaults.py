@@ -56,6 +56,28 @@ _C.DISTRIBUTED.SYNC_BN = False  # student BatchNorm statistics over the global b
 _C.DISTRIBUTED.FIND_UNUSED_PARAMETERS = False  # DDP option, for methods whose steps leave some parameters unused
 _C.DISTRIBUTED.TIMEOUT_MIN = 30.0  # a collective waiting longer than this ends the job
 
+# Training fast paths (mdistiller/engine/speed.py). "auto" is resolved once, when the trainer is built, from the
+# device; the resolved choice is logged ("fast paths: ...") and recorded in summary.json under "speed".
+_C.SPEED = CN()
+# Mixed precision: autocast around the training forward + losses and the evaluation forward.
+# auto: bf16 on a CUDA GPU that supports it, else off. Off on the CPU: without AMX / AVX512-BF16 (here a 2-core AMD
+# EPYC) bf16 convolutions fall back to slow kernels; a KD step (resnet32x4 -> resnet8x4, batch 64,
+# tools/benchmark.py --synthetic) measured 9.5x slower with bf16 than in float32.
+# fp16 (CUDA only) adds a dynamic loss scale (GradScaler; the DOT trainer scales both losses).
+_C.SPEED.AMP = "auto"  # auto, off, bf16, fp16
+# Student, teacher and distiller modules and every batch in channels-last memory format (NHWC).
+# auto: on for CUDA (tensor-core convolutions want NHWC), and on for the CPU too: the same KD step measured 1.14x
+# faster with oneDNN's NHWC convolutions (ratio 0.880; the NCHW variant repeated in the same run: 1.014).
+_C.SPEED.CHANNELS_LAST = "auto"  # auto, on, off
+_C.SPEED.COMPILE = False  # torch.compile the student's and teacher's forward (first steps compile: minutes on a CPU)
+# Teacher forward under torch.inference_mode instead of no_grad; the same numbers. On the CPU no measurable change
+# (the KD step above: ratio 1.03, within the 4% two float32 variants differed by).
+_C.SPEED.TEACHER_INFERENCE_MODE = True
+# Teacher weights and forward in half precision, its outputs cast back to float32 for the losses: bf16 on the CPU;
+# on CUDA the AMP dtype (bf16 when AMP is off, fp16 on GPUs without bf16). auto: on when AMP is on, else off
+# (on the CPU a bf16 teacher made the KD step above 5.7x slower).
+_C.SPEED.TEACHER_HALF = "auto"  # auto, on, off
+
 _C.LOG = CN()
 _C.LOG.PREFIX = "output"
 _C.LOG.SAVE_CHECKPOINT_FREQ = 40  # also keep ckpt_epoch_<N>.pth every N epochs (0 = only the last epoch)

@@ -17,6 +17,9 @@ from .defaults import get_cfg_defaults
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+# String keys with these defaults are switches (SPEED.CHANNELS_LAST: auto/on/off, SPEED.AMP: auto/off/...): a
+# boolean given to them means on/off, whatever values the key's own validation then allows.
+_SWITCH_DEFAULTS = {"auto", "on", "off"}
 
 
 def _type_name(v):
@@ -60,6 +63,8 @@ def _coerce(value, default, key):
     if isinstance(default, str):
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and default in _SWITCH_DEFAULTS:
+            return "on" if value else "off"  # YAML 1.1 reads an unquoted `on` / `off` as a boolean
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"config key {key}: expected a string, got {value!r}")

@@ -56,6 +56,16 @@ def validate_config(cfg):
     _check(cfg.EXPERIMENT.SEED >= 0, "EXPERIMENT.SEED", f"must be >= 0, got {cfg.EXPERIMENT.SEED}")
     _check("/" not in cfg.EXPERIMENT.NAME, "EXPERIMENT.NAME", "must be a plain directory name without '/'")
 
+    from ..engine.speed import AMP_MODES, SWITCH_MODES
+
+    sp = cfg.SPEED
+    _check(sp.AMP in AMP_MODES, "SPEED.AMP", f"must be one of {', '.join(AMP_MODES)}, got '{sp.AMP}'")
+    _check(not (sp.AMP == "fp16" and dev == "cpu"), "SPEED.AMP",
+           "fp16 autocast is for CUDA GPUs; on the CPU use bf16 or off")
+    for key in ("CHANNELS_LAST", "TEACHER_HALF"):
+        _check(sp[key] in SWITCH_MODES, f"SPEED.{key}",
+               f"must be one of {', '.join(SWITCH_MODES)}, got '{sp[key]}'")
+
     # Each component may check its own section.
     DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).validate_config(cfg)
     TRAINER_REGISTRY.get(s.TRAINER).validate_config(cfg)

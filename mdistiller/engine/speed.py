@@ -1,0 +1,126 @@
+"""SPEED: the training fast paths, resolved once per run from the config and the device.
+
+Every switch is optional and each keeps the numbers within a known distance of the plain float32 run
+(tests/test_speed_switches.py states the tolerances):
+  - AMP: autocast (bf16 or fp16) around the training forward + losses and the evaluation forward; fp16 adds a
+    dynamic loss scale (torch's GradScaler for the vanilla trainer, loss_scaler.LossScaler for DOT's two
+    gradients). Backward and optimizer step stay outside autocast, on float32 weights.
+  - CHANNELS_LAST: every 4-d weight of the distiller (student, teacher, connectors) and every batch in NHWC.
+  - COMPILE: torch.compile of the student's and teacher's `forward` (not of the module or its `__call__`): the
+    module object, its state_dict keys (no "_orig_mod.") and its forward hooks (KD++ registers some per step)
+    stay as they are, eager, around the compiled forward.
+  - TEACHER_INFERENCE_MODE / TEACHER_HALF: how Distiller.teacher_forward runs the frozen teacher (see there).
+
+`resolve_speed` turns "auto" into a decision (SpeedPlan) and `apply_speed` converts the models; the trainer
+does both once, after the distiller's prepare() (KD++'s class means are computed by the plain float32 teacher,
+so their cache never depends on these switches) and before DDP wraps the model.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..utils.errors import ConfigError
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+SWITCH_MODES = ("auto", "on", "off")
+#: the torch.compile backend; tests swap in a cheap one to check the wiring without inductor's compile time
+COMPILE_BACKEND = "inductor"
+# CHANNELS_LAST auto on the CPU: measured, see the SPEED section of config/defaults.py.
+CPU_CHANNELS_LAST = True
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The resolved fast paths of one run."""
+
+    device_type: str = "cpu"
+    amp: Optional[torch.dtype] = None  # autocast dtype; None = float32
+    channels_last: bool = False
+    compile: bool = False
+    teacher_inference_mode: bool = False
+    teacher_dtype: Optional[torch.dtype] = None  # None = the teacher in float32
+
+    @property
+    def needs_scaler(self):
+        """fp16 gradients underflow without a loss scale; bf16 has float32's range and needs none."""
+        return self.amp == torch.float16
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp)
+
+    def batch(self, images):
+        """The batch in the layout the models were converted to."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def as_dict(self):
+        """JSON-friendly record (summary.json "speed")."""
+        return {"amp": _DTYPE_NAMES.get(self.amp, "off"), "channels_last": self.channels_last,
+                "compile": self.compile, "teacher_inference_mode": self.teacher_inference_mode,
+                "teacher_half": _DTYPE_NAMES.get(self.teacher_dtype, "off")}
+
+    def describe(self):
+        d = self.as_dict()
+        on = {True: "on", False: "off"}
+        return (f"amp {d['amp']}, channels_last {on[d['channels_last']]}, compile {on[d['compile']]}, "
+                f"teacher inference_mode {on[d['teacher_inference_mode']]}, teacher half {d['teacher_half']}")
+
+
+def _cuda_bf16(device):
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_speed(cfg, device):
+    """SpeedPlan for `cfg` on `device` (a torch.device); raises ConfigError for a choice the device cannot run."""
+    s, device = cfg.SPEED, torch.device(device)
+    cuda = device.type == "cuda"
+    amp = s.AMP
+    if amp == "auto":
+        # The CPU stays in float32: bf16 autocast was slower there (no AMX here; see config/defaults.py).
+        amp = "bf16" if _cuda_bf16(device) else "off"
+    if amp == "fp16" and not cuda:
+        raise ConfigError("config key SPEED.AMP: fp16 autocast is for CUDA GPUs; on the CPU use bf16 or off")
+    if amp == "bf16" and cuda and not _cuda_bf16(device):
+        raise ConfigError(f"config key SPEED.AMP: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or off")
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    channels_last = s.CHANNELS_LAST == "on" or (s.CHANNELS_LAST == "auto" and (cuda or CPU_CHANNELS_LAST))
+    teacher_half = s.TEACHER_HALF == "on" or (s.TEACHER_HALF == "auto" and amp_dtype is not None)
+    teacher_dtype = None
+    if teacher_half:
+        if amp_dtype is not None:
+            teacher_dtype = amp_dtype  # the teacher computes in the dtype the student's autocast uses
+        else:
+            teacher_dtype = torch.bfloat16 if not cuda or _cuda_bf16(device) else torch.float16
+    return SpeedPlan(device_type=device.type, amp=amp_dtype, channels_last=channels_last, compile=bool(s.COMPILE),
+                     teacher_inference_mode=bool(s.TEACHER_INFERENCE_MODE), teacher_dtype=teacher_dtype)
+
+
+def compile_forward(module):
+    """torch.compile `module.forward` in place (see the module docstring for why not the module itself)."""
+    module.forward = torch.compile(module.forward, backend=COMPILE_BACKEND)
+    return module
+
+
+def apply_speed(plan, distiller):
+    """Convert the distiller's models for `plan`, in place (parameters keep their identity)."""
+    if plan.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    distiller.teacher_inference_mode = plan.teacher_inference_mode
+    distiller.teacher_dtype = None
+    if distiller.teacher is not None and plan.teacher_dtype is not None:
+        distiller.teacher.to(plan.teacher_dtype)
+        distiller.teacher_dtype = plan.teacher_dtype
+    if plan.compile:
+        compile_forward(distiller.student)
+        if distiller.teacher is not None:
+            compile_forward(distiller.teacher)
+    return distiller
