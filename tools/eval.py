@@ -3,18 +3,21 @@
     python tools/eval.py -m resnet8 -c output/<run>/student_best.pth -d fashion_mnist [--json]
     python tools/eval.py -m resnet8 -c output/<run>/student_best.pth --run-config output/<run>/config.yaml
 
---run-config takes the dataset settings (root, test subset, test batch size) of the run that wrote the
-checkpoint, so the number printed is the one the run reported.
+--run-config takes the dataset settings (root, test subset, test batch size) and the evaluation fast paths
+(SPEED: channels-last layout, autocast, as resolved on this device) of the run that wrote the checkpoint, so the
+number printed is the one the run reported. Without it the model is evaluated in plain float32.
 """
 
 import argparse
 import json
 
 import _path  # noqa: F401
+import torch
 
 from mdistiller.config import load_config
 from mdistiller.data import build_dataloaders
 from mdistiller.engine import evaluate
+from mdistiller.engine.speed import resolve_speed
 from mdistiller.models import build_model
 from mdistiller.utils.checkpoint import load_weights
 from mdistiller.utils.cli import run_cli
@@ -49,7 +52,12 @@ def main(argv=None):
     model = build_model(args.model, cfg.DATASET.TYPE, meta.num_classes)
     load_weights(model, args.ckpt, args.model)
     model.to(device)
-    result = evaluate(model, test_loader)
+    speed = None
+    if args.run_config:
+        speed = resolve_speed(cfg, device)
+        if speed.channels_last:
+            model.to(memory_format=torch.channels_last)
+    result = evaluate(model, test_loader, speed=speed)
     print(f"{args.model} on {meta.name} test ({result['num']} images): top-1 {result['top1']:.2f}  "
           f"top-5 {result['top5']:.2f}")
     if args.json:

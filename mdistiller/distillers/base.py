@@ -6,6 +6,8 @@ engine knowing about any particular method. The teacher is excluded from both: i
 whatever `train()` is called with, and is always restored from its own checkpoint.
 """
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ class Distiller(nn.Module):
     needs_teacher = True
     #: name of this method's own top-level config section (registered via `config_section`), or None
     config_section = None
+    #: how teacher_forward runs the teacher; the trainer sets both from SPEED (engine/speed.apply_speed)
+    teacher_inference_mode = False
+    teacher_dtype = None
 
     def __init__(self, student, teacher, cfg, meta=None):
         """`meta` describes the training set (num_train, num_classes, train_targets) for methods that need it."""
@@ -51,13 +56,33 @@ class Distiller(nn.Module):
         asked to monitor its distance to a teacher (LOG.MONITOR_TEACHER)."""
         return cls.needs_teacher
 
-    @torch.no_grad()
     def teacher_forward(self, images):
         """(logits, features) of the frozen teacher; constants for the losses (no graph is kept). The logits are
-        kept for the trainer's monitor (the unweighted KL to the teacher, logged per epoch for DOT fig. 3)."""
-        out = self.teacher(images)
+        kept for the trainer's monitor (the unweighted KL to the teacher, logged per epoch for DOT fig. 3).
+
+        How the teacher runs is set by the trainer from SPEED (engine/speed.py): under torch.inference_mode instead
+        of no_grad (`teacher_inference_mode`), and with weights and input in half precision (`teacher_dtype`).
+        Either way the caller gets ordinary tensors (teacher_output_for_loss)."""
+        grad_off = torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
+        with grad_off:
+            out = self.teacher(images if self.teacher_dtype is None else images.to(self.teacher_dtype))
+        out = self.teacher_output_for_loss(out)
         self.last_teacher_logits = out[0]
         return out
+
+    def teacher_output_for_loss(self, out):
+        """The teacher's output (a tensor or nested tuples/lists/dicts of them) as tensors the losses may use:
+        half-precision ones cast back to float32, and inference tensors copied outside inference mode, since
+        autograd refuses to save an inference tensor for backward (an MSE or a Linear on teacher features
+        would). Without either switch, `out` itself."""
+        if self.teacher_dtype is None and not self.teacher_inference_mode:
+            return out
+        return _map_tensors(out, self._loss_tensor)
+
+    def _loss_tensor(self, t):
+        if self.teacher_dtype is not None and t.dtype == self.teacher_dtype:
+            return t.float()  # a new tensor, made outside inference mode
+        return t.clone() if t.is_inference() else t
 
     def forward_train(self, images, labels, epoch, index=None):
         """Return (student logits, {name: LossTerm}) for one training batch; `epoch` is 1-based."""
@@ -80,6 +105,38 @@ class Distiller(nn.Module):
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
             raise RuntimeError(f"distiller state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _map_tensors(obj, fn):
+    """`obj` with `fn` applied to every tensor in it: tuples and lists rebuilt, a dict's values mapped when first
+    read (_LazyMapped), anything else kept."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, Mapping):
+        return _LazyMapped(obj, fn)
+    return obj
+
+
+class _LazyMapped(Mapping):
+    """A read-only view of a dict whose values are mapped on first access. A method reads few of the teacher's
+    features (KD none, CRD the pooled vector, AT the post-ReLU stages); copying every feature map each step
+    would be a pass over all of them for nothing."""
+
+    def __init__(self, raw, fn):
+        self._raw, self._fn, self._done = raw, fn, {}
+
+    def __getitem__(self, key):
+        if key not in self._done:
+            self._done[key] = _map_tensors(self._raw[key], self._fn)
+        return self._done[key]
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self):
+        return len(self._raw)
 
 
 def cross_entropy_term(logits, labels):

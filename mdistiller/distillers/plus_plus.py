@@ -179,7 +179,10 @@ class PlusPlus:
         if s.output is None:
             raise RuntimeError(f"{self.base_method.__name__}.forward_train never called self.student, so "
                                "the dino term has no student feature")
-        teacher_out = t.output if t.output is not None else self.teacher_forward(images)
+        if t.output is not None:  # the raw module output: half precision / inference tensors made loss-ready
+            feat_t = self.teacher_output_for_loss(t.output[1]["pooled_feat"])
+        else:
+            feat_t = self.teacher_forward(images)[1]["pooled_feat"]
         if not self._ready_checked:  # once: reading the flag is a device sync, not for every step
             self._ready_checked = True
             if not bool(self.dino_ready):
@@ -188,8 +191,7 @@ class PlusPlus:
         c = self.cfg.DINO
         feat_s = self.dino_projector(s.output[1]["pooled_feat"])
         weight = self.dino_class_weights[labels] if c.CLASS_BALANCED else None
-        loss = dino_loss(feat_s, teacher_out[1]["pooled_feat"], self.dino_class_means, labels, weight,
-                         c.NORM_MARGIN)
+        loss = dino_loss(feat_s, feat_t, self.dino_class_means, labels, weight, c.NORM_MARGIN)
         terms = dict(terms)
         terms["dino"] = distill_loss(c.WEIGHT * loss)
         return logits, terms

@@ -13,6 +13,9 @@ The two gradients (SOLVER.DOT.GRAD_MODE):
     (`is_grads_batched`), which vmaps the backward over the two losses. Which parameters each loss reaches is
     read from the autograd graph.
 Both give the same gradients; see the README for which is faster where.
+
+With SPEED.AMP fp16 both losses are scaled, both gradient sets unscaled and checked together, and an overflow
+skips the whole update (loss_scaler.py); SPEED's autocast covers the forward and the losses only.
 """
 
 import contextlib
@@ -24,6 +27,7 @@ from ..distillers import DISTILL, TASK, total_loss
 from ..utils.errors import ConfigError
 from ..utils import distributed
 from .dot_optimizer import DOTOptimizer
+from .loss_scaler import LossScaler
 from .registry import TRAINER_REGISTRY
 from .trainer import Trainer
 
@@ -93,16 +97,30 @@ class DOTTrainer(Trainer):
         return DOTOptimizer(self.distiller.learnable_parameters(), lr=s.LR, momentum=s.MOMENTUM,
                             delta=s.DOT.DELTA, weight_decay=s.WEIGHT_DECAY)
 
+    def build_scaler(self):
+        return LossScaler(self.device) if self.speed.needs_scaler else None
+
     def run_step(self, images, labels, index, epoch):
         # Under DDP the forward runs in no_sync(): DDP's reducer averages .grad during .backward(), but the two
         # gradients here come from autograd.grad, so they are averaged over the ranks explicitly instead.
+        images = self.speed.batch(images)
         with self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext():
-            logits, terms = self.model(images, labels, epoch, index)
-        task, distill = total_loss(terms, TASK), total_loss(terms, DISTILL)
-        loss = total_loss(terms)
+            with self.speed.autocast():
+                logits, terms = self.model(images, labels, epoch, index)
+                task, distill = total_loss(terms, TASK), total_loss(terms, DISTILL)
+                loss = total_loss(terms)
+        if self.scaler is not None:
+            task, distill = self.scaler.scale(task), self.scaler.scale(distill)
         task_grads, distill_grads = self._grads(task, distill, self.optimizer.params())
         distributed.mean_grads_(task_grads + distill_grads)  # both gradients in one message
-        self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
+        if self.scaler is None:
+            self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
+        else:
+            # Averaged before the check, so every rank sees the same overflow and skips the same steps.
+            found_inf = self.scaler.unscale_(task_grads + distill_grads)
+            if not found_inf.item():  # a sync, as in GradScaler.step
+                self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
+            self.scaler.update(found_inf)
         return self.loss_record(terms, loss), logits.detach()
 
     def step_stats(self):

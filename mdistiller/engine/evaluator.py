@@ -1,20 +1,26 @@
 """Top-1 / top-5 accuracy of a model over a loader, as exact counts (summable across processes)."""
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def evaluate(model, loader, reduce_fn=None):
+def evaluate(model, loader, reduce_fn=None, speed=None):
     """Return {"top1", "top5", "loss", "num"}; `model(images)` returns logits or (logits, features).
 
     Counts are accumulated as tensors and only converted at the end, so there is one device sync per call.
-    `reduce_fn`, if given, sums a tensor across processes (distributed evaluation)."""
+    `reduce_fn`, if given, sums a tensor across processes (distributed evaluation). `speed`, the training run's
+    SpeedPlan (engine/speed.py), if given: batches in its memory format, the forward under its autocast."""
     was_training = model.training
     model.eval()
     stats = None
     for images, labels, _ in loader:
-        logits = model(images)
+        if speed is not None:
+            images = speed.batch(images)
+        with speed.autocast() if speed is not None else contextlib.nullcontext():
+            logits = model(images)
         if isinstance(logits, tuple):
             logits = logits[0]
         k = min(5, logits.shape[1])

@@ -139,7 +139,7 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
                  "device": describe_device(trainer.device), "world_size": trainer.world_size,
                  "num_train": trainer.meta.num_train, "num_test": trainer.meta.num_test,
                  "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
-                 "dataset": cfg.DATASET.TYPE, "run_dir": path}
+                 "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": trainer.speed.as_dict()}
         hooks = [
             MetricsHook(os.path.join(path, "metrics.jsonl")),
             TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),

@@ -27,6 +27,7 @@ from .ddp_wrap import wrap_for_training
 from .evaluator import evaluate
 from .lr_schedule import learning_rate
 from .registry import TRAINER_REGISTRY
+from .speed import apply_speed, resolve_speed
 
 logger = logging.getLogger("mdistiller")
 
@@ -40,6 +41,7 @@ class Trainer:
         self.dist, self.device = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE),
                                                    cfg.DISTRIBUTED.TIMEOUT_MIN)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.speed = resolve_speed(cfg, self.device)  # SPEED's "auto" decided once, before any data is read
         seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
         # Steps that can fail on one rank only go through agree(): every rank stops, with one message.
         self.train_loader, self.test_loader, self.meta = distributed.agree(
@@ -48,8 +50,12 @@ class Trainer:
         # Before the optimizer: prepare may add learnable state. Not under agree(): prepare may run collectives
         # itself (KD++ shares rank 0's class means), so it uses agree() around its own rank-specific work.
         self.distiller.prepare(self)
+        # The fast paths convert the models before DDP sees them, and after prepare: KD++'s class means come from
+        # the plain float32 teacher, so their cache does not depend on SPEED.
+        apply_speed(self.speed, self.distiller)
         self.model = wrap_for_training(self.distiller, cfg, self.dist, self.device)
         self.optimizer = self.build_optimizer()
+        self.scaler = self.build_scaler()
         self.max_epochs = cfg.SOLVER.EPOCHS
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -70,6 +76,10 @@ class Trainer:
         return torch.optim.SGD(self.distiller.learnable_parameters(), lr=s.LR, momentum=s.MOMENTUM,
                                weight_decay=s.WEIGHT_DECAY)
 
+    def build_scaler(self):
+        """The fp16 loss scale (SPEED.AMP fp16), or None: torch's GradScaler, which drives optimizer.step()."""
+        return torch.amp.GradScaler(self.device.type) if self.speed.needs_scaler else None
+
     def set_lr(self, lr):
         self.lr = lr
         for group in self.optimizer.param_groups:
@@ -79,12 +89,20 @@ class Trainer:
         """One update; returns the step's loss terms as detached tensors (no device sync).
 
         `self.model` is the distiller's training forward, wrapped in DDP when several processes train: the
-        backward then averages the gradients over ranks."""
-        logits, terms = self.model(images, labels, epoch, index)
-        loss = total_loss(terms)
+        backward then averages the gradients over ranks. Forward and losses run under SPEED's autocast; with an
+        fp16 loss scale the step is skipped (and the scale backed off) when a gradient overflowed."""
+        images = self.speed.batch(images)
+        with self.speed.autocast():
+            logits, terms = self.model(images, labels, epoch, index)
+            loss = total_loss(terms)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return self.loss_record(terms, loss), logits.detach()
 
     @staticmethod
@@ -125,6 +143,7 @@ class Trainer:
             hook.before_train()
         logger.info("training %s on %s, %d train / %d test images, device %s", self.cfg.DISTILLER.STUDENT,
                     self.meta.name, self.meta.num_train, self.meta.num_test, describe_device(self.device))
+        logger.info("fast paths: %s", self.speed.describe())
         while self.epoch < self.max_epochs:
             epoch = self.epoch + 1
             start = time.perf_counter()
@@ -152,7 +171,7 @@ class Trainer:
         Ranks first take rank 0's BatchNorm statistics (their last training step updated them from their own
         shard), so every rank evaluates the very model rank 0 saves; tools/eval.py on that file agrees."""
         distributed.broadcast_(self.distiller.student.buffers())
-        return evaluate(self.distiller, self.test_loader, reduce_fn=distributed.all_reduce_sum)
+        return evaluate(self.distiller, self.test_loader, reduce_fn=distributed.all_reduce_sum, speed=self.speed)
 
     def train_one_epoch(self, epoch):
         self.distiller.train()
@@ -222,6 +241,7 @@ class Trainer:
             "distiller": self.distiller.learnable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "trainer": self.extra_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16 loss scale
             "best": dict(self.best),
             "last": dict(self.last),
             "counters": dict(self.counters),
@@ -233,6 +253,8 @@ class Trainer:
         self.distiller.load_learnable_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_extra_state(state["trainer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.last, self.counters = dict(state["best"]), dict(state["last"]), dict(state["counters"])
         set_rng_state(state["rng"])
