@@ -1,0 +1,401 @@
+"""SPEED (mdistiller/engine/speed.py): each fast path is really in effect, and a few steps of a tiny KD run
+(resnet20 teacher with random weights -> resnet8, real Fashion-MNIST images) stay within a stated tolerance of
+the plain float32 run.
+
+Tolerances, relative to the plain run's total loss at each of 3 steps (the first step is the forward alone, the
+later ones also see the earlier updates, which early training amplifies: test_dot.py measured ~50x per step):
+  - TEACHER_INFERENCE_MODE: bit-identical; inference_mode changes bookkeeping, not arithmetic.
+  - CHANNELS_LAST: 1e-5 at step 1, 1e-4 after (measured 4e-7 and 2e-5): NHWC convolutions sum in another order.
+  - COMPILE (dynamo's "eager" backend, the wiring alone): 1e-5 / 1e-4 as for channels-last.
+  - TEACHER_HALF (bf16 teacher): 1% (measured 0.15%); its logits within 2% of their largest magnitude (bf16 keeps
+    8 significant bits, up to 0.4% per rounding, compounding through the teacher's 20 layers; measured 0.64%).
+  - AMP bf16: 1% at step 1, 3% after (measured 0.5% and 1.4%): every convolution rounds to 8 bits.
+The fp16 loss-scale code runs on CUDA only (fp16 on the CPU is a ConfigError); its logic is tested here on the
+CPU with an injected scaler: a power-of-two scale leaves the update bit-identical, an overflow skips it.
+"""
+
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from mdistiller.config import load_config
+from mdistiller.data.bundle import DatasetMeta
+from mdistiller.distillers import total_loss
+from mdistiller.engine import TRAINER_REGISTRY
+from mdistiller.engine import speed as speed_module
+from mdistiller.engine.build import build_distiller
+from mdistiller.engine.launch import train_from_config
+from mdistiller.engine.loss_scaler import LossScaler
+from mdistiller.engine.speed import resolve_speed
+from mdistiller.models import build_model
+from mdistiller.utils.errors import ConfigError
+
+from test_engine import ROOT
+
+KD_CFG = os.path.join(ROOT, "configs", "fashion_mnist", "kd", "resnet20_resnet8.yaml")
+PLAIN = ["SPEED.AMP", "off", "SPEED.CHANNELS_LAST", "off", "SPEED.COMPILE", "False",
+         "SPEED.TEACHER_INFERENCE_MODE", "False", "SPEED.TEACHER_HALF", "off"]
+SMALL = ["EXPERIMENT.DEVICE", "cpu", "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET", "50",
+         "SOLVER.BATCH_SIZE", "32", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "LOG.TENSORBOARD_FREQ", "0"]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "resnet20.pth"
+    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, path)
+    return str(path)
+
+
+def cfg_for(teacher_ckpt, tmp_path, *extra, trainer="vanilla", cfg_file=KD_CFG):
+    return load_config(cfg_file, [*SMALL, "SOLVER.TRAINER", trainer, "LOG.PREFIX", str(tmp_path),
+                                  "DISTILLER.TEACHER_CKPT", teacher_ckpt, *PLAIN, *extra])
+
+
+def make_trainer(teacher_ckpt, tmp_path, *extra, trainer="vanilla"):
+    cfg = cfg_for(teacher_ckpt, tmp_path, *extra, trainer=trainer)
+    return TRAINER_REGISTRY.get(trainer)(cfg)
+
+
+def run_steps(trainer, steps=STEPS):
+    """Total loss of each of `steps` updates on the first batches of epoch 1, then the test evaluation."""
+    trainer.distiller.train()
+    trainer.train_loader.set_epoch(0)
+    losses = []
+    for it, (images, labels, index) in enumerate(trainer.train_loader):
+        if it == steps:
+            break
+        trainer.set_lr(0.05)
+        record, _ = trainer.run_step(images, labels, index, 1)
+        losses.append(float(record["total"]))
+    return {"losses": losses, "state": trainer.distiller.learnable_state_dict(), "eval": trainer.evaluate()}
+
+
+_PLAIN_RUNS = {}
+
+
+@pytest.fixture
+def plain_run(teacher_ckpt, tmp_path):
+    """The plain float32 run of a trainer kind (computed once per kind and module)."""
+
+    def get(trainer="vanilla"):
+        if trainer not in _PLAIN_RUNS:
+            _PLAIN_RUNS[trainer] = run_steps(make_trainer(teacher_ckpt, tmp_path, trainer=trainer))
+        return _PLAIN_RUNS[trainer]
+
+    return get
+
+
+def assert_losses_close(got, want, first, later):
+    rel = [abs(a - b) / abs(b) for a, b in zip(got, want)]
+    assert len(got) == len(want) == STEPS
+    assert rel[0] <= first and max(rel) <= later, rel
+
+
+def first_conv(module):
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+# --- config ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value,match", [
+    ("SPEED.AMP", "fp32", r"SPEED.AMP: must be one of auto, off, bf16, fp16, got 'fp32'"),
+    ("SPEED.CHANNELS_LAST", "nhwc", r"SPEED.CHANNELS_LAST: must be one of auto, on, off"),
+    ("SPEED.TEACHER_HALF", "bf16", r"SPEED.TEACHER_HALF: must be one of auto, on, off"),
+    ("SPEED.COMPILE", "max", r"SPEED.COMPILE: expected true or false"),
+    ("SPEED.TEACHER_INFERENCE_MODE", "2", r"SPEED.TEACHER_INFERENCE_MODE: expected true or false"),
+])
+def test_invalid_values_are_one_line_config_errors(key, value, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(KD_CFG, [key, value])
+    assert "\n" not in str(e.value)
+
+
+def test_fp16_on_the_cpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="SPEED.AMP: fp16 autocast is for CUDA GPUs; on the CPU use bf16 or off"):
+        load_config(KD_CFG, ["EXPERIMENT.DEVICE", "cpu", "SPEED.AMP", "fp16"])
+    # EXPERIMENT.DEVICE auto is resolved when the trainer is built: the same error, before any data is read.
+    cfg = load_config(KD_CFG, ["SPEED.AMP", "fp16", "LOG.PREFIX", str(tmp_path)])
+    with pytest.raises(ConfigError, match="on the CPU use bf16 or off"):
+        resolve_speed(cfg, torch.device("cpu"))
+
+
+def test_yaml_on_off_words_are_read_as_switch_values(tmp_path):
+    # YAML 1.1 reads unquoted on/off as booleans; the switches take them back as the words.
+    path = tmp_path / "speed.yaml"
+    path.write_text(f"_BASE_: {KD_CFG}\nSPEED:\n  AMP: off\n  CHANNELS_LAST: on\n  TEACHER_HALF: off\n")
+    cfg = load_config(str(path))
+    assert (cfg.SPEED.AMP, cfg.SPEED.CHANNELS_LAST, cfg.SPEED.TEACHER_HALF) == ("off", "on", "off")
+    assert yaml.safe_load(path.read_text())["SPEED"]["AMP"] is False  # what the loader had to undo
+
+
+def test_auto_resolution_on_the_cpu():
+    cpu = torch.device("cpu")
+    plan = resolve_speed(load_config(KD_CFG), cpu)
+    assert plan.amp is None and plan.teacher_dtype is None and plan.teacher_inference_mode and not plan.compile
+    assert plan.channels_last == speed_module.CPU_CHANNELS_LAST
+    plan = resolve_speed(load_config(KD_CFG, ["SPEED.AMP", "bf16"]), cpu)
+    assert plan.amp == torch.bfloat16 and plan.teacher_dtype == torch.bfloat16  # TEACHER_HALF auto follows AMP
+    assert plan.autocast().fast_dtype == torch.bfloat16
+    plan = resolve_speed(load_config(KD_CFG, ["SPEED.TEACHER_HALF", "on", "SPEED.CHANNELS_LAST", "off"]), cpu)
+    assert plan.amp is None and plan.teacher_dtype == torch.bfloat16 and not plan.channels_last
+    assert plan.as_dict() == {"amp": "off", "channels_last": False, "compile": False,
+                              "teacher_inference_mode": True, "teacher_half": "bf16"}
+
+
+# --- the switches against the plain float32 run ----------------------------------------------------------------
+def test_teacher_inference_mode_is_bit_identical(teacher_ckpt, tmp_path, plain_run):
+    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.TEACHER_INFERENCE_MODE", "True")
+    seen = []
+    trainer.distiller.teacher.register_forward_hook(lambda m, a, out: seen.append(out[0].is_inference()))
+    run = run_steps(trainer)
+    assert seen == [True] * STEPS  # the teacher ran in inference mode ...
+    assert not trainer.distiller.last_teacher_logits.is_inference()  # ... and its outputs did not leak out
+    _, features = trainer.distiller.teacher_forward(next(iter(trainer.test_loader))[0])
+    assert seen[-1] and not any(f.is_inference() for f in features["preact_feats"] + [features["pooled_feat"]])
+    want = plain_run()
+    assert run["losses"] == want["losses"]
+    for key, value in want["state"].items():
+        assert torch.equal(run["state"][key], value), key
+
+
+@pytest.mark.parametrize("method", ["KD", "DKD", "CRD", "REVIEWKD", "AT", "DIST", "KD++", "REVIEWKD++"])
+def test_teacher_inference_mode_every_method_same_gradients(method, teacher_ckpt, tmp_path):
+    """One forward + backward of each method, teacher under no_grad vs inference_mode, from the same state and RNG:
+    identical losses and gradients (an inference tensor saved for backward, e.g. by ReviewKD's MSE or CRD's
+    head, would raise instead)."""
+    cfg = cfg_for(teacher_ckpt, tmp_path, "DISTILLER.TYPE", method)
+    targets = torch.arange(40) % 10
+    meta = DatasetMeta(name="fashion_mnist", num_classes=10, image_size=32, num_train=40, num_test=0,
+                       mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=targets)
+    torch.manual_seed(0)
+    distiller = build_distiller(cfg, meta, torch.device("cpu")).train()
+    images, index = torch.randn(8, 3, 32, 32), torch.arange(0, 40, 5)
+    labels = targets[index]
+    start = {k: v.clone() for k, v in distiller.state_dict().items()}
+
+    def step(inference_mode):
+        distiller.load_state_dict(start)
+        distiller.teacher_inference_mode = inference_mode
+        distiller.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # CRD draws negatives
+        _, terms = distiller.forward_train(images, labels, 1, index)
+        assert not any(t.value.is_inference() for t in terms.values())
+        total_loss(terms).backward()
+        return ({k: t.value.detach() for k, t in terms.items()},
+                {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None})
+
+    with pytest.warns(UserWarning, match="class means were never computed") if "++" in method else contextlib.nullcontext():
+        terms_a, grads_a = step(False)
+        terms_b, grads_b = step(True)
+    assert terms_a.keys() == terms_b.keys() and grads_a.keys() == grads_b.keys() and grads_a
+    assert all(torch.equal(terms_a[k], terms_b[k]) for k in terms_a)
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+def test_channels_last(teacher_ckpt, tmp_path, plain_run):
+    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.CHANNELS_LAST", "on")
+    d = trainer.distiller
+    for model in (d.student, d.teacher):
+        weights = [p for p in model.parameters() if p.dim() == 4]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+        assert not all(p.is_contiguous() for p in weights)  # really NHWC, not a 1x1 kernel that is both
+    layouts = []
+    first_conv(d.student).register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    run = run_steps(trainer)
+    assert layouts == [True] * (STEPS + 1)  # 3 training batches and the one test batch
+    want = plain_run()
+    assert_losses_close(run["losses"], want["losses"], 1e-5, 1e-4)
+    assert run["eval"]["loss"] == pytest.approx(want["eval"]["loss"], rel=1e-4)
+
+
+def test_amp_bf16(teacher_ckpt, tmp_path, plain_run):
+    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.AMP", "bf16")
+    seen = []
+
+    def hook(module, args, out):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype, module.training))
+
+    first_conv(trainer.distiller.student).register_forward_hook(hook)
+    run = run_steps(trainer)
+    bf16 = (True, torch.bfloat16, torch.bfloat16)
+    assert seen == [(*bf16, True)] * STEPS + [(*bf16, False)]  # training steps, then evaluation
+    assert all(p.dtype == torch.float32 for p in trainer.distiller.parameters())  # TEACHER_HALF off: fp32 weights
+    want = plain_run()
+    assert_losses_close(run["losses"], want["losses"], 1e-2, 3e-2)
+    assert run["eval"]["loss"] == pytest.approx(want["eval"]["loss"], rel=3e-2)
+
+
+def test_teacher_half(teacher_ckpt, tmp_path, plain_run):
+    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.TEACHER_HALF", "on")
+    d = trainer.distiller
+    assert all(p.dtype == torch.bfloat16 for p in d.teacher.parameters())
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())
+    images = next(iter(trainer.test_loader))[0]
+    logits, features = d.teacher_forward(images)
+    assert logits.dtype == torch.float32 and features["pooled_feat"].dtype == torch.float32
+    reference = build_model("resnet20", "fashion_mnist").eval()
+    reference.load_state_dict(torch.load(teacher_ckpt)["model"])
+    with torch.no_grad():
+        want_logits = reference(images)[0]
+    err = (logits - want_logits).abs().max() / want_logits.abs().max()
+    assert 0 < err <= 0.02, float(err)  # bf16 rounding: not exact, and not more than a few roundings
+    run = run_steps(trainer)
+    assert_losses_close(run["losses"], plain_run()["losses"], 1e-2, 1e-2)
+
+
+def test_compile_wiring_and_plain_checkpoint_keys(teacher_ckpt, tmp_path, plain_run, monkeypatch):
+    """torch.compile with dynamo's "eager" backend: the graph capture and the module wiring, without inductor's
+    compile time (test_compile_inductor below runs the real backend)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(speed_module, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.COMPILE", "True")
+    d = trainer.distiller
+    for model in (d.student, d.teacher):
+        assert hasattr(model.forward, "_torchdynamo_orig_callable")  # forward replaced by dynamo's wrapper
+    run = run_steps(trainer)
+    assert counters["stats"]["unique_graphs"] >= 2  # student and teacher really went through dynamo
+    assert_losses_close(run["losses"], plain_run()["losses"], 1e-5, 1e-4)
+    state = trainer.state_dict()
+    plain_keys = list(build_model("resnet8", "fashion_mnist").state_dict())
+    assert list(state["model"]) == plain_keys
+    assert not any("_orig_mod" in k for k in list(state["distiller"]) + list(state["model"]))
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_inductor_end_to_end(teacher_ckpt, tmp_path):
+    """A whole (tiny) run with the real backend: it trains, its files hold plain keys, its loss matches the plain
+    run within 1e-3 (inductor fuses, so it rounds differently; one epoch of 3 steps)."""
+    torch._dynamo.reset()
+    summaries = {}
+    for name, extra in (("plain", []), ("compiled", ["SPEED.COMPILE", "True"])):
+        cfg = cfg_for(teacher_ckpt, tmp_path, "EXPERIMENT.NAME", name, *extra)
+        summaries[name] = train_from_config(cfg)
+    assert summaries["compiled"]["speed"]["compile"] is True
+    plain_keys = list(build_model("resnet8", "fashion_mnist").state_dict())
+    for file in ("student_last.pth", "latest.pth"):
+        state = torch.load(tmp_path / "compiled" / file, weights_only=False)
+        assert list(state["model"]) == plain_keys, file
+    losses = [json.loads((tmp_path / n / "metrics.jsonl").read_text())["train_loss"] for n in summaries]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("extra,first,later", [(["SPEED.AMP", "bf16"], 1e-2, 3e-2),
+                                               (["SPEED.CHANNELS_LAST", "on"], 1e-5, 1e-4)])
+def test_dot_trainer_fast_paths(extra, first, later, teacher_ckpt, tmp_path, plain_run):
+    run = run_steps(make_trainer(teacher_ckpt, tmp_path, *extra, trainer="dot"))
+    assert_losses_close(run["losses"], plain_run("dot")["losses"], first, later)
+
+
+def test_run_logs_and_records_the_resolved_fast_paths(teacher_ckpt, tmp_path):
+    cfg = load_config(KD_CFG, [*SMALL, "DATASET.TRAIN_SUBSET", "64", "LOG.PREFIX", str(tmp_path),
+                               "EXPERIMENT.NAME", "run", "DISTILLER.TEACHER_CKPT", teacher_ckpt])  # SPEED defaults
+    summary = train_from_config(cfg)
+    want = resolve_speed(cfg, torch.device("cpu")).as_dict()
+    assert summary["speed"] == want and want["amp"] == "off" and want["teacher_inference_mode"] is True
+    log = (tmp_path / "run" / "train.log").read_text()
+    on = "on" if want["channels_last"] else "off"
+    assert (f"fast paths: amp off, channels_last {on}, compile off, teacher inference_mode on, teacher half off"
+            in log)
+
+
+# --- fp16 loss scaling, checked on the CPU with an injected scaler ---------------------------------------------
+def _snapshot(trainer):
+    params = [p.detach().clone() for p in trainer.optimizer.params()] if hasattr(trainer.optimizer, "params") \
+        else [p.detach().clone() for g in trainer.optimizer.param_groups for p in g["params"]]
+    buffers = {k: {n: b.clone() for n, b in s.items()} for k, s in trainer.optimizer.state_dict()["state"].items()}
+    return params, buffers
+
+
+def _assert_same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert a[1].keys() == b[1].keys() and a[1]
+    assert all(torch.equal(a[1][k][n], b[1][k][n]) for k in a[1] for n in a[1][k])
+
+
+def test_loss_scaler_updates_the_scale_like_grad_scaler():
+    """The same sequence of finite / overflowing steps gives LossScaler and torch's GradScaler the same scales."""
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    ref = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2)
+    ours = LossScaler("cpu", init_scale=8.0, growth_interval=2)
+    for overflow in (False, False, False, True, False, True, True, False, False, False):
+        bad = float("inf") if overflow else 1.0
+        opt.zero_grad()
+        ref.scale((p * torch.tensor([1.0, bad, 2.0])).sum()).backward()
+        ref.step(opt)
+        ref.update()
+        g = (torch.tensor([1.0, bad, 2.0]) * ours.get_scale(),)
+        found = ours.unscale_(list(g))
+        assert bool(found) == overflow
+        ours.update(found)
+        assert ours.get_scale() == ref.get_scale()
+        assert ours.state_dict() == ref.state_dict()
+
+
+def test_dot_loss_scale_power_of_two_is_exact_and_overflow_skips(teacher_ckpt, tmp_path, plain_run):
+    trainer = make_trainer(teacher_ckpt, tmp_path, trainer="dot")
+    trainer.scaler = LossScaler("cpu", init_scale=2.0**12)  # what SPEED.AMP fp16 installs on CUDA
+    run = run_steps(trainer)
+    want = plain_run("dot")
+    assert run["losses"] == want["losses"]  # a power-of-two scale and its inverse are exact
+    for key, value in want["state"].items():
+        assert torch.equal(run["state"][key], value), key
+
+    # An overflow in one gradient: no update at all, momentum buffers included; the scale backs off.
+    grads = trainer._grads
+
+    def overflowing(task, distill, params):
+        task_grads, distill_grads = grads(task, distill, params)
+        distill_grads[0] = distill_grads[0].clone()
+        distill_grads[0].view(-1)[0] = float("inf")
+        return task_grads, distill_grads
+
+    before = _snapshot(trainer)
+    trainer._grads = overflowing
+    images, labels, index = next(iter(trainer.train_loader))
+    trainer.run_step(images, labels, index, 1)
+    _assert_same(_snapshot(trainer), before)
+    assert trainer.scaler.get_scale() == 2.0**11 and trainer.scaler.state_dict()["_growth_tracker"] == 0
+    trainer._grads = grads
+    trainer.run_step(images, labels, index, 1)  # finite again: the update happens
+    assert not all(torch.equal(a, b) for a, b in zip(_snapshot(trainer)[0], before[0]))
+
+    state = trainer.state_dict()  # the scale travels in checkpoints, so a resumed run scales the same
+    assert state["scaler"]["scale"] == 2.0**11 and state["scaler"]["_growth_tracker"] == 1
+    trainer.scaler = LossScaler("cpu")
+    trainer.load_state_dict(state)
+    assert trainer.scaler.state_dict() == state["scaler"]
+
+
+def test_vanilla_grad_scaler_path(teacher_ckpt, tmp_path, plain_run):
+    trainer = make_trainer(teacher_ckpt, tmp_path)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    run = run_steps(trainer)
+    want = plain_run()
+    assert run["losses"] == want["losses"]
+    for key, value in want["state"].items():
+        assert torch.equal(run["state"][key], value), key
+    before = _snapshot(trainer)
+    weight = first_conv(trainer.distiller.student).weight
+    handle = weight.register_hook(lambda g: g * float("inf"))
+    images, labels, index = next(iter(trainer.train_loader))
+    trainer.run_step(images, labels, index, 1)
+    handle.remove()
+    _assert_same(_snapshot(trainer), before)
+    assert trainer.scaler.get_scale() == 2.0**11
+    state = trainer.state_dict()
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    trainer.load_state_dict(state)
+    assert trainer.scaler.get_scale() == 2.0**11
