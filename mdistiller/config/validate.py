@@ -65,6 +65,12 @@ def validate_config(cfg):
     for key in ("CHANNELS_LAST", "TEACHER_HALF"):
         _check(sp[key] in SWITCH_MODES, f"SPEED.{key}",
                f"must be one of {', '.join(SWITCH_MODES)}, got '{sp[key]}'")
+    _check(not (sp.TEACHER_INT8 and dev.startswith("cuda")), "SPEED.TEACHER_INT8",
+           "the int8 teacher runs on the CPU; on a GPU use SPEED.TEACHER_HALF")
+    _check(not (sp.TEACHER_INT8 and sp.TEACHER_HALF == "on"), "SPEED.TEACHER_INT8",
+           "and SPEED.TEACHER_HALF on: choose one teacher precision")
+    _check(sp.TEACHER_INT8_CALIBRATION > 0, "SPEED.TEACHER_INT8_CALIBRATION",
+           f"must be > 0 images, got {sp.TEACHER_INT8_CALIBRATION}")
 
     # Each component may check its own section.
     DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).validate_config(cfg)

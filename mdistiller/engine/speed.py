@@ -10,6 +10,7 @@ Every switch is optional and each keeps the numbers within a known distance of t
     module object, its state_dict keys (no "_orig_mod.") and its forward hooks (KD++ registers some per step)
     stay as they are, eager, around the compiled forward.
   - TEACHER_INFERENCE_MODE / TEACHER_HALF: how Distiller.teacher_forward runs the frozen teacher (see there).
+  - TEACHER_INT8 (CPU): the teacher's forward replaced by a calibrated int8 graph (teacher_int8.py).
 
 `resolve_speed` turns "auto" into a decision (SpeedPlan) and `apply_speed` converts the models; the trainer
 does both once, after the distiller's prepare() (KD++'s class means are computed by the plain float32 teacher,
@@ -44,6 +45,8 @@ class SpeedPlan:
     compile: bool = False
     teacher_inference_mode: bool = False
     teacher_dtype: Optional[torch.dtype] = None  # None = the teacher in float32
+    teacher_int8: bool = False
+    int8_calibration: int = 0  # images the int8 teacher is calibrated on
 
     @property
     def needs_scaler(self):
@@ -65,13 +68,14 @@ class SpeedPlan:
         """JSON-friendly record (summary.json "speed")."""
         return {"amp": _DTYPE_NAMES.get(self.amp, "off"), "channels_last": self.channels_last,
                 "compile": self.compile, "teacher_inference_mode": self.teacher_inference_mode,
-                "teacher_half": _DTYPE_NAMES.get(self.teacher_dtype, "off")}
+                "teacher_half": _DTYPE_NAMES.get(self.teacher_dtype, "off"), "teacher_int8": self.teacher_int8}
 
     def describe(self):
         d = self.as_dict()
         on = {True: "on", False: "off"}
         return (f"amp {d['amp']}, channels_last {on[d['channels_last']]}, compile {on[d['compile']]}, "
-                f"teacher inference_mode {on[d['teacher_inference_mode']]}, teacher half {d['teacher_half']}")
+                f"teacher inference_mode {on[d['teacher_inference_mode']]}, teacher half {d['teacher_half']}, "
+                f"teacher int8 {on[d['teacher_int8']]}")
 
 
 def _cuda_bf16(device):
@@ -82,6 +86,9 @@ def resolve_speed(cfg, device):
     """SpeedPlan for `cfg` on `device` (a torch.device); raises ConfigError for a choice the device cannot run."""
     s, device = cfg.SPEED, torch.device(device)
     cuda = device.type == "cuda"
+    if s.TEACHER_INT8 and device.type != "cpu":  # config validation catches an explicit cuda; this is auto's
+        raise ConfigError(f"config key SPEED.TEACHER_INT8: the int8 teacher runs on the CPU, this run is on "
+                          f"{device.type}; on a GPU use SPEED.TEACHER_HALF")
     amp = s.AMP
     if amp == "auto":
         # The CPU stays in float32: bf16 autocast was slower there (no AMX here; see config/defaults.py).
@@ -94,6 +101,7 @@ def resolve_speed(cfg, device):
 
     channels_last = s.CHANNELS_LAST == "on" or (s.CHANNELS_LAST == "auto" and (cuda or CPU_CHANNELS_LAST))
     teacher_half = s.TEACHER_HALF == "on" or (s.TEACHER_HALF == "auto" and amp_dtype is not None)
+    teacher_half = teacher_half and not s.TEACHER_INT8  # an int8 teacher has its own precision
     teacher_dtype = None
     if teacher_half:
         if amp_dtype is not None:
@@ -101,7 +109,8 @@ def resolve_speed(cfg, device):
         else:
             teacher_dtype = torch.bfloat16 if not cuda or _cuda_bf16(device) else torch.float16
     return SpeedPlan(device_type=device.type, amp=amp_dtype, channels_last=channels_last, compile=bool(s.COMPILE),
-                     teacher_inference_mode=bool(s.TEACHER_INFERENCE_MODE), teacher_dtype=teacher_dtype)
+                     teacher_inference_mode=bool(s.TEACHER_INFERENCE_MODE), teacher_dtype=teacher_dtype,
+                     teacher_int8=bool(s.TEACHER_INT8), int8_calibration=int(s.TEACHER_INT8_CALIBRATION))
 
 
 def compile_forward(module):
@@ -110,8 +119,17 @@ def compile_forward(module):
     return module
 
 
-def apply_speed(plan, distiller):
-    """Convert the distiller's models for `plan`, in place (parameters keep their identity)."""
+def apply_speed(plan, distiller, calibration_batches=None):
+    """Convert the distiller's models for `plan`, in place (parameters keep their identity).
+
+    calibration_batches: a callable returning an iterable of (images, ...) training batches, needed for
+    plan.teacher_int8 (called once, before any other conversion, on the float32 teacher)."""
+    if plan.teacher_int8 and distiller.teacher is not None:
+        from .teacher_int8 import install_int8_forward
+
+        if calibration_batches is None:
+            raise ValueError("apply_speed: SPEED.TEACHER_INT8 needs calibration_batches")
+        install_int8_forward(distiller.teacher, calibration_batches(), plan.int8_calibration)
     if plan.channels_last:
         distiller.to(memory_format=torch.channels_last)
     distiller.teacher_inference_mode = plan.teacher_inference_mode
@@ -121,6 +139,6 @@ def apply_speed(plan, distiller):
         distiller.teacher_dtype = plan.teacher_dtype
     if plan.compile:
         compile_forward(distiller.student)
-        if distiller.teacher is not None:
+        if distiller.teacher is not None and not plan.teacher_int8:
             compile_forward(distiller.teacher)
     return distiller

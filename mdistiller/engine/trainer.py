@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import build_dataloaders
+from ..data.unaugmented import unaugmented_train_loader
 from ..distillers import DISTILL, TASK, total_loss
 from ..distillers.kd import kd_loss
 from ..utils.checkpoint import load_file
@@ -52,7 +53,8 @@ class Trainer:
         self.distiller.prepare(self)
         # The fast paths convert the models before DDP sees them, and after prepare: KD++'s class means come from
         # the plain float32 teacher, so their cache does not depend on SPEED.
-        apply_speed(self.speed, self.distiller)
+        apply_speed(self.speed, self.distiller,
+                    calibration_batches=lambda: unaugmented_train_loader(cfg, self.device))
         self.model = wrap_for_training(self.distiller, cfg, self.dist, self.device)
         self.optimizer = self.build_optimizer()
         self.scaler = self.build_scaler()
