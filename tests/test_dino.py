@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from data_fixtures import write_cifar100
+from mdistiller.bench.random_teacher import write_random_teacher
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, Distiller, task_loss
@@ -336,10 +337,7 @@ def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_kdpp_one_epoch_on_fashion_mnist(tmp_path):
-    torch.manual_seed(0)
-    ckpt = tmp_path / "teacher" / "resnet20.pth"
-    ckpt.parent.mkdir()
-    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, ckpt)
+    ckpt = write_random_teacher(tmp_path / "teacher" / "resnet20.pth", "resnet20", "fashion_mnist")
     args = ["--cfg", os.path.join(ROOT, "configs", "fashion_mnist", "kdpp", "resnet20_resnet8.yaml"),
             "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TRAIN_SUBSET", "256",
             "DATASET.TEST_SUBSET", "64", "LOG.PREFIX", str(tmp_path / "out"), "DISTILLER.TEACHER_CKPT", str(ckpt),

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from mdistiller.models import build_model
+from mdistiller.bench.random_teacher import write_random_teacher
 
 from test_train_every_method import FM_CONFIGS, KD_CFG, SMALL, _train_main
 
@@ -16,10 +16,7 @@ from test_train_every_method import FM_CONFIGS, KD_CFG, SMALL, _train_main
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
     """A randomly initialised resnet20 in the published checkpoint format (what the monitor sees does not matter)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "resnet20.pth"
-    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, path)
-    return str(path)
+    return write_random_teacher(tmp_path_factory.mktemp("teacher") / "resnet20.pth", "resnet20", "fashion_mnist")
 
 
 def _epoch_record(tmp_path, name, cfg, *opts):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from mdistiller.bench.random_teacher import write_random_teacher
 from mdistiller.analysis.logit_corr import correlation_difference, logit_correlation
-from mdistiller.models import build_model
 from mdistiller.utils.errors import UserError
 
 from test_train_every_method import FM_CONFIGS, KD_CFG, ROOT, SMALL, _train_main
@@ -56,9 +56,7 @@ def _plot_main():
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(0)
-    teacher = prefix / "teacher.pth"
-    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, teacher)
+    teacher = write_random_teacher(prefix / "teacher.pth", "resnet20", "fashion_mnist")
     common = ["LOG.PREFIX", str(prefix), "DISTILLER.TEACHER_CKPT", str(teacher), *SMALL, "LOG.TENSORBOARD_FREQ", "1"]
     runs = {}
     for name, cfg, extra in (

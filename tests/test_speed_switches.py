@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from mdistiller.bench.random_teacher import write_random_teacher
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import total_loss
@@ -47,10 +48,8 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "resnet20.pth"
-    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, path)
-    return str(path)
+    return write_random_teacher(tmp_path_factory.mktemp("teacher") / "resnet20.pth", "resnet20", "fashion_mnist",
+                                seed=1)
 
 
 def cfg_for(teacher_ckpt, tmp_path, *extra, trainer="vanilla", cfg_file=KD_CFG):
@@ -146,7 +145,7 @@ def test_auto_resolution_on_the_cpu():
     plan = resolve_speed(load_config(KD_CFG, ["SPEED.TEACHER_HALF", "on", "SPEED.CHANNELS_LAST", "off"]), cpu)
     assert plan.amp is None and plan.teacher_dtype == torch.bfloat16 and not plan.channels_last
     assert plan.as_dict() == {"amp": "off", "channels_last": False, "compile": False,
-                              "teacher_inference_mode": True, "teacher_half": "bf16"}
+                              "teacher_inference_mode": True, "teacher_half": "bf16", "teacher_int8": False}
 
 
 # --- the switches against the plain float32 run ----------------------------------------------------------------

@@ -43,22 +43,15 @@ import torch
 
 from mdistiller.bench.device import peak_mb, reset_peak
 from mdistiller.bench.phases import PHASES
+from mdistiller.bench.random_teacher import write_random_teacher
 from mdistiller.bench.synthetic import SHAPES, SyntheticDataset
 from mdistiller.bench.variant import Variant, epoch_result
 from mdistiller.config import load_config
 from mdistiller.data import DATASET_REGISTRY
-from mdistiller.models import build_model
 from mdistiller.utils.cli import run_cli
 from mdistiller.utils.errors import DataError, UserError
 
 BASELINES = ("torchvision",)
-
-
-def random_teacher(cfg, directory):
-    torch.manual_seed(0)
-    path = os.path.join(directory, f"random_{cfg.DISTILLER.TEACHER}.pth")
-    torch.save({"model": build_model(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE).state_dict()}, path)
-    return path
 
 
 def check_args(args, base):
@@ -127,7 +120,8 @@ def run(args):
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["LOG.PREFIX", tmp]
         if args.random_teacher:
-            extra += ["DISTILLER.TEACHER_CKPT", random_teacher(base, tmp)]
+            extra += ["DISTILLER.TEACHER_CKPT", write_random_teacher(os.path.join(tmp, f"random_{base.DISTILLER.TEACHER}.pth"),
+                                                                base.DISTILLER.TEACHER, base.DATASET.TYPE)]
         synthetic = None
         if args.synthetic:
             num_train = (args.epoch_images or SHAPES[base.DATASET.TYPE][2]) if args.baseline else needed

@@ -2,5 +2,6 @@
 
 device (syncs and peak memory), synthetic (stand-in datasets of a real one's shape), phases (where a step's time
 goes), variant (one config built as a real Trainer and timed), cifar_format (CIFAR-100 written in its published
-on-disk format), baseline (the plain torchvision + PyTorch KD loop the engine is compared with).
+on-disk format), random_teacher (a teacher checkpoint with random weights, for timings and plumbing tests),
+baseline (the plain torchvision + PyTorch KD loop the engine is compared with).
 """
