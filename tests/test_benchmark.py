@@ -18,13 +18,14 @@ from torchvision.datasets import CIFAR100
 from mdistiller.bench.baseline import TorchvisionKD
 from mdistiller.bench.cifar_format import UncheckedCIFAR100, write_cifar100
 from mdistiller.bench.phases import PHASES, PhaseClock, time_phases
+from mdistiller.bench.random_teacher import write_random_teacher
+from mdistiller.bench.roofline import matmul_gflops, roofline, step_flops
 from mdistiller.bench.synthetic import SyntheticDataset
 from mdistiller.bench.variant import Variant
 from mdistiller.config import load_config
 from mdistiller.data import DATASET_REGISTRY, build_dataloaders
 from mdistiller.data.cifar100 import read_split
 from mdistiller.distillers.kd import kd_loss
-from mdistiller.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "tools", "benchmark.py")
@@ -56,8 +57,7 @@ def tiny_cfg(tmp_path, *extra):
     """KD resnet20 -> resnet8, batch 8, with a random teacher checkpoint, on the CPU."""
     ckpt = tmp_path / "teacher.pth"
     if not ckpt.exists():
-        torch.manual_seed(0)
-        torch.save({"model": build_model("resnet20", "cifar100").state_dict()}, ckpt)
+        write_random_teacher(ckpt, "resnet20", "cifar100")
     return load_config(KD_CFG, ["LOG.PREFIX", str(tmp_path), "EXPERIMENT.DEVICE", "cpu", *TINY,
                                 "DISTILLER.TEACHER_CKPT", str(ckpt), *extra])
 
@@ -193,3 +193,30 @@ def test_missing_dataset_without_synthetic_is_one_line(tmp_path):
                            "DATASET.DOWNLOAD", "False"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_roofline_counts_the_whole_real_step(tmp_path):
+    # A matmul by hand: 2 * m * k * n.
+    assert step_flops(lambda: torch.randn(64, 32) @ torch.randn(32, 16)) == 2 * 64 * 32 * 16
+    # A KD update = teacher forward + student forward + student backward. The backward of a convolution or a
+    # linear layer is twice its forward (input and weight gradients), except the first convolution, whose input
+    # (the images) needs no gradient.
+    with DATASET_REGISTRY.override("cifar100", SyntheticDataset("cifar100", 64)):
+        v = Variant("kd", tiny_cfg(tmp_path))
+    images = v.batch[0]
+
+    def forward_flops(model):
+        return step_flops(lambda: model(images))
+
+    student, teacher = v.trainer.distiller.student, v.trainer.distiller.teacher
+    with torch.no_grad():
+        f_student, f_teacher = forward_flops(student), forward_flops(teacher)
+        f_stem = forward_flops(student.conv1)
+    assert step_flops(lambda: v._step(v.batch)) == f_teacher + 3 * f_student - f_stem
+
+
+def test_roofline_arithmetic_and_matmul_rate():
+    r = roofline(2e9, 0.5, 64, 8.0)  # 2 GFLOP in 0.5 s on an 8 GFLOP/s device
+    assert r == pytest.approx({"gflop_per_step": 2.0, "achieved_gflops": 4.0, "pct_of_matmul": 50.0,
+                               "bound_ms_per_step": 250.0, "bound_images_per_s": 256.0})
+    assert 0.1 < matmul_gflops(torch.device("cpu"), n=256, repeats=3) < 1e5

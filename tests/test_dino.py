@@ -337,7 +337,8 @@ def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_kdpp_one_epoch_on_fashion_mnist(tmp_path):
-    ckpt = write_random_teacher(tmp_path / "teacher" / "resnet20.pth", "resnet20", "fashion_mnist")
+    ckpt = tmp_path / "teacher" / "resnet20.pth"
+    write_random_teacher(ckpt, "resnet20", "fashion_mnist")
     args = ["--cfg", os.path.join(ROOT, "configs", "fashion_mnist", "kdpp", "resnet20_resnet8.yaml"),
             "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TRAIN_SUBSET", "256",
             "DATASET.TEST_SUBSET", "64", "LOG.PREFIX", str(tmp_path / "out"), "DISTILLER.TEACHER_CKPT", str(ckpt),

@@ -28,6 +28,10 @@ same in-memory loader CIFAR-100 uses), for machines without the dataset; with --
 written as CIFAR-100 files for torchvision to read. --random-teacher writes a teacher checkpoint with random
 weights (timings do not depend on the weights). Peak memory: CUDA's allocator peak per variant (and for the
 baseline); on CPU the process's peak resident size (shared by everything in the run).
+
+--roofline (mdistiller/bench/roofline.py): each variant's floating-point work per update (PyTorch's FLOP counter
+over one more real step), the rate its ms/step achieves, and that rate against a large float32 matmul on the same
+device: the float32 step time no implementation of these models and this batch can beat here.
 """
 
 import argparse
@@ -44,6 +48,7 @@ import torch
 from mdistiller.bench.device import peak_mb, reset_peak
 from mdistiller.bench.phases import PHASES
 from mdistiller.bench.random_teacher import write_random_teacher
+from mdistiller.bench.roofline import matmul_gflops, roofline, step_flops
 from mdistiller.bench.synthetic import SHAPES, SyntheticDataset
 from mdistiller.bench.variant import Variant, epoch_result
 from mdistiller.config import load_config
@@ -139,6 +144,9 @@ def run(args):
             for _ in range(args.rounds):
                 for v in variants:
                     v.round(args.steps, with_data=not args.no_data, breakdown=not args.no_breakdown)
+            if args.roofline:  # after the timings: the counted step is one more update of each variant
+                flops = {v.label: step_flops(lambda v=v: v._step(v.batch)) for v in variants}
+                matmul = matmul_gflops(variants[0].device)
             if baseline is not None:
                 baseline.warmup(args.warmup)
                 baseline_summary = time_epochs(args, variants, baseline)
@@ -147,6 +155,12 @@ def run(args):
         r["ratio_to_first"] = r["ms_per_step"] / results[0]["ms_per_step"]
         if baseline_summary:
             r["speedup_vs_baseline"] = r["epoch"]["images_per_s"] / baseline_summary["images_per_s"]
+        if args.roofline:
+            r["roofline"] = roofline(flops[r["variant"]], r["ms_per_step"] / 1e3, r["batch_size"], matmul)
+            r["roofline"]["matmul_gflops"] = matmul
+            if baseline_summary:
+                r["roofline"]["bound_vs_baseline"] = (r["roofline"]["bound_images_per_s"]
+                                                      / baseline_summary["images_per_s"])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     notes = [f"the baseline is KD; variant '{v.label}' runs DISTILLER.TYPE {v.cfg.DISTILLER.TYPE}"
              for v in variants if baseline_summary and v.cfg.DISTILLER.TYPE != "KD"]
@@ -177,6 +191,19 @@ def print_report(args, results, peak_rss_mb, baseline, notes):
                   f"{r['speedup_vs_baseline']:8.2f}")
         label = f"{baseline['name']} baseline ({baseline['workers']} workers)"
         print(f"{label[:48]:48s} {baseline['images_per_s']:9.1f} {1.0:8.2f}")
+    if "roofline" in results[0]:
+        rl = results[0]["roofline"]
+        print(f"\nroofline: float work of one step (torch.utils.flop_counter; int8 kernels and elementwise ops count "
+              f"0) against a 2048^3 float32 matmul at {rl['matmul_gflops']:.1f} GFLOP/s")
+        vs = "bound/baseline" if "bound_vs_baseline" in rl else ""
+        print(f"{'variant':32s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'% matmul':>9s} {'bound ms':>9s} "
+              f"{'bound img/s':>11s} {vs:>14s}")
+        for r in results:
+            rl = r["roofline"]
+            bound = f"{rl['bound_images_per_s']:11.1f}" if rl["bound_images_per_s"] else f"{'-':>11s}"
+            tail = f" {rl['bound_vs_baseline']:14.2f}" if "bound_vs_baseline" in rl else ""
+            print(f"{r['variant'][:32]:32s} {rl['gflop_per_step']:10.1f} {rl['achieved_gflops']:8.1f} "
+                  f"{rl['pct_of_matmul']:8.0f}% {rl['bound_ms_per_step']:9.1f} {bound}{tail}")
     for note in notes:
         print(f"note: {note}")
     print(f"batch {results[0]['batch_size']}, device {results[0]['device']}, {results[0]['threads']} threads, "
@@ -201,6 +228,8 @@ def main(argv=None):
     p.add_argument("--epoch-images", type=int, default=0,
                    help="images per timed epoch (default 0: the whole training split)")
     p.add_argument("--epoch-rounds", type=int, default=1, help="epochs timed per variant and for the baseline")
+    p.add_argument("--roofline", action="store_true",
+                   help="count each variant's FLOPs per step and compare with the device's float32 matmul rate")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs for every variant")
     args = p.parse_args(argv)
