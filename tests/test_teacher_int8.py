@@ -133,3 +133,28 @@ def test_int8_forward_is_quiet_under_deterministic_mode(teacher_ckpt, tmp_path, 
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_eval_tool_reports_what_int8_costs_a_teacher(teacher_ckpt, tmp_path):
+    """tools/eval.py --int8: the float accuracy unchanged, the int8 one beside it, and how far its logits moved."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_engine import ROOT
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval.py"), "-m", "resnet20", "-c",
+                               teacher_ckpt, "-d", "fashion_mnist", "--test-subset", "100", "--device", "cpu",
+                               "--json", *extra], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+    plain, _ = run()
+    both, proc = run("--int8")
+    assert both["top1"] == plain["top1"] and "int8" not in plain
+    i8 = both["int8"]
+    assert i8["calibration_images"] == 512 and 0.0 <= i8["top1"] <= 100.0
+    assert 0.5 <= i8["argmax_agreement"] <= 1.0 and 0.0 < i8["logits_rel_l2"] < 0.10
+    assert "argmax agreement" in proc.stdout and "quantized_resize" not in proc.stderr

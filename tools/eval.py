@@ -6,6 +6,11 @@
 --run-config takes the dataset settings (root, test subset, test batch size) and the evaluation fast paths
 (SPEED: channels-last layout, autocast, as resolved on this device) of the run that wrote the checkpoint, so the
 number printed is the one the run reported. Without it the model is evaluated in plain float32.
+
+--int8 (CPU) also evaluates the model as the int8 graph SPEED.TEACHER_INT8 would make of it (calibrated on the
+first SPEED.TEACHER_INT8_CALIBRATION un-augmented training images, so the training split must be there), and
+prints both accuracies, the share of test images whose argmax agrees and the relative L2 distance of the logits:
+what a teacher loses before it is used in int8.
 """
 
 import argparse
@@ -35,6 +40,7 @@ def main(argv=None):
     p.add_argument("--test-subset", type=int, help="DATASET.TEST_SUBSET (0 = the whole test split)")
     p.add_argument("-b", "--batch-size", type=int, help="DATASET.TEST.BATCH_SIZE")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--int8", action="store_true", help="also evaluate the model as an int8 teacher (CPU)")
     p.add_argument("--json", action="store_true", help="end with one JSON line {top1, top5, loss, num}")
     args = p.parse_args(argv)
 
@@ -60,9 +66,27 @@ def main(argv=None):
     result = evaluate(model, test_loader, speed=speed)
     print(f"{args.model} on {meta.name} test ({result['num']} images): top-1 {result['top1']:.2f}  "
           f"top-5 {result['top5']:.2f}")
+    out = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "num": result["num"]}
+    if args.int8:
+        out["int8"] = evaluate_int8(model, cfg, device, test_loader, speed)
+        i8 = out["int8"]
+        print(f"int8 ({i8['calibration_images']} calibration images): top-1 {i8['top1']:.2f}  top-5 {i8['top5']:.2f}  "
+              f"argmax agreement {100 * i8['argmax_agreement']:.2f}%  logits rel. L2 {i8['logits_rel_l2']:.4f}")
     if args.json:
-        print(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
-                          "num": result["num"]}))
+        print(json.dumps(out))
+
+
+def evaluate_int8(model, cfg, device, test_loader, speed):
+    if device.type != "cpu":
+        raise UserError(f"--int8 evaluates the CPU's int8 kernels; use --device cpu (not {device})")
+    from mdistiller.data.unaugmented import unaugmented_train_loader
+    from mdistiller.engine.teacher_int8 import compare_outputs, quantize_int8
+
+    n = cfg.SPEED.TEACHER_INT8_CALIBRATION
+    int8 = quantize_int8(model, unaugmented_train_loader(cfg, device), n, name="model")
+    result = evaluate(int8, test_loader, speed=speed)
+    return {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "calibration_images": n,
+            **compare_outputs(model, int8, test_loader)}
 
 
 if __name__ == "__main__":

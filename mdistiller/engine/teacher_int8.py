@@ -25,6 +25,7 @@ import logging
 import warnings
 
 import torch
+import torch.nn as nn
 
 from ..utils.errors import ConfigError
 
@@ -60,7 +61,7 @@ def _fx_quantization():
 
 
 def quantize_int8(model, batches, max_images, name="teacher"):
-    """An int8 copy of float `model` (eval mode, CPU) calibrated on up to `max_images` images of `batches`.
+    """An int8 copy of float `model` (an Int8Model, CPU) calibrated on up to `max_images` images of `batches`.
 
     Raises ConfigError when the model's forward cannot be traced into a graph (data-dependent control flow) or
     when no calibration image arrives."""
@@ -81,39 +82,61 @@ def quantize_int8(model, batches, max_images, name="teacher"):
         with torch.no_grad():
             for batch in images:
                 prepared(batch)
-        quantized = convert_fx(prepared)
+        quantized = Int8Model(convert_fx(prepared))
     count = sum(batch.shape[0] for batch in images)
     logger.info("int8 %s: %s calibrated on %d training images (%s backend)", name, type(model).__name__, count,
                 BACKEND)
     return quantized
 
 
-def install_int8_forward(module, batches, max_images, name="teacher"):
-    """Replace `module.forward` by its int8 graph's (see the module docstring); returns the graph module."""
-    quantized = quantize_int8(module, batches, max_images, name)
-    # Both outside nn.Module.__setattr__, which would register the GraphModule as a child (and its tensors in
-    # the state_dict): forward is a plain function, int8_graph goes into the instance dict directly.
-    module.forward = _without_determinism_alerts(quantized)
-    module.__dict__["int8_graph"] = quantized
-    return quantized
-
-
-def _without_determinism_alerts(graph):
-    """graph's forward with torch.use_deterministic_algorithms lifted around it.
+class Int8Model(nn.Module):
+    """A converted int8 graph, run with torch.use_deterministic_algorithms lifted around it.
 
     EXPERIMENT.DETERMINISTIC turns the mode on (warn_only), and every quantized convolution then alerts about
     `quantized_resize_cpu_`: a resize of its output buffer, which the kernel overwrites in full. The integer
     arithmetic itself is deterministic (tests/test_teacher_int8.py: two calibrations, bit-identical outputs), so
     the alert is noise, once per layer per step."""
 
-    def forward(*args, **kwargs):
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *args, **kwargs):
         if not torch.are_deterministic_algorithms_enabled():
-            return graph(*args, **kwargs)
+            return self.graph(*args, **kwargs)
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(False)
         try:
-            return graph(*args, **kwargs)
+            return self.graph(*args, **kwargs)
         finally:
             torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
-    return forward
+
+def install_int8_forward(module, batches, max_images, name="teacher"):
+    """Replace `module.forward` by its int8 graph's (see the module docstring); returns the Int8Model."""
+    quantized = quantize_int8(module, batches, max_images, name)
+    # Both outside nn.Module.__setattr__, which would register the Int8Model as a child (and its tensors in the
+    # state_dict): forward is a bound method, int8_graph goes into the instance dict directly.
+    module.forward = quantized.forward
+    module.__dict__["int8_graph"] = quantized.graph
+    return quantized
+
+
+def compare_outputs(float_model, int8_forward, loader):
+    """How far an int8 forward is from its float model over a loader's images: the share of argmax agreement
+    and the relative L2 distance of all logits (what tools/eval.py --int8 reports beside both accuracies)."""
+    agree = count = 0
+    diff_sq = ref_sq = 0.0
+    was_training = float_model.training
+    float_model.eval()
+    with torch.inference_mode():
+        for images, *_ in loader:
+            want = float_model(images)[0].float()
+            got = int8_forward(images)[0].float()
+            agree += int((want.argmax(1) == got.argmax(1)).sum())
+            count += want.shape[0]
+            diff_sq += float((got - want).pow(2).sum())
+            ref_sq += float(want.pow(2).sum())
+    float_model.train(was_training)
+    return {"argmax_agreement": agree / count if count else None,
+            "logits_rel_l2": (diff_sq / ref_sq) ** 0.5 if ref_sq else None}
