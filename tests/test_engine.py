@@ -155,6 +155,23 @@ def test_eval_tool_reproduces_best_top1(tmp_path):
     assert result["num"] == 300
 
 
+def test_eval_tool_evaluates_an_fp16_run_in_float32_on_the_cpu(tmp_path):
+    # A run trained on a GPU with SPEED.AMP fp16, evaluated here: float32 with a note, not a config error.
+    summary = train_from_config(small_cfg(tmp_path))
+    run = tmp_path / "run"
+    config = (run / "config.yaml").read_text()
+    assert "  AMP: auto\n" in config
+    (run / "config.yaml").write_text(config.replace("  AMP: auto\n", "  AMP: fp16\n"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "eval.py"), "-m", "resnet8", "-c",
+         str(run / "student_best.pth"), "--run-config", str(run / "config.yaml"), "--device", "cpu", "--json"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained with SPEED.AMP fp16" in proc.stderr and "evaluating in float32" in proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(summary["best_top1"], abs=1e-9)  # this run itself trained in float32
+
+
 def test_eval_tool_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(1)}}, bad)

@@ -15,6 +15,7 @@ what a teacher loses before it is used in int8.
 
 import argparse
 import json
+import sys
 
 import _path  # noqa: F401
 import torch
@@ -49,6 +50,13 @@ def main(argv=None):
                        ("DATASET.TEST_SUBSET", args.test_subset), ("DATASET.TEST.BATCH_SIZE", args.batch_size)):
         if value is not None:
             overrides += [key, str(value)]
+    if args.run_config:
+        run_cfg = load_config(args.run_config, overrides, validate=False)
+        if run_cfg.SPEED.AMP == "fp16" and resolve_device(run_cfg.EXPERIMENT.DEVICE).type != "cuda":
+            # fp16 autocast exists on CUDA only; the checkpoint's weights are float32 either way
+            print("note: the run trained with SPEED.AMP fp16, which only CUDA runs; evaluating in float32, so the "
+                  "numbers may differ slightly from the run's", file=sys.stderr)
+            overrides += ["SPEED.AMP", "off"]
     cfg = load_config(args.run_config, overrides)
     if args.run_config and cfg.DATASET.TYPE != (args.dataset or cfg.DATASET.TYPE):
         raise UserError("--dataset disagrees with --run-config")
