@@ -56,23 +56,32 @@ def loss_curves(runs):
     return out
 
 
-def plot_losses(curves, path):
+def _two_panels(path, panels, draw):
+    """One figure of two side-by-side panels: draw(ax, key) for each (key, title) in panels, then a grid, the
+    legend and the PNG at `path`."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "task", "training task loss (CE)"),
-                           (axes[1], "distill", "training distillation loss (T$^2$ KL to the teacher)")):
-        for label, c in curves.items():
-            pts = [(e, v) for e, v in zip(c["epochs"], c[key]) if v is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label + (" (weighted)" if c["weighted"] else ""))
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(_integer_ticks())
+    for ax, (key, title) in zip(axes, panels):
+        draw(ax, key)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_losses(curves, path):
+    def draw(ax, key):
+        for label, c in curves.items():
+            pts = [(e, v) for e, v in zip(c["epochs"], c[key]) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label + (" (weighted)" if c["weighted"] else ""))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(_integer_ticks())
+
+    _two_panels(path, (("task", "training task loss (CE)"),
+                       ("distill", "training distillation loss (T$^2$ KL to the teacher)")), draw)
 
 
 def cosine_curves(runs):
@@ -92,19 +101,13 @@ def cosine_curves(runs):
 
 
 def plot_cosines(curves, path):
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "cos_distill", "cos(v_distill, v)"), (axes[1], "cos_task", "cos(v_task, v)")):
+    def draw(ax, key):
         for label, c in curves.items():
             ax.plot(*zip(*c[key]), label=label, lw=1)
         per = {c["per"] for c in curves.values()}
         ax.set_xlabel("iteration" if per == {"step"} else "iteration / epoch (see legend)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    _two_panels(path, (("cos_distill", "cos(v_distill, v)"), ("cos_task", "cos(v_task, v)")), draw)
 
 
 def logit_corr(runs, device):
