@@ -220,3 +220,21 @@ def test_roofline_arithmetic_and_matmul_rate():
     assert r == pytest.approx({"gflop_per_step": 2.0, "achieved_gflops": 4.0, "pct_of_matmul": 50.0,
                                "bound_ms_per_step": 250.0, "bound_images_per_s": 256.0})
     assert 0.1 < matmul_gflops(torch.device("cpu"), n=256, repeats=3) < 1e5
+
+
+def test_compare_takes_other_config_files_each_with_its_random_teacher():
+    dkd = os.path.join(ROOT, "configs", "cifar100", "dkd", "resnet32x4_resnet8x4.yaml")
+    out, stdout = bench_json("--steps", "1", "--warmup", "0", "--rounds", "1", "--no-data", "--no-breakdown",
+                             "--compare", KD_CFG, f"{dkd} DISTILLER.TEACHER resnet32", "--",
+                             "SOLVER.BATCH_SIZE", "8", "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8")
+    kd, dkd_result = out["results"]
+    assert kd["variant"] == KD_CFG and dkd_result["variant"].startswith(dkd)
+    assert kd["ms_per_step"] > 0 and dkd_result["ms_per_step"] > 0 and kd["batch_size"] == 8
+
+
+def test_compare_rejects_a_variant_on_another_dataset():
+    other = os.path.join(ROOT, "configs", "fashion_mnist", "kd", "resnet20_resnet8.yaml")
+    proc = subprocess.run([sys.executable, BENCH, "--cfg", KD_CFG, "--synthetic", "--compare", other],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "trains on DATASET.TYPE 'fashion_mnist', --cfg on 'cifar100'" in proc.stderr

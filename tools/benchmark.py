@@ -4,12 +4,15 @@ step's time goes, and (--baseline) a full epoch against a plain torchvision + Py
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher
     python tools/benchmark.py --cfg FILE --compare "SOLVER.TRAINER vanilla" "SOLVER.TRAINER dot" [-- KEY VALUE ...]
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher \\
+        --compare configs/cifar100/kd/resnet32x4_resnet8x4.yaml configs/cifar100/dkd/resnet32x4_resnet8x4.yaml
+    python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher \\
         --baseline torchvision --epoch-images 6400 [KEY VALUE ...]
 
 Each variant is a full Trainer built from the config (the same distiller, optimizer and run_step that
 tools/train.py uses); the steps timed are its own `run_step`. "step" times repeat one batch already on the
 device (the update alone); "with data" times iterate the real training loader (augmentation and copies
-included). With --compare, the variants (extra KEY VALUE pairs each) are built in one process and timed in
+included). With --compare, the variants (extra KEY VALUE pairs each over --cfg, or another config file first,
+then its KEY VALUE pairs; all on --cfg's dataset) are built in one process and timed in
 alternating rounds, so drifts of a shared machine hit all of them alike; ratios are to the first variant.
 KEY VALUE pairs after the options (or after `--`) apply to every variant, the baseline comparison included.
 
@@ -57,6 +60,22 @@ from mdistiller.utils.cli import run_cli
 from mdistiller.utils.errors import DataError, UserError
 
 BASELINES = ("torchvision",)
+
+
+def parse_variant(args, spec):
+    """(label, config file, overrides) of one --compare entry: 'KEY VALUE ...' over --cfg, or 'FILE.yaml [KEY VALUE
+    ...]' for another config (the common KEY VALUE pairs apply to both)."""
+    words = shlex.split(spec)
+    if words and words[0].endswith((".yaml", ".yml")):
+        if not os.path.isfile(words[0]):
+            raise UserError(f"--compare variant '{spec}': config file {words[0]} not found")
+        return spec, words[0], list(args.opts) + words[1:]
+    return spec, args.cfg, list(args.opts) + words
+
+
+def teacher_opts(teachers, cfg):
+    """The DISTILLER.TEACHER_CKPT override pointing a variant at its random teacher (none without one)."""
+    return ["DISTILLER.TEACHER_CKPT", teachers[cfg.DISTILLER.TEACHER]] if cfg.DISTILLER.TEACHER in teachers else []
 
 
 def check_args(args, base):
@@ -117,16 +136,23 @@ def time_epochs(args, variants, baseline):
 
 
 def run(args):
-    variants_opts = [(c, list(args.opts) + shlex.split(c)) for c in args.compare] or [("config", list(args.opts))]
+    variants = [parse_variant(args, c) for c in args.compare] or [("config", args.cfg, list(args.opts))]
     base = load_config(args.cfg, args.opts, validate=False)
     check_args(args, base)
-    needed = base.SOLVER.BATCH_SIZE * (args.steps + args.warmup + 2)
+    unvalidated = [load_config(cfg_file, opts, validate=False) for _, cfg_file, opts in variants]
+    for (label, _, _), cfg in zip(variants, unvalidated):
+        if cfg.DATASET.TYPE != base.DATASET.TYPE:
+            raise UserError(f"--compare variant '{label}' trains on DATASET.TYPE '{cfg.DATASET.TYPE}', --cfg on "
+                            f"'{base.DATASET.TYPE}': compared variants share one dataset")
+    needed = max(cfg.SOLVER.BATCH_SIZE for cfg in unvalidated) * (args.steps + args.warmup + 2)
     baseline_summary = None
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["LOG.PREFIX", tmp]
+        teachers = {}  # random teacher checkpoints, one per architecture the variants name
         if args.random_teacher:
-            extra += ["DISTILLER.TEACHER_CKPT", write_random_teacher(os.path.join(tmp, f"random_{base.DISTILLER.TEACHER}.pth"),
-                                                                base.DISTILLER.TEACHER, base.DATASET.TYPE)]
+            for name in dict.fromkeys(cfg.DISTILLER.TEACHER for cfg in [base, *unvalidated]):
+                teachers[name] = write_random_teacher(os.path.join(tmp, f"random_{name}.pth"), name,
+                                                      base.DATASET.TYPE)
         synthetic = None
         if args.synthetic:
             num_train = (args.epoch_images or SHAPES[base.DATASET.TYPE][2]) if args.baseline else needed
@@ -136,7 +162,8 @@ def run(args):
             extra += ["DATASET.TRAIN_SUBSET", str(args.epoch_images)]
         ctx = DATASET_REGISTRY.override(base.DATASET.TYPE, synthetic) if synthetic else contextlib.nullcontext()
         with ctx:
-            variants = [Variant(label, load_config(args.cfg, opts + extra)) for label, opts in variants_opts]
+            variants = [Variant(label, load_config(cfg_file, opts + extra + teacher_opts(teachers, cfg)))
+                        for (label, cfg_file, opts), cfg in zip(variants, unvalidated)]
             baseline = build_baseline(args, variants[0], synthetic, tmp) if args.baseline else None
             for v in variants:  # warm-up: allocator, caches, lazily created optimizer state
                 if args.warmup:
@@ -217,7 +244,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed updates per variant first")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median round is reported")
     p.add_argument("--compare", nargs="+", default=[], metavar="'KEY VALUE ...'",
-                   help="variants: extra KEY VALUE pairs each, timed alternately in one process")
+                   help="variants: extra KEY VALUE pairs each (or a config file first), timed alternately")
     p.add_argument("--synthetic", action="store_true", help="random images of the dataset's shape")
     p.add_argument("--random-teacher", action="store_true", help="a teacher with random weights")
     p.add_argument("--no-data", action="store_true", help="skip the timing through the training loader")
