@@ -150,7 +150,7 @@ def run(args):
         extra = ["LOG.PREFIX", tmp]
         teachers = {}  # random teacher checkpoints, one per architecture the variants name
         if args.random_teacher:
-            for name in dict.fromkeys(cfg.DISTILLER.TEACHER for cfg in [base, *unvalidated]):
+            for name in dict.fromkeys(cfg.DISTILLER.TEACHER for cfg in unvalidated):
                 teachers[name] = write_random_teacher(os.path.join(tmp, f"random_{name}.pth"), name,
                                                       base.DATASET.TYPE)
         synthetic = None
