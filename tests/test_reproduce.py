@@ -1,6 +1,8 @@
 """tools/reproduce.py: every cell of the DOT CIFAR-100 tables plans to an existing config, a missing config fails
-naming the cell, --collect aggregates summary.json files (hand-computed means and sample std), --emit-script
-writes valid bash with one torchrun line per run."""
+naming the cell; --emit-script orders teachers before the students that read them (bash stages, SLURM array jobs
+chained by afterok; parsed, and executed with a fake interpreter and a fake sbatch) and calls the project's own
+interpreter; --collect averages only finished runs of one config (hand-computed means and sample std), refuses
+cells whose runs disagree and flags runs that are not the planned config."""
 
 import contextlib
 import csv
@@ -110,15 +112,271 @@ def test_unknown_table_is_one_line_through_the_cli():
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def _write_summary(prefix, config, overrides, seed, best, last):
+
+def test_list_shows_every_implemented_cell_with_a_config():
+    r = reproduce("--list")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in r.stdout.splitlines()[1:]}
+    for table, (cells, with_config, not_impl, missing) in rows.items():
+        assert cells == with_config + not_impl + missing, table
+    for table in ("dot-3a", "dot-3b", "dot-3c", "dot-1", "dot-2", "dot-4", "dot-5", "dot-6", "dot-7", "dot-8",
+                  "kdpp-1", "kdpp-2", "kdpp-b3", "proxy-fmnist"):
+        assert rows[table][3] == 0, table
+    assert rows["proxy-fmnist"] == [8, 8, 0, 0]
+
+
+# ---------------------------------------------------------------- scripts
+
+# The proxy table's students read the resnet20 teacher's run by default (mdistiller/engine/teacher.py docstring:
+# <LOG.PREFIX>/<dataset>_none_<teacher>_vanilla_seed0/student_best.pth).
+TEACHER_RUN = "fashion_mnist_none_resnet20_vanilla_seed0"
+TEACHER_CFG = "configs/fashion_mnist/vanilla/resnet20.yaml"
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Records its arguments; as the teacher run it fails, or finishes without summary.json, or finishes, per FAKE_TEACHER.
+echo "$*" >> "$FAKE_LOG"
+case "$*" in
+  *vanilla/resnet20.yaml*)
+    case "${FAKE_TEACHER:-ok}" in
+      fail) exit 3 ;;
+      ok) mkdir -p "$FAKE_TEACHER_DIR" && echo '{}' > "$FAKE_TEACHER_DIR/summary.json" ;;
+    esac ;;
+esac
+"""
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# Records each submission's options and script (stdin); prints a job id the way --parsable does (JOBID;CLUSTER).
+n=$(( $(ls "$FAKE_SBATCH_DIR" | grep -c '^args') + 1 ))
+printf '%s\\n' "$@" > "$FAKE_SBATCH_DIR/args$n"
+cat > "$FAKE_SBATCH_DIR/script$n"
+echo "$((100 + n));cluster0"
+"""
+
+
+def _executable(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _emit(tmp_path, table, *flags, seeds=2):
+    path = tmp_path / "run.sh"
+    r = reproduce("--table", table, "--seeds", str(seeds), "--prefix", str(tmp_path / "runs"), "--emit-script",
+                  str(path), *flags)
+    assert r.returncode == 0, r.stderr
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    return path.read_text()
+
+
+def _heredocs(text):
+    """{stage number: (sbatch options, script body)} of a SLURM driver, from its `stageN=$(sbatch ... <<'TAG'`."""
+    out, lines = {}, text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("stage") and "=$(sbatch " in line:
+            n = int(line[len("stage"):line.index("=")])
+            options, tag = line.split("=$(sbatch ", 1)[1].split(" <<'")
+            tag = tag.rstrip("'")
+            end = lines.index(tag, i + 1)
+            out[n] = (options.split(), "\n".join(lines[i + 1:end]) + "\n")
+    return out
+
+
+def _case_arms(body):
+    """[(task id, [commands])] of an array script's case statement."""
+    arms = []
+    for line in body.splitlines():
+        head, _, rest = line.strip().partition(") ")
+        if head.isdigit():
+            arms.append((int(head), [c.strip() for c in rest.rstrip(";").strip().split("; ")]))
+    return arms
+
+
+def test_slurm_driver_submits_teachers_first_and_students_after_them(tmp_path):
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    text = _emit(tmp_path, "proxy-fmnist", "--slurm", "--python", python, "--time", "01:30:00", "--partition",
+                 "gpu-long", "--cpus-per-task", "5", "--output", str(tmp_path / "logs" / "%x_%A_%a.out"),
+                 "--sbatch-arg=--account=kd")
+    stages = _heredocs(text)
+    assert sorted(stages) == [1, 2]
+    # stage 1 is submitted first, with --parsable; stage 2 carries afterok on stage 1's id
+    assert text.index("stage1=$(sbatch") < text.index("stage2=$(sbatch")
+    assert stages[1][0] == ["--parsable"]
+    assert "--parsable" in stages[2][0] and "--dependency=afterok:${stage1}" in stages[2][0]
+    assert 'stage1="${stage1%%;*}"' in text  # the id without the cluster name
+    for n, (_, body) in stages.items():
+        assert subprocess.run(["bash", "-n"], input=body, text=True).returncode == 0
+        sbatch = [x for x in body.splitlines() if x.startswith("#SBATCH ")]
+        for line in ("#SBATCH --time=01:30:00", "#SBATCH --partition=gpu-long", "#SBATCH --cpus-per-task=5",
+                     f"#SBATCH --output={tmp_path}/logs/%x_%A_%a.out", "#SBATCH --account=kd",
+                     "#SBATCH --gres=gpu:1", f"#SBATCH --job-name=repro-proxy-fmnist-s{n}"):
+            assert line in sbatch, (n, line)
+    teacher_arms, student_arms = _case_arms(stages[1][1]), _case_arms(stages[2][1])
+    assert [i for i, _ in teacher_arms] == [0] and "#SBATCH --array=0-0" in stages[1][1]
+    assert teacher_arms[0][1] == [f"{python} tools/train.py --cfg {TEACHER_CFG} --resume EXPERIMENT.SEED 0 "
+                                  f"LOG.PREFIX {tmp_path}/runs"]
+    # 13 students: 6 methods x 2 seeds + KD+DOT at delta 0 once; each checks the teacher run first
+    assert [i for i, _ in student_arms] == list(range(13)) and "#SBATCH --array=0-12" in stages[2][1]
+    for _, (guard, cmd) in student_arms:
+        assert guard == f"require_finished {tmp_path}/runs/{TEACHER_RUN}"
+        assert cmd.startswith(f"{python} tools/train.py --cfg configs/fashion_mnist/") and TEACHER_CFG not in cmd
+    # run the driver against a fake sbatch: two submissions, the second after the first's id
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    _executable(fake_bin / "sbatch", FAKE_SBATCH)
+    (tmp_path / "sb").mkdir()
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_SBATCH_DIR=str(tmp_path / "sb"))
+    r = subprocess.run(["bash", str(tmp_path / "run.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    args = [(tmp_path / "sb" / f"args{n}").read_text().split() for n in (1, 2)]
+    assert args[0] == ["--parsable"]
+    assert args[1] == ["--parsable", "--dependency=afterok:101", "--kill-on-invalid-dep=yes"]
+    assert (tmp_path / "sb" / "script2").read_text() == stages[2][1]
+    assert (tmp_path / "logs").is_dir()  # SLURM does not create the --output directory itself
+
+
+def test_slurm_student_task_refuses_an_unfinished_teacher(tmp_path):
+    # Even started by hand (no afterok), a student task stops before training while its teacher has no summary.json.
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    stages = _heredocs(_emit(tmp_path, "proxy-fmnist", "--slurm", "--python", python))
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, FAKE_LOG=str(log), FAKE_TEACHER_DIR=str(tmp_path / "runs" / TEACHER_RUN))
+
+    def task(stage, i):
+        return subprocess.run(["bash", "-s"], input=stages[stage][1], text=True, capture_output=True,
+                              env=dict(env, SLURM_ARRAY_TASK_ID=str(i)))
+
+    r = task(2, 3)
+    assert r.returncode == 1 and "has not finished" in r.stderr and not log.exists()
+    assert task(1, 0).returncode == 0
+    assert task(2, 3).returncode == 0
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and TEACHER_CFG in calls[0] and "configs/fashion_mnist/" in calls[1]
+
+
+@pytest.mark.parametrize("teacher,rc,students_run", [("ok", 0, 13), ("fail", 3, 0), ("no-summary", 1, 0)])
+def test_bash_script_runs_the_teacher_stage_first(tmp_path, teacher, rc, students_run):
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    text = _emit(tmp_path, "proxy-fmnist", "--python", python)
+    lines = text.splitlines()
+    runs = [i for i, x in enumerate(lines) if x.startswith(f"{python} tools/train.py")]
+    teacher_lines = [i for i in runs if TEACHER_CFG in lines[i]]
+    assert len(runs) == 14 and len(teacher_lines) == 1
+    assert teacher_lines[0] < min(i for i in runs if i not in teacher_lines)
+    assert "set -euo pipefail" in lines
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, FAKE_LOG=str(log), FAKE_TEACHER=teacher,
+               FAKE_TEACHER_DIR=str(tmp_path / "runs" / TEACHER_RUN))
+    r = subprocess.run(["bash", str(tmp_path / "run.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == rc, r.stderr
+    calls = log.read_text().splitlines()
+    assert TEACHER_CFG in calls[0] and len(calls) == 1 + students_run
+    if teacher == "no-summary":
+        assert f"teacher run {tmp_path}/runs/{TEACHER_RUN} has not finished" in r.stderr
+
+
+def test_several_processes_use_torchrun_next_to_the_interpreter(tmp_path):
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    python = _executable(venv / "python", "#!/bin/sh\n")
+    text = _emit(tmp_path, "dot-1", "--python", python, "--nproc", "4", "--slurm", seeds=1)
+    arms = _case_arms(_heredocs(text)[1][1])
+    assert len(arms) == 9 and all(c[0].startswith(f"{python} -m torch.distributed.run --standalone "
+                                                  "--nproc_per_node=4 tools/train.py --cfg ") for _, c in arms)
+    assert "#SBATCH --gres=gpu:4" in text
+    # CIFAR-100 (an in-memory dataset, DATASET.NUM_WORKERS default 2): 4 processes x (2 workers + 1)
+    assert "#SBATCH --cpus-per-task=12" in text
+    _executable(venv / "torchrun", "#!/bin/sh\n")
+    text = _emit(tmp_path, "dot-1", "--python", python, "--nproc", "2", "--gpus", "0", "--slurm", seeds=1)
+    arms = _case_arms(_heredocs(text)[1][1])
+    assert len(arms) == 9
+    assert all(c[0].startswith(f"{venv}/torchrun --standalone --nproc_per_node=2 ") for _, c in arms)
+    assert "gres" not in text  # a CPU-only job
+    text = _emit(tmp_path, "dot-1", "--python", python, "--nproc", "2", seeds=1)
+    runs = [x for x in text.splitlines() if "tools/train.py" in x]
+    assert len(runs) == 9 and all(x.startswith(f"{venv}/torchrun --standalone --nproc_per_node=2 ") for x in runs)
+
+
+def test_default_interpreter_is_the_projects(tmp_path):
+    venv = os.path.join(ROOT, ".venv", "bin", "python")
+    expected = venv if os.path.isfile(venv) else os.path.abspath(sys.executable)
+    text = _emit(tmp_path, "dot-1", seeds=1)
+    runs = [x for x in text.splitlines() if "tools/train.py" in x]
+    assert len(runs) == 9 and all(x.startswith(f"{expected} tools/train.py --cfg ") for x in runs)
+    assert f"cd {ROOT}" in text.splitlines()
+
+
+def test_published_teachers_need_no_stage(tmp_path):
+    # dot-3a trains its teacher rows too, but the students read the published CIFAR-100 teachers, not those runs:
+    # one array job, no dependency, no teacher check.
+    text = _emit(tmp_path, "dot-3a", "--slurm", seeds=1)
+    stages = _heredocs(text)
+    assert list(stages) == [1] and stages[1][0] == ["--parsable"] and "require_finished" not in text
+    assert len(_case_arms(stages[1][1])) == 26
+
+
+def test_script_flags_without_their_mode_are_errors(tmp_path):
+    r = reproduce("--table", "dot-1", "--dry-run", "--time", "1:00:00")
+    assert r.returncode == 2 and "--time: only with --emit-script PATH --slurm" in r.stderr
+    r = reproduce("--table", "dot-1", "--emit-script", str(tmp_path / "x.sh"), "--partition", "p")
+    assert r.returncode == 2 and not (tmp_path / "x.sh").exists()
+    r = reproduce("--table", "dot-1", "--dry-run", "--nproc", "2")
+    assert r.returncode == 2 and "--nproc: only with --emit-script PATH" in r.stderr
+
+
+def test_run_here_trains_the_teacher_first(tmp_path, monkeypatch):
+    # In-process runs follow the stages too: a table listing its teacher row last still trains it first.
+    from mdistiller.engine import launch
+
+    results = tmp_path / "t.csv"
+    results.write_text("source,table,dataset,teacher,student,method,top1,top5,note\n"
+                       "mdistiller proxy,x,fashion_mnist,resnet20,resnet8,KD,,,\n"
+                       "mdistiller proxy,x,fashion_mnist,resnet20,resnet8,DKD,,,\n"
+                       "mdistiller proxy,x,fashion_mnist,resnet20,resnet8,teacher,,,seeds=1\n")
+    order = []
+    monkeypatch.setattr(launch, "train_from_config",
+                        lambda cfg, resume: order.append((cfg.DISTILLER.TYPE, cfg.EXPERIMENT.SEED)))
+    r = reproduce("--table", "proxy-x", "--results", str(results), "--seeds", "2", "--prefix", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert order == [("NONE", 0), ("KD", 0), ("DKD", 0), ("KD", 1), ("DKD", 1)]
+
+
+def test_dry_run_names_the_teacher_a_student_waits_for():
+    out = reproduce("--table", "proxy-fmnist", "--dry-run").stdout
+    kd = [x for x in out.splitlines() if x.startswith("configs/fashion_mnist/kd/")]
+    assert kd == [f"configs/fashion_mnist/kd/resnet20_resnet8.yaml  overrides: -  seed: 0  after: {TEACHER_RUN}"]
+    assert "2 stages (teachers first)" in out
+
+
+# ---------------------------------------------------------------- collect
+
+def _write_run(prefix, config, overrides=(), seed=0, best=None, last=None, world_size=1, extra=(), finished=True):
+    """A run directory as the trainer leaves it: config.yaml (cfg.dump()), metrics.jsonl, and once finished
+    summary.json with the keys SummaryHook and launch.py write (the ones collect reads among them)."""
     opts = list(overrides) + ["EXPERIMENT.SEED", str(seed), "LOG.PREFIX", str(prefix)]
     if overrides:
         opts += ["EXPERIMENT.TAG", tag_suffix(overrides)]
-    cfg = load_config(os.path.join(ROOT, config), opts)
+    cfg = load_config(os.path.join(ROOT, config), opts + list(extra))
     d = prefix / run_name(cfg)
     d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"best_top1": best, "last_top1": last, "seed": seed}))
     (d / "config.yaml").write_text(cfg.dump())
+    epochs = cfg.SOLVER.EPOCHS if finished else cfg.SOLVER.EPOCHS - 1
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "test_top1": best}) + "\n"
+                                             for e in range(1, epochs + 1)))
+    if finished:
+        (d / "summary.json").write_text(json.dumps({
+            "best_top1": best, "best_top5": 99.0, "best_epoch": epochs, "last_top1": last, "last_top5": 99.0,
+            "epochs": epochs, "seed": seed, "world_size": world_size, "run_dir": str(d)}))
+    return d
+
+
+def _collect(prefix, table, *flags, tmp_path):
+    out_csv = tmp_path / "t.csv"
+    r = reproduce("--table", table, "--collect", "--prefix", str(prefix), "--out-csv", str(out_csv), *flags)
+    rows = list(csv.DictReader(open(out_csv))) if out_csv.exists() else []
+    return r, rows
+
+
+KD = "configs/fashion_mnist/kd/resnet20_resnet8.yaml"
 
 
 def test_collect_means_and_sample_std(tmp_path):
@@ -127,19 +385,19 @@ def test_collect_means_and_sample_std(tmp_path):
     # momentum 0.9 (the config's own value, so its own run): best 73, 74, 75 -> mean 74, sample std 1;
     # last 72, 72, 75 -> mean 73, std sqrt(3) = 1.732
     for seed, (best, last) in enumerate([(73.0, 72.0), (74.0, 72.0), (75.0, 75.0)]):
-        _write_summary(prefix, kd, (), seed, best, last)
+        _write_run(prefix, kd, (), seed, best, last)
     # momentum 0.81: one seed -> std undefined
-    _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.81"), 0, 70.5, 70.0)
+    _write_run(prefix, kd, ("SOLVER.MOMENTUM", "0.81"), 0, 70.5, 70.0)
     # a run of another sweep point with seed 10 must not leak into 0.9 (run-name prefix match)
-    _write_summary(prefix, kd, ("SOLVER.MOMENTUM", "0.95"), 10, 10.0, 10.0)
+    _write_run(prefix, kd, ("SOLVER.MOMENTUM", "0.95"), 10, 10.0, 10.0)
     md, out_csv = tmp_path / "t.md", tmp_path / "t.csv"
     r = reproduce("--table", "dot-2", "--collect", "--prefix", str(prefix), "--out-md", str(md), "--out-csv",
                   str(out_csv))
     assert r.returncode == 0, r.stderr
     rows = {row["note"]: row for row in csv.DictReader(open(out_csv))}
     m9 = rows["momentum=0.9"]
-    assert (m9["n"], m9["best_mean"], m9["best_std"], m9["last_mean"], m9["last_std"]) == (
-        "3", "74.00", "1.00", "73.00", "1.73")
+    assert (m9["n"], m9["best_mean"], m9["best_std"], m9["last_mean"], m9["last_std"], m9["status"]) == (
+        "3", "74.00", "1.00", "73.00", "1.73", "ok")
     assert m9["paper"] == "73.33" and m9["diff"] == "0.67"
     m81 = rows["momentum=0.81"]
     assert (m81["n"], m81["best_mean"], m81["best_std"], m81["diff"]) == ("1", "70.50", "", "-3.03")
@@ -150,43 +408,125 @@ def test_collect_means_and_sample_std(tmp_path):
     assert "| missing | missing | 37.19 |" in text
 
 
+def test_collect_refuses_a_cell_whose_runs_disagree(tmp_path):
+    # The issue's case: runs named like the cell's (the name carries neither epochs, nor subset, nor processes)
+    # but of different schedules, subsets and process counts must not become one "n=5" mean.
+    prefix = tmp_path / "runs"
+    for seed, best in enumerate([83.0, 84.5, 86.0]):
+        _write_run(prefix, KD, seed=seed, best=best, last=best)
+    _write_run(prefix, KD, seed=3, best=60.0, last=60.0,
+               extra=["SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[1]"])
+    _write_run(prefix, KD, seed=4, best=70.0, last=70.0, world_size=2, extra=["DATASET.TRAIN_SUBSET", "2000"])
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    assert r.returncode == 1
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    assert kd["status"].startswith("refused: 3 + 1 + 1 runs of 3 different configs")
+    assert "(DATASET.TRAIN_SUBSET 10000 vs 2000, SOLVER.EPOCHS 4 vs 1, SOLVER.LR_DECAY_STAGES [3] vs [1], " \
+        "world_size 1 vs 2); not averaged" in kd["status"]
+    assert (kd["n"], kd["best_mean"], kd["last_mean"]) == ("0", "", "")
+    assert "KD: refused: 3 + 1 + 1 runs" in r.stderr and "1 cell(s) refused" in r.stderr
+    md = reproduce("--table", "proxy-fmnist", "--collect", "--prefix", str(prefix)).stdout
+    assert [x for x in md.splitlines() if "| KD |  |" in x][0].startswith(
+        "| resnet20 | resnet8 | KD |  | 0 | refused | refused | - |  | refused: ")
+
+
+def test_collect_counts_each_seed_of_one_config_once(tmp_path):
+    prefix = tmp_path / "runs"
+    # three seeds of the planned config; logging, device and loader settings differ and do not matter
+    for seed, best, extra in [(0, 83.0, []), (1, 84.5, ["LOG.TENSORBOARD_FREQ", "0", "DATASET.NUM_WORKERS", "7"]),
+                              (2, 86.0, ["EXPERIMENT.DEVICE", "cpu", "SPEED.CHANNELS_LAST", "on"])]:
+        _write_run(prefix, KD, seed=seed, best=best, last=best - 1, extra=extra)
+    # seed 1 again under another name: the same experiment, counted once
+    _write_run(prefix, KD, seed=1, best=99.0, last=99.0, extra=["EXPERIMENT.NAME", "my_kd_copy"])
+    # seed 3 stopped before its last epoch (no summary.json): left out, and said so
+    _write_run(prefix, KD, seed=3, finished=False)
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    # by hand: best 83.0, 84.5, 86.0 -> mean 84.5, deviations -1.5, 0, 1.5 -> sample std sqrt(4.5 / 2) = 1.5
+    assert (kd["n"], kd["seeds"], kd["best_mean"], kd["best_std"], kd["last_mean"], kd["last_std"]) == (
+        "3", "0 1 2", "84.50", "1.50", "83.50", "1.50")
+    assert kd["status"].startswith("ok; ")
+    assert "1 unfinished run(s) left out (seed 3)" in kd["status"]
+    assert "seed 1 twice (" in kd["status"] and "counted once" in kd["status"]
+    assert len(kd["config_key"]) == 10
+
+
+def test_collect_flags_runs_that_are_not_the_planned_config(tmp_path):
+    prefix = tmp_path / "runs"
+    for seed, best in enumerate([50.0, 52.0]):
+        _write_run(prefix, KD, seed=seed, best=best, last=best, extra=["DATASET.TRAIN_SUBSET", "500"])
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    assert (kd["n"], kd["best_mean"], kd["best_std"]) == ("2", "51.00", "1.41")
+    assert kd["status"] == "flagged: not the planned config (DATASET.TRAIN_SUBSET 500 vs 10000; runs vs plan)"
+
+
+def test_collect_ignore_key_and_its_errors(tmp_path):
+    prefix = tmp_path / "runs"
+    _write_run(prefix, KD, seed=0, best=80.0, last=80.0)
+    _write_run(prefix, KD, seed=1, best=82.0, last=82.0, extra=["DISTILLER.TEACHER_CKPT", "/elsewhere/t.pth"])
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    assert r.returncode == 1 and 'DISTILLER.TEACHER_CKPT "" vs "/elsewhere/t.pth"' in kd["status"]
+    r, rows = _collect(prefix, "proxy-fmnist", "--ignore-key", "DISTILLER.TEACHER_CKPT", tmp_path=tmp_path)
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    assert r.returncode == 0 and (kd["n"], kd["best_mean"], kd["status"]) == ("2", "81.00", "ok")
+    r = reproduce("--table", "proxy-fmnist", "--collect", "--prefix", str(prefix), "--ignore-key", "SOLVER.LRR")
+    assert r.returncode == 2 and "--ignore-key SOLVER.LRR: not a config key" in r.stderr
+    r = reproduce("--table", "proxy-fmnist", "--collect", "--prefix", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+@pytest.mark.slow
+def test_collect_reads_a_real_run(tmp_path):
+    # A real (tiny) training run as tools/train.py leaves it, beside a fabricated 2-process run of the same config.
+    from mdistiller.engine.launch import train_from_config
+
+    prefix = tmp_path / "runs"
+    tiny = ["DATASET.TRAIN_SUBSET", "100", "DATASET.TEST_SUBSET", "50", "SOLVER.EPOCHS", "1",
+            "SOLVER.LR_DECAY_STAGES", "[1]", "EXPERIMENT.DEVICE", "cpu"]
+    cfg = load_config(os.path.join(ROOT, TEACHER_CFG), tiny + ["LOG.PREFIX", str(prefix)])
+    summary = train_from_config(cfg)
+    metrics = [json.loads(x) for x in open(prefix / TEACHER_RUN / "metrics.jsonl")]
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    teacher = [x for x in rows if x["method"] == "teacher"][0]
+    assert (teacher["n"], teacher["seeds"]) == ("1", "0")
+    assert teacher["best_mean"] == f"{max(m['test_top1'] for m in metrics):.2f}"
+    assert summary["world_size"] == 1
+    assert teacher["status"].startswith("flagged: not the planned config (")
+    assert "SOLVER.EPOCHS 1 vs 4" in teacher["status"] and "DATASET.TRAIN_SUBSET 100 vs 10000" in teacher["status"]
+    _write_run(prefix, TEACHER_CFG, seed=1, best=10.0, last=10.0, world_size=2, extra=tiny)
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    teacher = [x for x in rows if x["method"] == "teacher"][0]
+    assert r.returncode == 1 and teacher["status"] == (
+        "refused: 1 + 1 runs of 2 different configs (world_size 1 vs 2); not averaged")
+
+
 def test_collect_teacher_row_reports_the_checkpoint(tmp_path):
     prefix = tmp_path / "runs"
     # the KD run of the plain config (the run name does not depend on the checkpoint), with its own teacher
-    cfg = load_config(os.path.join(ROOT, "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"),
-                      ["LOG.PREFIX", str(prefix), "DISTILLER.TEACHER_CKPT", "/ckpts/r32x4.pth"])
-    d = prefix / run_name(cfg)
-    d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"best_top1": 74.0, "last_top1": 73.0, "seed": 0}))
-    (d / "config.yaml").write_text(cfg.dump())
+    _write_run(prefix, "configs/cifar100/kd/resnet32x4_resnet8x4.yaml", best=74.0, last=73.0,
+               extra=["DISTILLER.TEACHER_CKPT", "/ckpts/r32x4.pth"])
     r = reproduce("--table", "dot-3a", "--collect", "--prefix", str(prefix))
     assert r.returncode == 0, r.stderr
     teacher = [x for x in r.stdout.splitlines() if "| resnet32x4 | resnet8x4 | teacher |" in x]
     assert len(teacher) == 1 and "teacher used: /ckpts/r32x4.pth" in teacher[0]
+    kd = [x for x in r.stdout.splitlines() if "| resnet32x4 | resnet8x4 | KD |" in x][0]
+    assert 'flagged: not the planned config (DISTILLER.TEACHER_CKPT "/ckpts/r32x4.pth" vs ""' in kd
 
 
 def test_collect_proxy_table_has_no_paper_number(tmp_path):
     prefix = tmp_path / "runs"
-    _write_summary(prefix, "configs/fashion_mnist/vanilla/resnet20.yaml", (), 0, 88.0, 87.5)
+    _write_run(prefix, TEACHER_CFG, best=88.0, last=87.5)
     for seed, best in enumerate([85.0, 86.0]):
-        _write_summary(prefix, "configs/fashion_mnist/kd/resnet20_resnet8.yaml", (), seed, best, best)
+        _write_run(prefix, KD, seed=seed, best=best, last=best)
     r = reproduce("--table", "proxy-fmnist", "--collect", "--prefix", str(prefix))
     assert r.returncode == 0, r.stderr
     kd = [x for x in r.stdout.splitlines() if "| resnet20 | resnet8 | KD |" in x]
     assert kd == ["| resnet20 | resnet8 | KD |  | 2 | 85.50 ± 0.71 | 85.50 ± 0.71 | - |  | ok |"]
     teacher = [x for x in r.stdout.splitlines() if "| resnet8 | teacher |" in x][0]
     assert "| 88.00 | 87.50 | - |" in teacher
-    assert "fashion_mnist_none_resnet20_vanilla_seed0/student_best.pth" in teacher  # the default teacher location
-
-
-@pytest.mark.parametrize("slurm", [False, True])
-def test_emit_script(tmp_path, slurm):
-    path = tmp_path / "run.sh"
-    r = reproduce("--table", "dot-1", "--seeds", "2", "--emit-script", str(path), *(["--slurm"] if slurm else []))
-    assert r.returncode == 0, r.stderr
-    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    lines = [x for x in path.read_text().splitlines() if "torchrun " in x]
-    assert len(lines) == 18  # 9 deltas x 2 seeds
-    assert len(set(lines)) == 18 and all("tools/train.py --cfg configs/cifar100/dot/" in x for x in lines)
-    if slurm:
-        assert "#SBATCH --array=0-17" in path.read_text()
+    assert f"{TEACHER_RUN}/student_best.pth" in teacher  # the default teacher location

@@ -3,11 +3,14 @@
     python tools/reproduce.py --list
     python tools/reproduce.py --table dot-3a --dry-run [--seeds 3]
     python tools/reproduce.py --table dot-3a --seeds 3 [--prefix output/repro]
-    python tools/reproduce.py --table dot-3a --seeds 3 --emit-script run.sh [--slurm]
+    python tools/reproduce.py --table dot-3a --seeds 3 --emit-script run.sh [--slurm --time 24:00:00 ...]
     python tools/reproduce.py --table dot-3a --collect [--prefix output/repro] [--out-md F] [--out-csv F]
 
 Cells map to configs by convention (mdistiller/reproduce/plan.py); runs are told apart by seed and, for sweep
 rows, by an EXPERIMENT.TAG built from the overrides. Published numbers: mdistiller/reference/paper_results.csv.
+A run that reads the checkpoint of a teacher the plan trains runs in a later stage, after that teacher finished
+(mdistiller/reproduce/stages.py). --collect groups runs by their config (mdistiller/reproduce/runkey.py) and
+refuses to average runs of different configs.
 """
 
 import argparse
@@ -43,34 +46,77 @@ def check_complete(plans, table):
                         + "; ".join(f"{_cell_name(p.cell)}: {p.reason}" for p in bad))
 
 
-def do_dry_run(plans, runs, table, prefix):
+def do_dry_run(plans, staged, table, prefix):
     for p in plans:
         if not p.runnable:
             print(f"# {_cell_name(p.cell)}: {p.status} ({p.reason})")
-    for r in runs:
+    for s in staged:
+        r = s.run
         over = " ".join(r.overrides) or "-"
-        print(f"{r.config}  overrides: {over}  seed: {r.seed}" + (f"  tag: {r.tag_suffix}" if r.tag_suffix else ""))
-    print(f"# {len(runs)} runs for {sum(p.runnable for p in plans)} cells of table {table}; LOG.PREFIX {prefix}")
+        print(f"{r.config}  overrides: {over}  seed: {r.seed}" + (f"  tag: {r.tag_suffix}" if r.tag_suffix else "")
+              + "".join(f"  after: {os.path.basename(d)}" for d in s.reads))
+    n_stages = len({s.stage for s in staged})
+    print(f"# {len(staged)} runs for {sum(p.runnable for p in plans)} cells of table {table}; LOG.PREFIX {prefix}"
+          + (f"; {n_stages} stages (teachers first)" if n_stages > 1 else ""))
     check_complete(plans, table)
     return 0
 
 
-def do_run(plans, runs, table, prefix, repo_root):
-    from mdistiller.config import load_config
+def do_run(plans, staged, table, prefix):
+    """In this process, one run after the other in stage order: a teacher that fails stops the study."""
     from mdistiller.utils import distributed
-    from mdistiller.engine.launch import run_dir_for, train_from_config
+    from mdistiller.engine.launch import train_from_config
 
     check_complete(plans, table)
-    for i, r in enumerate(runs, 1):
-        cfg = load_config(os.path.join(repo_root, r.config), r.opts(prefix))
-        done = os.path.exists(os.path.join(run_dir_for(cfg), "summary.json"))
-        print(f"[{i}/{len(runs)}] {r.config} {' '.join(r.opts())}" + (" (done, skipped)" if done else ""), flush=True)
+    for i, s in enumerate(staged, 1):
+        done = os.path.exists(os.path.join(s.run_dir, "summary.json"))
+        print(f"[{i}/{len(staged)}] {s.run.config} {' '.join(s.run.opts())}" + (" (done, skipped)" if done else ""),
+              flush=True)
         if not done:
             try:
-                train_from_config(cfg, resume=True)
+                train_from_config(s.cfg, resume=True)
             finally:
                 distributed.teardown()
     return 0
+
+
+def do_emit(args, plans, staged, table, repo_root):
+    from mdistiller.reproduce.script import Launcher, SlurmOptions, bash_script, default_python, slurm_script
+
+    check_complete(plans, table)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    python = os.path.abspath(args.python) if args.python else default_python(repo_root)
+    launcher = Launcher(python, repo_root, args.nproc)
+    prefix = os.path.abspath(args.prefix)  # the script cds to the repository; the prefix stays what was meant here
+    if args.slurm:
+        opts = SlurmOptions(args.time or "", args.partition or "", args.cpus_per_task or 0,
+                            -1 if args.gpus is None else args.gpus,
+                            os.path.abspath(args.output) if args.output else "", tuple(args.sbatch_arg))
+        text = slurm_script(staged, prefix, table, launcher, opts)
+    else:
+        text = bash_script(staged, prefix, table, launcher)
+    with open(args.emit_script, "w") as f:
+        f.write(text)
+    os.chmod(args.emit_script, 0o755)
+    n_stages = len({s.stage for s in staged})
+    how = f"bash {args.emit_script}" + (" (on a login node: it calls sbatch)" if args.slurm else "")
+    print(f"wrote {args.emit_script}: {len(staged)} runs in {n_stages} stage(s), {python}; start it with {how}")
+    return 0
+
+
+def _check_flags(args):
+    """Script options given where they do nothing are an error, not silently ignored."""
+    slurm = [f for f, v in (("--time", args.time), ("--partition", args.partition), ("--output", args.output),
+                            ("--cpus-per-task", args.cpus_per_task), ("--gpus", args.gpus is not None),
+                            ("--sbatch-arg", args.sbatch_arg)) if v]
+    if slurm and not (args.emit_script and args.slurm):
+        raise UserError(f"{', '.join(slurm)}: only with --emit-script PATH --slurm")
+    script = [f for f, v in (("--python", args.python), ("--nproc", args.nproc != 1), ("--slurm", args.slurm)) if v]
+    if script and not args.emit_script:
+        raise UserError(f"{', '.join(script)}: only with --emit-script PATH")
+    if args.ignore_key and not args.collect:
+        raise UserError("--ignore-key: only with --collect")
 
 
 def main(argv=None):
@@ -79,12 +125,33 @@ def main(argv=None):
     ap.add_argument("--table", help="table id, e.g. dot-3a")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs; non-zero if a config is missing")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per cell (default 1)")
-    ap.add_argument("--prefix", default=os.path.join("output", "repro"), help="LOG.PREFIX of the runs")
-    ap.add_argument("--emit-script", metavar="PATH", help="write a bash script of torchrun commands instead of running")
-    ap.add_argument("--slurm", action="store_true", help="with --emit-script: a SLURM array script, one run per task")
-    ap.add_argument("--collect", action="store_true", help="aggregate the runs' summary.json files")
+    ap.add_argument("--prefix", default=os.path.join("output", "repro"), help="LOG.PREFIX of the runs (default output/repro)")
+    ap.add_argument("--emit-script", metavar="PATH",
+                    help="write a bash script of the runs instead of running them (teachers first, in stages)")
+    ap.add_argument("--slurm", action="store_true",
+                    help="with --emit-script: a driver that submits one SLURM array job per stage, later stages "
+                         "with --dependency=afterok on the earlier ones")
+    ap.add_argument("--python", help="interpreter the script calls (default: the repository's .venv/bin/python, "
+                                     "else this one)")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="processes (GPUs) per run; >1 starts each run with torchrun (default 1)")
+    ap.add_argument("--time", help="--slurm: #SBATCH --time of every array task (default: the partition's)")
+    ap.add_argument("--partition", help="--slurm: #SBATCH --partition (default: the cluster's)")
+    ap.add_argument("--cpus-per-task", type=int,
+                    help="--slurm: #SBATCH --cpus-per-task (default: nproc x (DATASET.NUM_WORKERS + 1))")
+    ap.add_argument("--gpus", type=int, help="--slurm: GPUs per array task, #SBATCH --gres=gpu:N (default: "
+                                             "--nproc; 0 for CPU-only jobs)")
+    ap.add_argument("--output", help="--slurm: #SBATCH --output pattern (default: <prefix>/slurm/%%x_%%A_%%a.out)")
+    ap.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
+                    help="--slurm: a further #SBATCH option, e.g. --sbatch-arg=--account=NAME (repeatable)")
+    ap.add_argument("--collect", action="store_true",
+                    help="mean and std per cell over the finished runs of one config; exit status 1 when a cell's "
+                         "runs have different configs (refused, not averaged)")
     ap.add_argument("--out-md", help="with --collect: write the Markdown table here (default: stdout)")
     ap.add_argument("--out-csv", help="with --collect: also write a CSV")
+    ap.add_argument("--ignore-key", action="append", default=[], metavar="KEY",
+                    help="with --collect: a config key whose values may differ among a cell's runs, e.g. "
+                         "DISTILLER.TEACHER_CKPT for one published teacher at two paths (repeatable)")
     ap.add_argument("--configs-root", default=CONFIGS_ROOT, help=argparse.SUPPRESS)  # tests
     ap.add_argument("--results", default=None, help="paper results CSV (default: the packaged one)")
     args = ap.parse_args(argv)
@@ -95,25 +162,14 @@ def main(argv=None):
         return do_list(cells, args.configs_root)
     if not args.table:
         raise UserError("give --list, or --table ID with --dry-run, --seeds N, --emit-script PATH or --collect")
+    _check_flags(args)
     table = args.table.lower()
     plans, runs = plan_table(cells_of(cells, table), args.seeds, args.configs_root)
     repo_root = os.path.dirname(os.path.abspath(args.configs_root))
-    if args.dry_run:
-        return do_dry_run(plans, runs, table, args.prefix)
-    if args.emit_script:
-        from mdistiller.reproduce.script import bash_script, slurm_script
-
-        check_complete(plans, table)
-        text = (slurm_script if args.slurm else bash_script)(runs, args.prefix, table)
-        with open(args.emit_script, "w") as f:
-            f.write(text)
-        os.chmod(args.emit_script, 0o755)
-        print(f"wrote {args.emit_script}: {len(runs)} runs")
-        return 0
     if args.collect:
         from mdistiller.reproduce.collect import collect, to_markdown, write_csv
 
-        rows = collect(plans, args.prefix, repo_root)
+        rows = collect(plans, args.prefix, repo_root, args.ignore_key)
         md = to_markdown(table, rows)
         if args.out_md:
             with open(args.out_md, "w") as f:
@@ -122,8 +178,23 @@ def main(argv=None):
             sys.stdout.write(md)
         if args.out_csv:
             write_csv(rows, args.out_csv)
-        return 0
-    return do_run(plans, runs, table, args.prefix, repo_root)
+        refused = [r for r in rows if r["status"].startswith("refused")]
+        for r in refused:
+            cell = f"{r['teacher']}->{r['student']} {r['method']}" + (f" [{r['note']}]" if r["note"] else "")
+            print(f"{cell}: {r['status']}", file=sys.stderr)
+        if refused:
+            print(f"error: {len(refused)} cell(s) refused: their runs have different configs; move the runs that "
+                  "do not belong out of the prefix (or --ignore-key KEY where the difference does not matter)",
+                  file=sys.stderr)
+        return 1 if refused else 0
+    from mdistiller.reproduce.stages import stage_runs
+
+    staged = stage_runs(runs, args.prefix, repo_root)
+    if args.dry_run:
+        return do_dry_run(plans, staged, table, args.prefix)
+    if args.emit_script:
+        return do_emit(args, plans, staged, table, repo_root)
+    return do_run(plans, staged, table, args.prefix)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,29 @@
-"""summary.json files of finished runs -> one row per published cell: mean and sample std over seeds.
+"""Run directories under a prefix -> one row per published cell: mean and sample std over seeds.
+
+A cell's runs are the directories named as its planned runs (any seed) and any other run whose config is the
+cell's planned config (runkey.py: minus the seed and the keys that do not change what is trained). Only finished
+runs count (summary.json is written after the last epoch). Their configs and process counts must agree: a cell
+whose runs disagree is refused (no mean, the differing keys in the status) rather than averaged; runs that agree
+with each other but not with the plan are counted and flagged. A seed present twice counts once.
 
 std is the sample standard deviation (n - 1 in the denominator); with one seed it is undefined and left empty.
 `diff` is our best-epoch mean minus the paper's number (DKD/DOT report best-epoch accuracy, protocols.md).
 """
 
 import csv
-import glob
 import json
 import math
 import os
 import re
+from dataclasses import dataclass
+
+import yaml
 
 from ..config import load_config
 from ..engine.launch import run_name
+from ..utils.errors import UserError
 from .plan import tag_suffix
+from .runkey import WORLD_SIZE, default_values, differences, run_key, semantic
 
 
 def mean_std(values):
@@ -25,63 +35,145 @@ def mean_std(values):
     return mean, std
 
 
-def _cfg(plan, prefix, repo_root, seed=0):
+@dataclass
+class Run:
+    dir: str
+    seed: object
+    sem: dict  # None without config.yaml
+    summary: dict  # None while unfinished
+    config: dict = None  # the full config.yaml
+
+    @property
+    def finished(self):
+        """summary.json exists (written after the last epoch) and, where it says, for every configured epoch."""
+        if self.summary is None:
+            return False
+        epochs = self.summary.get("epochs")
+        return epochs is None or self.sem is None or epochs >= self.sem.get("SOLVER.EPOCHS", 0)
+
+    @property
+    def world_size(self):
+        return (self.summary or {}).get("world_size")
+
+    @property
+    def key(self):
+        return run_key(self.sem, self.world_size)
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def scan(prefix, defaults, ignore=()):
+    """{directory name: Run} of every run directory directly under `prefix`."""
+    out = {}
+    for name in sorted(os.listdir(prefix)):
+        d = os.path.join(prefix, name)
+        cfg_file, sum_file = os.path.join(d, "config.yaml"), os.path.join(d, "summary.json")
+        if not (os.path.isfile(cfg_file) or os.path.isfile(sum_file)):
+            continue
+        text = _read(cfg_file) if os.path.isfile(cfg_file) else None
+        summary = json.loads(_read(sum_file)) if os.path.isfile(sum_file) else None
+        config = (yaml.safe_load(text) or {}) if text is not None else None
+        seed = (config or {}).get("EXPERIMENT", {}).get("SEED", (summary or {}).get("seed"))
+        out[name] = Run(d, seed, semantic(text, defaults, ignore) if text is not None else None, summary, config)
+    return out
+
+
+def _planned_cfg(plan, prefix, repo_root, seed=0):
     opts = list(plan.overrides) + ["EXPERIMENT.SEED", str(seed), "LOG.PREFIX", prefix]
     if plan.overrides:
         opts += ["EXPERIMENT.TAG", tag_suffix(plan.overrides)]
     return load_config(os.path.join(repo_root, plan.config), opts)
 
 
-def find_summaries(plan, prefix, repo_root):
-    """{seed: summary dict} of the cell's finished runs under `prefix`, any seed."""
-    name = run_name(_cfg(plan, prefix, repo_root))
-    if not name.endswith("_seed0"):  # EXPERIMENT.NAME fixed in the config: one run
-        paths = [os.path.join(prefix, name, "summary.json")]
-    else:
-        stem = name[:-len("0")]
-        paths = [p for p in glob.glob(os.path.join(glob.escape(prefix), glob.escape(stem) + "*", "summary.json"))
-                 if re.fullmatch(re.escape(stem) + r"\d+", os.path.basename(os.path.dirname(p)))]
-    out = {}
-    for p in sorted(paths):
-        if os.path.isfile(p):
-            with open(p) as f:
-                s = json.load(f)
-            out[s.get("seed", len(out))] = dict(s, _dir=os.path.dirname(p))
-    return out
+def cell_runs(plan, prefix, repo_root, runs, defaults, ignore=()):
+    """(the cell's runs, its planned semantic config): runs named as the plan's (any seed) or configured as it."""
+    cfg = _planned_cfg(plan, prefix, repo_root)
+    planned = semantic(cfg.dump(), defaults, ignore)
+    name = run_name(cfg)
+    if name.endswith("_seed0"):
+        pattern = re.compile(re.escape(name[:-1]) + r"\d+")
+        named = {n for n in runs if pattern.fullmatch(n)}
+    else:  # EXPERIMENT.NAME fixed in the config: one run
+        named = {name} & set(runs)
+    chosen = [r for n, r in runs.items() if n in named or r.sem == planned]
+    return chosen, planned
 
 
-def _teacher_used(run_dir, repo_root):
+def judge(chosen, planned):
+    """(status, counted runs by seed, run key) of one cell."""
+    notes = []
+    unkeyed = [r for r in chosen if r.sem is None]
+    if unkeyed:
+        notes.append(f"{len(unkeyed)} run(s) without config.yaml ignored")
+    unfinished = [r for r in chosen if r.sem is not None and not r.finished]
+    if unfinished:
+        seeds = ", ".join(str(r.seed) for r in unfinished)
+        notes.append(f"{len(unfinished)} unfinished run(s) left out (seed {seeds})")
+    done = [r for r in chosen if r.sem is not None and r.finished]
+    groups = {}
+    for r in done:
+        groups.setdefault(r.key, []).append(r)
+    if len(groups) > 1:
+        configs = [{**g[0].sem, WORLD_SIZE: g[0].world_size} for g in groups.values()]
+        sizes = " + ".join(str(len(g)) for g in groups.values())
+        status = f"refused: {sizes} runs of {len(groups)} different configs ({differences(configs)}); not averaged"
+        return "; ".join([status] + notes), {}, " ".join(groups)
+    if not done:
+        return "; ".join(["missing runs"] + notes), {}, ""
+    (key, group), = groups.items()
+    by_seed = {}
+    for r in group:
+        if r.seed in by_seed:
+            notes.append(f"seed {r.seed} twice ({os.path.basename(by_seed[r.seed].dir)}, "
+                         f"{os.path.basename(r.dir)}), counted once")
+        else:
+            by_seed[r.seed] = r
+    status = "ok"
+    if group[0].sem != planned:
+        status = f"flagged: not the planned config ({differences([group[0].sem, planned])}; runs vs plan)"
+    return "; ".join([status] + notes), by_seed, key
+
+
+def _teacher_used(run):
     """The checkpoint a distillation run loaded: its config's TEACHER_CKPT or the default location."""
     from ..engine.teacher import default_teacher_ckpt
 
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), validate=False)
+    cfg = load_config(os.path.join(run.dir, "config.yaml"), validate=False)
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)
 
 
-def collect(plans, prefix, repo_root):
-    rows, found = [], {}
-    for p in plans:
-        if p.runnable:
-            found[id(p)] = find_summaries(p, prefix, repo_root)
+def collect(plans, prefix, repo_root, ignore=()):
+    """One row per cell; `ignore`: config keys the user declares irrelevant to the comparison."""
+    if not os.path.isdir(prefix):
+        raise UserError(f"--prefix {prefix} is not a directory; give the LOG.PREFIX the runs were trained under")
+    defaults = default_values()
+    unknown = [k for k in ignore if k not in defaults]
+    if unknown:
+        raise UserError(f"--ignore-key {', '.join(unknown)}: not a config key (mdistiller/config/defaults.py)")
+    runs = scan(prefix, defaults, ignore)
+    judged = {id(p): judge(*cell_runs(p, prefix, repo_root, runs, defaults, ignore)) for p in plans if p.runnable}
+    rows = []
     for p in plans:
         c = p.cell
-        runs = found.get(id(p), {})
-        best = mean_std([s["best_top1"] for s in runs.values()])
-        last = mean_std([s["last_top1"] for s in runs.values()])
-        status = p.status if not p.runnable else ("ok" if runs else "missing runs")
+        status, counted, key = judged.get(id(p), (p.status, {}, ""))
+        best = mean_std([r.summary["best_top1"] for r in counted.values()])
+        last = mean_std([r.summary["last_top1"] for r in counted.values()])
         teacher_used = ""
         if c.method == "teacher":
             used = set()
             for q in plans:  # distillation runs of this teacher in the same table
                 if q.runnable and q.cell.teacher == c.teacher and q.cell.method not in ("teacher", "student"):
-                    used |= {_teacher_used(s["_dir"], repo_root) for s in found[id(q)].values()
-                             if os.path.isfile(os.path.join(s["_dir"], "config.yaml"))}
+                    used |= {_teacher_used(r) for r in judged[id(q)][1].values()}
             teacher_used = ";".join(sorted(used))
         rows.append({
             "teacher": c.teacher, "student": c.student, "method": c.method, "note": c.note, "status": status,
-            "n": len(runs), "seeds": " ".join(str(k) for k in sorted(runs)),
+            "n": len(counted), "seeds": " ".join(str(k) for k in sorted(counted)),
             "best_mean": best[0], "best_std": best[1], "last_mean": last[0], "last_std": last[1],
-            "paper": c.top1, "diff": None if best[0] is None or c.top1 is None else best[0] - c.top1, "teacher_used": teacher_used,
+            "paper": c.top1, "diff": None if best[0] is None or c.top1 is None else best[0] - c.top1,
+            "teacher_used": teacher_used, "config_key": key,
         })
     return rows
 
@@ -97,15 +189,17 @@ def _pm(mean, std):
 
 
 def to_markdown(table, rows):
-    lines = [f"Table {table}: ours = mean ± sample std (n-1) over seeds of the best-epoch and last-epoch test top-1; "
-             "diff = ours (best) - paper.", "",
+    lines = [f"Table {table}: ours = mean ± sample std (n-1) over the n seeds of the best-epoch and last-epoch test "
+             "top-1 of finished runs with one config; diff = ours (best) - paper.", "",
              "| teacher | student | method | note | n | ours best | ours last | paper | diff | status / teacher used |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         extra = r["status"] + (f"; teacher used: {r['teacher_used']}" if r["teacher_used"] else "")
         diff = "" if r["diff"] is None else f"{r['diff']:+.2f}"
+        ours = ("refused", "refused") if r["status"].startswith("refused") else (
+            _pm(r["best_mean"], r["best_std"]), _pm(r["last_mean"], r["last_std"]))
         lines.append(f"| {r['teacher']} | {r['student']} | {r['method']} | {r['note']} | {r['n']} | "
-                     f"{_pm(r['best_mean'], r['best_std'])} | {_pm(r['last_mean'], r['last_std'])} | "
+                     f"{ours[0]} | {ours[1]} | "
                      f"{'-' if r['paper'] is None else format(r['paper'], '.2f')} | {diff} | {extra} |")
     return "\n".join(lines) + "\n"
 
