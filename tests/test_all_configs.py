@@ -40,7 +40,9 @@ def test_config_builds_and_takes_a_step(path):
     optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=0.01, momentum=0.9)
     size = INPUT[dataset]
     images, labels, index = torch.randn(batch, 3, size, size), targets[:batch], torch.arange(batch)
-    logits, terms = distiller.forward_train(images, labels, 1, index)
+    # epoch 2, through the trainers' entry point: a LOSS_RAMP is applied (factor 1/20 or 1/5, not 0) and the terms
+    # it names must exist
+    logits, terms = distiller.train_forward(images, labels, 2, index)
     assert logits.shape == (batch, classes)
     assert terms and all(t.kind in ("task", "distill") for t in terms.values())
     loss = total_loss(terms)

@@ -54,7 +54,7 @@ class TorchvisionKD:
         self.teacher = build_teacher(cfg, NUM_CLASSES).to(self.device).eval()
         s, kd = cfg.SOLVER, cfg.KD
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=s.LR, momentum=s.MOMENTUM,
-                                         weight_decay=s.WEIGHT_DECAY)
+                                         weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
         self.temperature, self.ce_weight, self.kd_weight = kd.TEMPERATURE, kd.LOSS.CE_WEIGHT, kd.LOSS.KD_WEIGHT
 
     def step(self, images, labels):

@@ -46,10 +46,17 @@ _C.SOLVER.LR_DECAY_RATE = 0.1
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warm-up from ~0 to LR, per iteration, over this many epochs
 _C.SOLVER.WEIGHT_DECAY = 5e-4
 _C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.NESTEROV = False  # Nesterov momentum (the KD++ family's SGD); not defined for SOLVER.TRAINER dot
 _C.SOLVER.DOT = CN()  # SOLVER.TRAINER dot: task momentum MOMENTUM - DELTA, distillation momentum MOMENTUM + DELTA
 _C.SOLVER.DOT.DELTA = 0.075  # CIFAR-100 KD; CRD and DKD 0.05, Tiny-ImageNet 0.075, ImageNet 0.09 (DOT appendix A.6)
 _C.SOLVER.DOT.GRAD_MODE = "two_pass"  # how the two gradients are computed: two_pass (two backwards) or batched
 _C.SOLVER.DOT.LOG_COSINE = False  # log cos(v_task, v) and cos(v_distill, v) every step (DOT fig. 5); costs a pass
+
+# Loss-weight ramp of the KD++ family (distillers/loss_ramp.py): the ramped terms are multiplied by
+# min(1, e / EPOCHS), e the 0-based epoch, so the first epoch has none of them. Not an LR warm-up.
+_C.LOSS_RAMP = CN()
+_C.LOSS_RAMP.EPOCHS = 0  # 0 = off; KD++ recipes: 20 on CIFAR-100, 5 on ImageNet
+_C.LOSS_RAMP.TERMS = []  # loss terms to ramp; empty = the method's own (KD: kd, DKD: dkd, DIST: dist, ...)
 
 _C.DISTRIBUTED = CN()  # used when launched by torchrun (RANK / WORLD_SIZE set); ignored in one process
 _C.DISTRIBUTED.SYNC_BN = False  # student BatchNorm statistics over the global batch (CUDA only)

@@ -46,6 +46,7 @@ def validate_config(cfg):
            f"must be in [0, SOLVER.EPOCHS) = [0, {s.EPOCHS}), got {s.WARMUP_EPOCHS}")
     _check(s.WEIGHT_DECAY >= 0, "SOLVER.WEIGHT_DECAY", f"must be >= 0, got {s.WEIGHT_DECAY}")
     _check(0 <= s.MOMENTUM < 1, "SOLVER.MOMENTUM", f"must be in [0, 1), got {s.MOMENTUM}")
+    _check(not s.NESTEROV or s.MOMENTUM > 0, "SOLVER.NESTEROV", "needs SOLVER.MOMENTUM > 0")
 
     _check(cfg.LOG.SAVE_CHECKPOINT_FREQ >= 0, "LOG.SAVE_CHECKPOINT_FREQ", "must be >= 0 (0 = last epoch only)")
     _check(cfg.LOG.TENSORBOARD_FREQ >= 0, "LOG.TENSORBOARD_FREQ", "must be >= 0 (0 = off)")
@@ -72,6 +73,10 @@ def validate_config(cfg):
     _check(sp.TEACHER_INT8_CALIBRATION > 0, "SPEED.TEACHER_INT8_CALIBRATION",
            f"must be > 0 images, got {sp.TEACHER_INT8_CALIBRATION}")
 
+    from ..distillers.loss_ramp import validate_loss_ramp
+
+    method = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE)
+    validate_loss_ramp(cfg, method)
     # Each component may check its own section.
-    DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).validate_config(cfg)
+    method.validate_config(cfg)
     TRAINER_REGISTRY.get(s.TRAINER).validate_config(cfg)

@@ -64,6 +64,7 @@ def at_loss(feats_student, feats_teacher, p=2.0):
 @DISTILLER_REGISTRY.register("AT")
 class AT(Distiller):
     config_section = "AT"
+    ramped_terms = ("at",)
 
     @classmethod
     def validate_config(cls, cfg):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .loss_ramp import apply_loss_ramp, ramp_factor, ramped_term_names
 from .losses import task_loss
 
 
@@ -23,6 +24,10 @@ class Distiller(nn.Module):
     #: how teacher_forward runs the teacher; the trainer sets both from SPEED (engine/speed.apply_speed)
     teacher_inference_mode = False
     teacher_dtype = None
+    #: the loss terms LOSS_RAMP ramps when LOSS_RAMP.TERMS is empty (loss_ramp.py): the method's distillation term
+    ramped_terms = ()
+    #: "SECTION.KEY" -> term: the method's own ramp of a term, which must not be combined with LOSS_RAMP's
+    own_ramp_keys = {}
 
     def __init__(self, student, teacher, cfg, meta=None):
         """`meta` describes the training set (num_train, num_classes, train_targets) for methods that need it."""
@@ -87,6 +92,15 @@ class Distiller(nn.Module):
     def forward_train(self, images, labels, epoch, index=None):
         """Return (student logits, {name: LossTerm}) for one training batch; `epoch` is 1-based."""
         raise NotImplementedError
+
+    def train_forward(self, images, labels, epoch, index=None):
+        """What the trainers call: forward_train, then the KD++-family loss-weight ramp (LOSS_RAMP) on the terms
+        it covers. Kept out of forward_train so that no method, nor X++ around X, has to remember it."""
+        logits, terms = self.forward_train(images, labels, epoch, index)
+        epochs = self.cfg.LOSS_RAMP.EPOCHS
+        if epochs > 0:
+            terms = apply_loss_ramp(terms, ramped_term_names(self.cfg, type(self)), ramp_factor(epochs, epoch))
+        return logits, terms
 
     def forward(self, images):
         """Evaluation uses the student alone."""

@@ -48,6 +48,7 @@ class Embed(nn.Module):
 @DISTILLER_REGISTRY.register("CRD")
 class CRD(Distiller):
     config_section = "CRD"
+    ramped_terms = ("crd",)
 
     @classmethod
     def validate_config(cls, cfg):

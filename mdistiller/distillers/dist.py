@@ -54,6 +54,7 @@ def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
 @DISTILLER_REGISTRY.register("DIST")
 class DIST(Distiller):
     config_section = "DIST"
+    ramped_terms = ("dist",)
 
     @classmethod
     def validate_config(cls, cfg):

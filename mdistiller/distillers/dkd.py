@@ -63,6 +63,8 @@ def dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature):
 @DISTILLER_REGISTRY.register("DKD")
 class DKD(Distiller):
     config_section = "DKD"
+    ramped_terms = ("dkd",)
+    own_ramp_keys = {"DKD.WARMUP": "dkd"}
 
     @classmethod
     def validate_config(cls, cfg):

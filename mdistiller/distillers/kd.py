@@ -31,6 +31,7 @@ def kd_loss(logits_student, logits_teacher, temperature):
 @DISTILLER_REGISTRY.register("KD")
 class KD(Distiller):
     config_section = "KD"
+    ramped_terms = ("kd",)
 
     @classmethod
     def validate_config(cls, cfg):

@@ -120,6 +120,8 @@ class ReviewFusion(nn.Module):
 @DISTILLER_REGISTRY.register("REVIEWKD")
 class ReviewKD(Distiller):
     config_section = "REVIEWKD"
+    ramped_terms = ("reviewkd",)
+    own_ramp_keys = {"REVIEWKD.WARMUP_EPOCHS": "reviewkd"}
 
     def __init__(self, student, teacher, cfg, meta=None):
         super().__init__(student, teacher, cfg, meta)

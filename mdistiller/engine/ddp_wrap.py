@@ -1,7 +1,7 @@
 """What the optimisation loop calls for a training forward: the distiller's forward_train, under DDP when several
 processes train.
 
-DDP wraps a module and hooks its `forward`, but a distiller's training step is `forward_train` (its `forward`
+DDP wraps a module and hooks its `forward`, but a distiller's training step is `train_forward` (its `forward`
 is the student alone, for evaluation). `TrainForward` is the thin module whose forward is that training step;
 one process calls it directly, several call it through DistributedDataParallel, so the loop has one code path.
 
@@ -24,7 +24,7 @@ class TrainForward(nn.Module):
         self.distiller = distiller
 
     def forward(self, images, labels, epoch, index):
-        return self.distiller.forward_train(images, labels, epoch, index)
+        return self.distiller.train_forward(images, labels, epoch, index)
 
 
 def _ignored_state(wrapper):

@@ -86,6 +86,9 @@ class DOTTrainer(Trainer):
                     f"config key SOLVER.DOT.DELTA: the {name} momentum SOLVER.MOMENTUM {sign} DELTA = {mu} {sign} "
                     f"{delta} = {value:g} is outside [0, 1); choose |DELTA| <= {min(mu, 1 - mu):g} (negative DELTA "
                     f"is the task-oriented ablation)")
+        if s.NESTEROV:
+            raise ConfigError("config key SOLVER.NESTEROV: the DOT trainer's update (two momentum buffers, DOT "
+                              "appendix Algorithm 2) is defined for plain momentum only; set SOLVER.NESTEROV False")
         if s.DOT.GRAD_MODE not in GRAD_MODES:
             raise ConfigError(f"config key SOLVER.DOT.GRAD_MODE: must be one of {', '.join(GRAD_MODES)}, "
                               f"got '{s.DOT.GRAD_MODE}'")

@@ -76,7 +76,7 @@ class Trainer:
     def build_optimizer(self):
         s = self.cfg.SOLVER
         return torch.optim.SGD(self.distiller.learnable_parameters(), lr=s.LR, momentum=s.MOMENTUM,
-                               weight_decay=s.WEIGHT_DECAY)
+                               weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
 
     def build_scaler(self):
         """The fp16 loss scale (SPEED.AMP fp16), or None: torch's GradScaler, which drives optimizer.step()."""
