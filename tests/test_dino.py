@@ -162,9 +162,11 @@ def test_projector_only_when_dims_differ_and_learnable():
     assert len(same.learnable_parameters()) == len(list(same.student.parameters()))
 
     diff, _ = make("KD++", "resnet8x4", "resnet8")  # 256-d teacher, 64-d student
-    proj = diff.dino_projector
-    assert isinstance(proj[0], nn.Linear) and (proj[0].in_features, proj[0].out_features) == (64, 256)
-    assert isinstance(proj[1], nn.BatchNorm1d)
+    proj = diff.dino_projector  # the authors' code: BatchNorm1d -> Dropout(0.5) -> Linear
+    assert [type(m) for m in proj] == [nn.BatchNorm1d, nn.Dropout, nn.Linear]
+    assert proj[0].num_features == 64 and proj[1].p == 0.5
+    assert (proj[2].in_features, proj[2].out_features) == (64, 256)
+    assert torch.equal(proj[0].weight, torch.ones(64)) and torch.equal(proj[0].bias, torch.zeros(64))
     ids = {id(p) for p in diff.learnable_parameters()}
     assert all(id(p) in ids for p in proj.parameters())
     assert not any(id(p) in ids for p in diff.teacher.parameters())
@@ -172,8 +174,10 @@ def test_projector_only_when_dims_differ_and_learnable():
     diff.train()
     _, terms = diff.forward_train(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 1)
     terms["dino"].value.backward()
-    assert proj[0].weight.grad is not None and proj[0].weight.grad.abs().sum() > 0
+    assert proj[2].weight.grad is not None and proj[2].weight.grad.abs().sum() > 0
 
+    paper, _ = make("KD++", "resnet8x4", "resnet8", "DINO.PROJECTOR", "linear_bn")
+    assert [type(m) for m in paper.dino_projector] == [nn.Linear, nn.BatchNorm1d]
     plain, _ = make("KD++", "resnet8x4", "resnet8", "DINO.PROJECTOR", "linear")
     assert len(plain.dino_projector) == 1
     with pytest.raises(ConfigError, match="DINO.PROJECTOR"):
@@ -292,11 +296,8 @@ def test_class_means_travel_with_the_learnable_state():
     assert torch.equal(b.dino_class_weights, a.dino_class_weights)
 
 
-def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
-    """Through the Trainer: the means are the teacher's features of the un-augmented training images."""
-    from mdistiller.data.cifar100 import MEAN, STD
-    from mdistiller.engine.trainer import VanillaTrainer
-
+def _class_means_run(tmp_path, *overrides):
+    """A 60-image CIFAR-100 set (labels 0..59 once each), a random resnet8 teacher checkpoint and a DKD++ config."""
     data = write_cifar100(str(tmp_path), n_train=60, n_test=20)
     torch.manual_seed(0)
     teacher = build_model("resnet8", "cifar100")
@@ -306,16 +307,30 @@ def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
         "DATASET.TYPE", "cifar100", "DATASET.ROOT", str(tmp_path), "DATASET.DOWNLOAD", "False",
         "DISTILLER.TYPE", "DKD++", "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8",
         "DISTILLER.TEACHER_CKPT", str(ckpt), "EXPERIMENT.DEVICE", "cpu", "SOLVER.BATCH_SIZE", "16",
-        "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TEST.BATCH_SIZE", "7"])
+        "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TEST.BATCH_SIZE", "7", *overrides])
+    return data, teacher, ckpt, cfg
+
+
+def _normalised(uint8_images):
+    from mdistiller.data.cifar100 import MEAN, STD
+
+    x = torch.as_tensor(uint8_images, dtype=torch.float32) / 255
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
+    """Through the Trainer, un-augmented recipe: the means are the teacher's features of the training images."""
+    from mdistiller.engine.trainer import VanillaTrainer
+
+    data, teacher, ckpt, cfg = _class_means_run(tmp_path, "DINO.CLASS_MEANS_AUGMENT", "False",
+                                                "DINO.CLASS_MEANS_DECIMALS", "-1")
     trainer = VanillaTrainer(cfg)
     d = trainer.distiller
     assert bool(d.dino_ready)
     images, labels = data["train"]
-    x = torch.tensor(images, dtype=torch.float32) / 255
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     teacher.eval()
     with torch.no_grad():
-        feats = teacher(x)[1]["pooled_feat"]
+        feats = teacher(_normalised(images))[1]["pooled_feat"]
     expected = torch.zeros(100, feats.shape[1])
     for i, k in enumerate(labels.tolist()):  # 60 images, labels 0..59 once each
         expected[k] = feats[i]
@@ -335,6 +350,39 @@ def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
     assert computed == [] and torch.equal(again.dino_class_means, d.dino_class_means)
 
 
+def test_authors_class_means_use_augmented_images_rounded_and_a_fixed_seed(tmp_path):
+    """The default recipe (the authors' script): each class mean is the teacher's (eval-mode) feature of one of the
+    162 training augmentations of the image - zero-pad 4, a 32x32 crop at one of 9 x 9 offsets, flipped or not -
+    with each value rounded to 4 decimals; the pass does not depend on EXPERIMENT.SEED; its cache name differs."""
+    from mdistiller.engine.trainer import VanillaTrainer
+
+    data, teacher, ckpt, cfg = _class_means_run(tmp_path)
+    means = VanillaTrainer(cfg).distiller.dino_class_means
+    images, labels = data["train"]
+    padded = torch.nn.functional.pad(torch.as_tensor(images), (4, 4, 4, 4))
+    teacher.eval()
+    augmented_somewhere = 0
+    for i, k in enumerate(labels.tolist()):
+        variants = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        variants += [v.flip(-1) for v in variants]
+        with torch.no_grad():
+            feats = teacher(_normalised(torch.stack(variants)))[1]["pooled_feat"].double()
+        rounded = torch.round(feats * 1e4) / 1e4
+        gap = (rounded - means[k].double()).abs().max(dim=1).values
+        assert gap.min() < 2e-4, f"class {k}: the mean is none of the image's 162 augmentations"
+        augmented_somewhere += int(gap.argmin()) != 4 * 9 + 4  # (4, 4) unflipped is the image itself
+    assert augmented_somewhere >= 50
+    scaled = means.double() * 1e4
+    assert (scaled - scaled.round()).abs().max() < 5e-3  # rounded to 4 decimals (float32 storage)
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    cache = f"{ckpt}.class_means.cifar100-n60-aug-r4.{sha}.pt"
+    assert os.path.isfile(cache) and not os.path.exists(f"{ckpt}.class_means.cifar100-n60.{sha}.pt")
+    os.remove(cache)
+    cfg.defrost()
+    cfg.EXPERIMENT.SEED = 7
+    assert torch.equal(VanillaTrainer(cfg).distiller.dino_class_means, means)
+
+
 @pytest.mark.slow
 def test_train_cli_kdpp_one_epoch_on_fashion_mnist(tmp_path):
     ckpt = tmp_path / "teacher" / "resnet20.pth"
@@ -351,7 +399,7 @@ def test_train_cli_kdpp_one_epoch_on_fashion_mnist(tmp_path):
         record = json.loads(f.readline())
     assert record["loss/dino"] > 0 and {"loss/ce", "loss/kd"} <= set(record)
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
-    cache = f"{ckpt}.class_means.fashion_mnist-n256.{sha}.pt"
+    cache = f"{ckpt}.class_means.fashion_mnist-n256-aug-r4.{sha}.pt"
     assert os.path.isfile(cache)
     tool = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compute_class_means.py"), *args],
                           capture_output=True, text=True, timeout=600)

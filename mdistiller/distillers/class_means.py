@@ -5,7 +5,13 @@ the teacher's weights and on which images are averaged. So they are cached in a 
 checkpoint, named after the checkpoint's content hash (not its name or mtime: re-training a teacher into the
 same path must not reuse stale means) and the data they were averaged over:
 
-    <checkpoint>.class_means.<dataset>-n<num images>.<sha256 of the checkpoint, 16 hex>.pt
+    <checkpoint>.class_means.<dataset>-n<num images>[-aug][-r<decimals>].<sha256 of the checkpoint, 16 hex>.pt
+
+Two recipes (DINO.CLASS_MEANS_AUGMENT, DINO.CLASS_MEANS_DECIMALS), each with its own cache name: the authors'
+(the default) averages the teacher's features of *augmented* training images - their script iterates the training
+set with its training transform, teacher in eval mode - rounding each feature value and each mean to 4 decimals;
+the other averages un-augmented images without rounding. The augmented pass draws its crops and flips from a fixed
+seed (data/unaugmented.augmented_train_loader), so it is the same for every run and every EXPERIMENT.SEED.
 
 holding {"format", "class_means" (C, D) float32, "class_counts" (C,) int64, "num_classes", "dim", "num_train",
 "checkpoint_sha256", "teacher", "dataset"}. A cache whose classes, dimension, image count or hash do not match
@@ -36,17 +42,20 @@ def cache_path(ckpt_path, sha256, tag):
 
 
 @torch.no_grad()
-def compute_class_means(teacher, batches, num_classes):
+def compute_class_means(teacher, batches, num_classes, decimals=-1):
     """(means (C, D) float32, counts (C,) int64) of teacher(images)[1]["pooled_feat"] per label.
 
     Sums are accumulated in float64 so the result does not depend on the batch size beyond float32 rounding
-    of the features themselves. A class without images gets a zero mean (its dino term is then constant)."""
+    of the features themselves. A class without images gets a zero mean (its dino term is then constant).
+    decimals >= 0 rounds every feature value, and every mean, to that many decimals (the authors' script)."""
     was_training = teacher.training
     teacher.eval()
     sums, counts = None, None
     for batch in batches:
         images, labels = batch[0], batch[1]
         feats = teacher(images)[1]["pooled_feat"].double()
+        if decimals >= 0:
+            feats = torch.round(feats, decimals=decimals)
         if sums is None:
             sums = feats.new_zeros(num_classes, feats.shape[1])
             counts = torch.zeros(num_classes, dtype=torch.int64, device=feats.device)
@@ -57,6 +66,8 @@ def compute_class_means(teacher, batches, num_classes):
     if sums is None:
         raise ValueError("no training images to compute teacher class means from")
     means = sums / counts.clamp_min(1).unsqueeze(1).double()
+    if decimals >= 0:
+        means = torch.round(means, decimals=decimals)
     return means.float().cpu(), counts.cpu()
 
 
@@ -86,7 +97,7 @@ def _remove_stale(path, ckpt_path, tag):
 
 
 def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag, num_train=None,
-                                force=False):
+                                force=False, decimals=-1, what="no augmentation"):
     """Class means for the teacher loaded from `ckpt_path`: from the cache when it matches, else computed from
     `batches_fn()` (an iterable of (images, labels, ...)) and cached. Returns (means, counts, cache path)."""
     from ..utils.checkpoint import load_file
@@ -104,9 +115,9 @@ def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag
             _info(f"teacher class means: loaded from {path}")
             return cache["class_means"].float(), cache["class_counts"].long(), path
         _info(f"teacher class means: cache {path} does not match ({problem}); recomputing")
-    _info("teacher class means: computing them over the training set (one teacher pass, no augmentation)")
+    _info(f"teacher class means: computing them over the training set (one teacher pass, {what})")
     start = time.perf_counter()
-    means, counts = compute_class_means(teacher, batches_fn(), num_classes)
+    means, counts = compute_class_means(teacher, batches_fn(), num_classes, decimals)
     if num_train is not None and int(counts.sum()) != num_train:
         raise RuntimeError(f"class-means pass saw {int(counts.sum())} images, the training set has {num_train}")
     cache = {"format": CACHE_FORMAT, "class_means": means, "class_counts": counts, "num_classes": num_classes,
@@ -125,16 +136,25 @@ def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag
 
 def class_means_for_run(cfg, teacher, meta, device, force=False):
     """The class means of this run's teacher over this run's (subset) training set, cached by checkpoint hash."""
-    from ..data.unaugmented import unaugmented_train_loader
+    from ..data.unaugmented import augmented_train_loader, unaugmented_train_loader
     from ..engine.teacher import teacher_ckpt_path
 
     ckpt = teacher_ckpt_path(cfg)
-    tag = f"{meta.name}-n{meta.num_train}"
+    augment, decimals = cfg.DINO.CLASS_MEANS_AUGMENT, cfg.DINO.CLASS_MEANS_DECIMALS
+    tag = class_means_tag(meta, augment, decimals)
+    loader = augmented_train_loader if augment else unaugmented_train_loader
+    what = "training augmentation, fixed seed" if augment else "no augmentation"
+    if decimals >= 0:
+        what += f", rounded to {decimals} decimals"
     # The pass draws no random numbers today; the fork keeps it so for any loader, so that a run which finds the
     # cache and one which computes it stay identical.
     device = torch.device(device)
     cuda = [] if device.type != "cuda" else [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda):
-        return load_or_compute_class_means(ckpt, teacher, meta.num_classes,
-                                           lambda: unaugmented_train_loader(cfg, device), tag,
-                                           num_train=meta.num_train, force=force)
+        return load_or_compute_class_means(ckpt, teacher, meta.num_classes, lambda: loader(cfg, device), tag,
+                                           num_train=meta.num_train, force=force, decimals=decimals, what=what)
+
+
+def class_means_tag(meta, augment, decimals):
+    """The data part of the cache name: which images (dataset, count), whether augmented, how rounded."""
+    return f"{meta.name}-n{meta.num_train}" + ("-aug" if augment else "") + (f"-r{decimals}" if decimals >= 0 else "")

@@ -5,9 +5,10 @@ The dino loss regularises the student's penultimate feature f_s of a sample of c
 class mean c_k (e_k = c_k / |c_k|) and the teacher's feature f_t of the same sample (eq. 5-7):
     |f_s| <  |f_t|:  1 - f_s.e_k / |f_t|   (eq. 5: grow the projection of f_s on e_k towards |f_t|)
     |f_s| >= |f_t|:  1 - f_s.e_k / |f_s|   (eq. 6: only the direction; the norm may keep growing)
-i.e. 1 - f_s.e_k / max(|f_s|, |f_t|), averaged as eq. 7 does: over the samples of each class, then over the
-classes. A batch estimates that average by weighting each sample by N / (C |I_k|) (N training images, |I_k| of
-its class, C classes that have images), which is 1 on a class-balanced training set (plain batch mean). The
+i.e. 1 - f_s.e_k / max(|f_s|, |f_t|), averaged over the batch as the authors' code does. Eq. 7 as printed averages
+over the samples of each class, then over the classes (DINO.CLASS_BALANCED): a batch estimates that by weighting
+each sample by N / (C |I_k|) (N training images, |I_k| of its class, C classes that have images), which is 1 on a
+class-balanced training set, where both agree. The
 constant 1 that eq. 7 drops is kept so the logged term reads as a distance (0 when aligned and long enough);
 gradients are the same. The total is eq. 8: X's own loss + DINO.WEIGHT * dino, X's CE/KD weights staying in
 X's own section.
@@ -23,8 +24,11 @@ in buffers, so checkpoints carry them and evaluation/resume use exactly the mean
 built by hand and never prepared has zero means: its dino term is then a constant 1 with no gradient (and a
 warning), which keeps smoke tests of any X++ runnable without data.
 
-A student whose feature size differs from the teacher's gets a learnable Linear (+ BatchNorm1d) projector to the
-teacher's size (KD++ appendix A); the student's own classifier still reads the unprojected feature.
+A student whose feature size differs from the teacher's gets a learnable projector to the teacher's size; the
+student's own classifier still reads the unprojected feature. The default is the authors' code, which produced
+the tables: BatchNorm1d -> Dropout(0.5) -> Linear (the paper's text describes "FC followed by BN", kept as
+`linear_bn`). Their wrapper also re-initialises every Linear of the student and projector (DINO.LINEAR_INIT):
+on CIFAR it zeroes the biases, on ImageNet it draws weights and biases from N(0, 0.01).
 """
 
 import warnings
@@ -43,12 +47,27 @@ _cfg = CN()
 # beta of eq. 8. KD++ repository, CIFAR (CE/KD/dino): res56-res20 1/1/2, res32x4-res8x4 1/3.5/2, wrn40_2-wrn40_1
 # 1/1/1.5, res50-mv2 1/3/0.5, res32x4-shuv1 1/2.5/1.5, res32x4-shuv2 1/4/0.5 (the CE/KD weights are X's keys).
 _cfg.WEIGHT = 2.0
-_cfg.PROJECTOR = "linear_bn"  # when student and teacher feature sizes differ: linear_bn (the paper's) or linear
+# When student and teacher feature sizes differ: bn_dropout_linear (the authors' code: BatchNorm1d -> Dropout(0.5) ->
+# Linear), linear_bn (the paper's text: Linear -> BatchNorm1d) or linear.
+_cfg.PROJECTOR = "bn_dropout_linear"
+# How the Linear layers of the student and the projector are (re-)initialised, as the authors' student wrapper does:
+# default (each module's own init), zero_bias (KD++ CIFAR code: every bias 0) or normal (KD++ ImageNet code: every
+# weight and bias ~ N(0, 0.01)). BatchNorm1d of the projector: weight 1, bias 0 in all cases.
+_cfg.LINEAR_INIT = "default"
+# Teacher class means over the training set (class_means.py): as the authors computed them, from *augmented*
+# training images (the training transform, teacher in eval mode), each feature and each mean rounded to 4 decimals;
+# or CLASS_MEANS_AUGMENT False / CLASS_MEANS_DECIMALS -1 for the un-augmented, unrounded means.
+_cfg.CLASS_MEANS_AUGMENT = True
+_cfg.CLASS_MEANS_DECIMALS = 4  # -1 = no rounding
 _cfg.NORM_MARGIN = 0.0  # m of appendix B.4: the teacher norm in the max is scaled by (1 + m)
-_cfg.CLASS_BALANCED = True  # eq. 7's per-class average (weights N / (C |I_k|)); False: plain batch mean
+# False: the plain batch mean of the authors' code (all their datasets are balanced or nearly so); True: eq. 7's
+# per-class average as the paper writes it (sample weights N / (C |I_k|)), equal to it on a balanced training set.
+_cfg.CLASS_BALANCED = False
 register_config_section("DINO", _cfg)
 
-PROJECTORS = ("linear_bn", "linear")
+PROJECTORS = ("bn_dropout_linear", "linear_bn", "linear")
+LINEAR_INITS = ("default", "zero_bias", "normal")
+PROJECTOR_DROPOUT = 0.5
 
 
 def dino_loss(feat_student, feat_teacher, class_means, labels, weight=None, norm_margin=0.0):
@@ -74,12 +93,37 @@ def class_weights(counts):
 
 
 def build_projector(dim_student, dim_teacher, kind):
+    """The student-to-teacher feature projector (identity when the sizes agree); BatchNorm1d weight 1, bias 0."""
     if dim_student == dim_teacher:
         return nn.Identity()
-    layers = [nn.Linear(dim_student, dim_teacher)]
-    if kind == "linear_bn":
-        layers.append(nn.BatchNorm1d(dim_teacher))
+    if kind == "bn_dropout_linear":
+        layers = [nn.BatchNorm1d(dim_student), nn.Dropout(PROJECTOR_DROPOUT), nn.Linear(dim_student, dim_teacher)]
+    else:
+        layers = [nn.Linear(dim_student, dim_teacher)]
+        if kind == "linear_bn":
+            layers.append(nn.BatchNorm1d(dim_teacher))
+    for m in layers:
+        if isinstance(m, nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
+
+
+def init_linears(modules, kind):
+    """Re-initialise every nn.Linear in `modules` as the authors' student wrapper does (see DINO.LINEAR_INIT)."""
+    if kind == "default":
+        return
+    for module in modules:
+        for m in module.modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if kind == "normal":
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                if kind == "normal":
+                    nn.init.normal_(m.bias, 0.0, 0.01)
+                else:
+                    nn.init.zeros_(m.bias)
 
 
 class _FirstOutput:
@@ -125,6 +169,7 @@ class PlusPlus:
 
             num_classes = num_classes_for(cfg.DATASET.TYPE)
         self.dino_projector = build_projector(student.feat_dim, teacher.feat_dim, cfg.DINO.PROJECTOR)
+        init_linears((student, self.dino_projector), cfg.DINO.LINEAR_INIT)
         self.register_buffer("dino_class_means", torch.zeros(num_classes, teacher.feat_dim))
         self.register_buffer("dino_class_weights", torch.ones(num_classes))
         self.register_buffer("dino_ready", torch.zeros((), dtype=torch.bool))
@@ -139,6 +184,12 @@ class PlusPlus:
         if d.PROJECTOR not in PROJECTORS:
             raise ConfigError(f"config key DINO.PROJECTOR: must be one of {', '.join(PROJECTORS)}, got "
                               f"'{d.PROJECTOR}'")
+        if d.LINEAR_INIT not in LINEAR_INITS:
+            raise ConfigError(f"config key DINO.LINEAR_INIT: must be one of {', '.join(LINEAR_INITS)}, got "
+                              f"'{d.LINEAR_INIT}'")
+        if d.CLASS_MEANS_DECIMALS < -1:
+            raise ConfigError(f"config key DINO.CLASS_MEANS_DECIMALS: must be >= 0 decimals, or -1 for no rounding, "
+                              f"got {d.CLASS_MEANS_DECIMALS}")
         if d.NORM_MARGIN <= -1:
             raise ConfigError(f"config key DINO.NORM_MARGIN: must be > -1 (teacher norm x (1 + m)), got "
                               f"{d.NORM_MARGIN}")
