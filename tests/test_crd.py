@@ -1,6 +1,7 @@
 """CRD against hand computations: memory update rule, class-aware sampling, NCE value and Z, rank-synchronised
 memory under torch.distributed (2 CPU processes, gloo), and checkpoint round trips."""
 
+import itertools
 import math
 import os
 
@@ -15,6 +16,7 @@ from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
 from mdistiller.distillers.crd_memory import ContrastMemory, nce_loss, row_scores
+from mdistiller.distillers.crd_negatives import sample_positions
 from mdistiller.utils.errors import ConfigError
 
 T = 0.07
@@ -113,6 +115,120 @@ def test_negatives_from_other_classes_and_positives(mode):
     candidates = (UNBALANCED != 2).nonzero().flatten()
     assert freq[UNBALANCED == 2].sum() == 0
     assert torch.allclose(freq[candidates], torch.full((8,), 1 / 8, dtype=torch.float64), atol=0.015)
+
+
+def _other_class(targets, label):
+    return {i for i, t in enumerate(targets.tolist()) if t != label}
+
+
+def _chi_square(counts, cells):
+    """Pearson's statistic of observed counts (a dict) against equal expected counts over `cells`."""
+    total = sum(counts.values())
+    assert set(counts) <= set(cells)
+    expected = total / len(cells)
+    return sum((counts.get(c, 0) - expected) ** 2 / expected for c in cells)
+
+
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_negatives_are_uniform_k_subsets_of_the_other_classes(k):
+    """np.random.choice(pool, K, replace=False), as CRD draws them, makes every K-subset of the other classes'
+    samples equally likely: checked with a chi-square over all C(pool, K) subsets. UNBALANCED's pools are 8
+    (classes 0, 2), 9 (class 1) and 11 (class 3), so K 3 .. 8 covers both ways of drawing (K <= pool / 2,
+    K > pool / 2) and a whole pool (K = 8 for classes 0 and 2)."""
+    torch.manual_seed(0)
+    mem = ContrastMemory(4, UNBALANCED, k, T, 0.5)
+    reps = 12000
+    idx = mem.sample(torch.arange(12).repeat(reps))
+    assert idx.shape == (12 * reps, 1 + k)
+    counts = [{} for _ in range(4)]  # per anchor class: K-subset -> times drawn
+    for row, label in zip(idx[:, 1:].tolist(), UNBALANCED.repeat(reps).tolist()):
+        assert len(set(row)) == k, row  # no repeat within a row
+        key = tuple(sorted(row))
+        counts[label][key] = counts[label].get(key, 0) + 1
+    for label in range(4):
+        cells = list(itertools.combinations(sorted(_other_class(UNBALANCED, label)), k))
+        assert set(counts[label]) <= set(cells)  # only other-class samples
+        dof = len(cells) - 1
+        if dof == 0:  # K = pool: the whole pool, once each
+            continue
+        # every subset, hence every other-class sample, is reachable
+        assert len(counts[label]) == len(cells), (label, k)
+        # Pearson's statistic has mean dof and sd sqrt(2 dof): 6 sd above the mean is far in the tail for an
+        # honest sampler, while one that favours a candidate by a tenth fails by an order of magnitude
+        assert _chi_square(counts[label], cells) < dof + 6 * math.sqrt(2 * dof), (label, k)
+
+
+def test_negatives_at_cifar_scale_are_distinct_and_cover_the_other_classes():
+    """CIFAR-100's shape: 50,000 samples of 100 classes, K 16384, batch 64. Drawing i.i.d. would repeat about
+    15% of a row; here no row repeats and none holds its own class. Over n draws for one anchor class, a
+    sample is in a row with probability p = K / pool, independently per row, so its count is Binomial(n, p):
+    variance n p (1 - p), where i.i.d. draws would give about n p (Poisson)."""
+    targets = torch.arange(50000) % 100
+    torch.manual_seed(0)
+    mem = ContrastMemory(4, targets, 16384, T, 0.5)
+    assert mem.num_negatives == 16384
+    g = torch.Generator().manual_seed(0)
+    index = torch.randperm(50000, generator=g)[:64]
+    idx = mem.sample(index)
+    assert idx.shape == (64, 16385) and torch.equal(idx[:, 0], index)
+    assert (idx[:, 1:].sort(1).values.diff(1) > 0).all()  # no repeat within a row
+    assert (targets[idx[:, 1:]] != targets[index][:, None]).all()
+    n, p = 60, 16384 / 49500
+    freq = torch.bincount(mem.sample(torch.full((n,), 7))[:, 1:].flatten(), minlength=50000).double()
+    other = targets != 7
+    assert (freq[~other] == 0).all()
+    assert (freq[other] > 0).all()  # every other-class sample reached; P(missed) = (1 - p)^60 per sample
+    assert freq.max().item() <= n  # at most once per row
+    assert freq[other].var().item() == pytest.approx(n * p * (1 - p), rel=0.05)
+
+
+def test_k_above_the_pool_draws_with_replacement_and_covers_the_pool():
+    """CRD's fallback (replace=True only when K > pool): i.i.d. uniform over the pool. ContrastMemory never
+    needs it (K is capped), so the sampler is checked directly, next to rows whose pool is large enough."""
+    torch.manual_seed(0)
+    pool = torch.tensor([3, 8, 20] * 2000)
+    pos = sample_positions(pool, 5)
+    assert pos.shape == (6000, 5)
+    assert ((pos >= 0) & (pos < pool[:, None])).all()
+    small, mid, big = pos[pool == 3], pos[pool == 8], pos[pool == 20]
+    assert all(len(set(r)) == 5 for r in mid.tolist() + big.tolist())  # K <= pool: distinct
+    # K > pool: i.i.d. uniform, so each of the 3 positions is drawn 1/3 of the time in every column, and all
+    # 3^5 = 243 sequences occur (2000 rows, about 8 each)
+    for column in small.t():
+        freq = torch.bincount(column, minlength=3).double() / column.numel()
+        assert torch.allclose(freq, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.04)
+    assert len({tuple(r) for r in small.tolist()}) == 243
+    # the distinct rows cover their pools uniformly: each position in K / pool of the rows
+    for rows, size in ((mid, 8), (big, 20)):
+        freq = torch.bincount(rows.flatten(), minlength=size).double() / rows.shape[0]
+        assert torch.allclose(freq, torch.full((size,), 5 / size, dtype=torch.float64), atol=0.04)
+
+
+def test_sample_positions_edge_cases():
+    torch.manual_seed(0)
+    assert sample_positions(torch.tensor([4, 9]), 0).shape == (2, 0)
+    assert sample_positions(torch.tensor([], dtype=torch.int64), 5).shape == (0, 5)
+    one = sample_positions(torch.tensor([6, 6, 1]), 1)  # K = 1, and a pool of one
+    assert one[2].item() == 0 and 0 <= one[0].item() < 6 and 0 <= one[1].item() < 6
+    full = sample_positions(torch.full((50,), 7), 7)  # K = pool: a permutation of the pool
+    assert all(sorted(r) == list(range(7)) for r in full.tolist())
+    with pytest.raises(ValueError, match="pool"):
+        sample_positions(torch.tensor([3, 0]), 2)
+
+
+def test_same_rng_state_same_negatives_next_step_others():
+    """The draw follows the global torch RNG, which the trainer seeds from EXPERIMENT.SEED and checkpoints:
+    the same state (seed, epoch, step) gives the same negatives, the next step new ones."""
+    mem = ContrastMemory(4, torch.arange(2000) % 20, 512, T, 0.5, mode="relax")
+    index = torch.arange(0, 2000, 37)
+    torch.manual_seed(3)
+    first, second = mem.sample(index), mem.sample(index)
+    torch.manual_seed(3)
+    assert torch.equal(mem.sample(index), first)
+    assert torch.equal(mem.sample(index), second)
+    assert not torch.equal(first, second)
+    torch.manual_seed(4)
+    assert not torch.equal(mem.sample(index), first)
 
 
 # --- NCE -----------------------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@ can be tested against hand computations.
 
 Two banks of num_train x dim rows hold a running (momentum) average of every training sample's student and
 teacher embedding. A student embedding is contrasted against the teacher bank and vice versa: its positive is
-a row of its own sample ("exact") or of a random same-class sample ("relax"), its K negatives rows of random
+a row of its own sample ("exact") or of a random same-class sample ("relax"), its K negatives rows of K distinct
 samples of other classes. The banks, and the NCE normalisation constant Z, are buffers, so a checkpoint holds
 them and a resumed run continues with exactly the same state.
 
-Negatives are drawn with replacement from the samples of other classes, as in CRD, using the global torch RNG
-of the bank's device (which the trainer checkpoints, so resume draws the same ones). K is capped at the size
-of the smallest such pool, num_train - (largest class count): on a small training subset every anchor then
-still has at least K distinct candidates, and the noise term K * Pn = K / num_train stays below 1.
+A row's K negatives are K distinct samples of the other classes, a uniformly random K-subset of that pool, as
+CRD draws them (np.random.choice without replacement; crd_negatives.py does it batched). CRD falls back to
+drawing with replacement when K exceeds the pool; here that cannot happen, because K is capped at the size of
+the smallest pool, num_train - (largest class count): on a small training subset every anchor then still has
+K distinct candidates, and the noise term K * Pn = K / num_train stays below 1. The draw uses the global torch
+RNG of the bank's device (which the trainer seeds and checkpoints, so a resumed run draws the same ones).
 
 Under torch.distributed with world_size > 1 each rank draws its own negatives, but the memory update and the
 Z estimate use the embeddings, indices and statistics of all ranks (all-gathered in rank order), so every
@@ -24,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.distributed import all_gather_rows
+from .crd_negatives import sample_positions
 
 MODES = ("exact", "relax")
 
@@ -89,13 +92,12 @@ class ContrastMemory(nn.Module):
         self._z_ready = False  # re-read from the loaded buffer on the next step
 
     def sample(self, index):
-        """(B, 1 + K) dataset indices per anchor: the positive, then K negatives of other classes."""
+        """(B, 1 + K) dataset indices per anchor: the positive, then K distinct samples of other classes (in no
+        particular order)."""
         labels = self.targets[index]
         start, count = self.class_start[labels], self.class_count[labels]
-        pool = (self.num_train - count).unsqueeze(1)
-        u = torch.rand(index.shape[0], self.num_negatives, device=index.device, dtype=torch.float64)
-        pos = torch.minimum((u * pool).long(), pool - 1)
-        pos = pos + (pos >= start.unsqueeze(1)) * count.unsqueeze(1)
+        pos = sample_positions(self.num_train - count, self.num_negatives)
+        pos = pos + (pos >= start.unsqueeze(1)) * count.unsqueeze(1)  # skip the anchor's own class block
         negatives = self.order[pos]
         if self.mode == "exact":
             positive = index

@@ -1,0 +1,98 @@
+"""Per-row sampling of K distinct positions for CRD's negatives, batched over rows (no loop over rows or pool).
+
+CRD (RepDistiller's CIFAR100InstanceSample) draws a row's K negatives from the samples of the other classes
+*without* replacement, and with replacement only when K exceeds that pool. Here row b's pool is the positions
+0 .. pool[b] - 1 (crd_memory.py maps them to dataset indices).
+
+Without replacement, a uniform K-subset is drawn by redrawing collisions: draw K positions i.i.d. (generated in
+ascending order, so repeats are neighbours), keep the distinct ones, draw as many new positions as are missing,
+keep those not seen yet, and so on. Each round treats
+every position alike, so the distribution of the final set is invariant under any permutation of the pool, and
+the only such distribution over K-subsets is the uniform one. Rounds shrink the missing count by a factor of
+about K / pool, so when K > pool / 2 the pool - K positions to *leave out* are drawn that way instead. Memory
+stays O(rows x K) (O(rows x pool) only in that complement case, where pool < 2K); no row permutes its pool.
+
+A row's positions come back in no particular order (mostly ascending: the first draw is sorted, redrawn slots
+are not); the NCE loss sums over negatives, so order does not matter. Randomness comes from the global torch RNG
+of pool's device, so a given RNG state always gives the same positions.
+"""
+
+import torch
+
+
+def _uniform_below(high):
+    """One uniform integer in [0, high[i]) per entry of high (int64 tensor), from float64 uniforms."""
+    u = torch.rand(high.shape, device=high.device, dtype=torch.float64)
+    return torch.minimum((u * high).long(), high - 1)
+
+
+def _sorted_uniform_below(high, counts):
+    """counts[r] i.i.d. uniform integers in [0, high[r]) for each row r, ascending within a row, flat in row
+    order, without a sort: with E_1 .. E_{n+1} i.i.d. Exp(1) and S_i their partial sums, S_1 / S_{n+1} <= ..
+    <= S_n / S_{n+1} are distributed as n sorted i.i.d. U(0, 1)."""
+    width = int(counts.max()) if counts.numel() else 0
+    sums = torch.empty(counts.numel(), width + 1, device=high.device, dtype=torch.float64).exponential_()
+    sums = sums.cumsum_(1)
+    u = sums[:, :width] / sums.gather(1, counts.unsqueeze(1))
+    values = torch.minimum((u * high.unsqueeze(1)).long(), (high - 1).unsqueeze(1))
+    if bool((counts == width).all()):
+        return values.view(-1)
+    return values[torch.arange(width, device=high.device) < counts.unsqueeze(1)]
+
+
+def _distinct_keys(pool, counts, stride):
+    """Keys row * stride + position, rows in order: counts[r] distinct positions in [0, pool[r]) for row r.
+
+    Meant for counts <= pool / 2, where each redraw round leaves at most about half the missing ones missing.
+    The first draw comes sorted; a slot holding a repeat of its left neighbour gets a fresh candidate, which
+    is kept if it is neither in that draw, nor among the candidates kept in earlier rounds, nor a repeat of
+    another candidate of this round, and is redrawn otherwise."""
+    rows = torch.repeat_interleave(torch.arange(pool.numel(), device=pool.device), counts)
+    keys = rows * stride + _sorted_uniform_below(pool, counts)
+    slots = (keys[1:] == keys[:-1]).nonzero().squeeze(1) + 1
+    known = [keys]  # sorted chunks: the first draw, then each later round's accepted candidates
+    keys = keys.clone()  # the result: the first draw with its repeats replaced
+    while slots.numel():
+        cand, order = torch.sort(rows[slots] * stride + _uniform_below(pool[rows[slots]]), stable=True)
+        slots = slots[order]
+        fresh = torch.ones_like(cand, dtype=torch.bool)
+        fresh[1:] = cand[1:] != cand[:-1]
+        for seen in known:
+            at = torch.searchsorted(seen, cand).clamp_(max=seen.numel() - 1)
+            fresh &= seen[at] != cand
+        keys[slots[fresh]] = cand[fresh]
+        if fresh.any():
+            known.append(cand[fresh])  # still sorted
+        slots = slots[~fresh]
+    return keys
+
+
+def sample_positions(pool, k):
+    """(B, k) int64: row b holds k positions in [0, pool[b]), distinct when k <= pool[b], else i.i.d. uniform
+    (with replacement, as CRD does when K exceeds the pool). pool: (B,) int64 tensor of pool sizes >= 1."""
+    pool = torch.as_tensor(pool, dtype=torch.int64)
+    if k < 0 or (pool.numel() and int(pool.min()) < 1):
+        raise ValueError(f"sample_positions needs k >= 0 and pools of at least one position, got k={k}, "
+                         f"smallest pool {int(pool.min()) if pool.numel() else None}")
+    out = torch.empty(pool.numel(), k, dtype=torch.int64, device=pool.device)
+    if pool.numel() == 0 or k == 0:
+        return out
+    replace = pool < k
+    complement = ~replace & (2 * k > pool)
+    sparse = ~replace & ~complement
+    if replace.any():
+        p = pool[replace].unsqueeze(1).expand(-1, k)
+        out[replace] = _uniform_below(p)
+    if sparse.any():
+        p = pool[sparse]
+        stride = int(p.max())
+        keys = _distinct_keys(p, torch.full_like(p, k), stride)
+        out[sparse] = (keys % stride).view(-1, k)
+    if complement.any():
+        p = pool[complement]
+        stride = int(p.max())
+        keys = _distinct_keys(p, p - k, stride)  # the positions to leave out
+        keep = torch.arange(stride, device=pool.device) < p.unsqueeze(1)
+        keep.view(-1)[keys] = False
+        out[complement] = keep.nonzero()[:, 1].view(-1, k)
+    return out
