@@ -13,6 +13,9 @@ distiller hooking into each architecture, every model returns them from `forward
     stage: the last block's sum of branch and shortcut). The stem has no separate pre-activation tap, so
     its entry is the same post-ReLU stem output as in "feats".
   - "pooled_feat": the penultimate vector fed to the classifier, always shape (N, C) with C == feat_dim.
+Exception: the pre-activation Wide ResNets keep the published taps: "feats" are the stem conv and the raw
+residual sums (the last one before the final BN-ReLU), "preact_feats" those sums through the next BN
+(cifar/wrn.py).
 
 Models also report their shapes, so distillers size connectors (1x1 convs, projection heads) from the model
 instead of from hand-written per-architecture tables:

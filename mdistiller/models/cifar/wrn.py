@@ -6,9 +6,19 @@ final BN-ReLU. Module names (conv1, blockK.layer.i.{bn1,conv1,bn2,conv2,convShor
 those of the published checkpoints. When a block changes width or stride, its shortcut is a 1x1 conv applied to
 the *activated* input, as in the original design (both branches see BN-ReLU(x)).
 
-Features (models/base.py), 4 entries: [stem conv, block1, block2, relu(bn1(block3))]. In a pre-activation
-network stage outputs are residual sums that no ReLU follows, so for the first three entries preact_feats is the
-very same tensor; for the last it is bn1(block3) before the final ReLU.
+Features (models/base.py): the published taps exactly, which AT and ReviewKD read, so a WRN pair optimises the
+published loss. A pre-activation stage ends in a residual sum with no ReLU after it, so:
+  - feats = [stem conv, block1, block2, block3], every entry a raw residual sum (the stem conv has no BN/ReLU);
+    the last is block3's output *before* the final BN-ReLU, unlike every other model's post-ReLU last stage;
+  - preact_feats = [stem conv, block2.layer[0].bn1(block1), block3.layer[0].bn1(block2), bn1(block3)]: each
+    stage output through the BN that the next block (or the head) applies before its ReLU;
+  - pooled_feat = the channel means of relu(bn1(block3)), the classifier's input.
+The published model computes the three BN taps by calling those BNs a second time after the forward pass, so
+in training mode their running statistics move twice per batch. We do the same in training mode, which keeps a
+trained WRN student's BN statistics (hence its eval accuracy) those of the published training. In eval mode
+the values are the same either way, and each BN runs once, its output feeding both its ReLU and the tap: a BN
+module called at two sites would be fused with the ReLU at both by the int8 teacher's quantization
+(SPEED.TEACHER_INT8), and the taps would lose their negative half.
 """
 
 import torch.nn as nn
@@ -30,8 +40,9 @@ class PreActBlock(nn.Module):
         if not self.equal_in_out:
             self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
-    def forward(self, x):
-        act = F.relu(self.bn1(x))
+    def forward(self, x, pre=None):
+        """`pre`: bn1(x) when the caller already computed it (the network's pre-activation tap)."""
+        act = F.relu(self.bn1(x) if pre is None else pre)
         out = F.relu(self.bn2(self.conv1(act)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
@@ -47,8 +58,12 @@ class WRNStage(nn.Module):
         self.layer = nn.Sequential(*[PreActBlock(in_planes if i == 0 else out_planes, out_planes,
                                                  stride if i == 0 else 1, drop_rate) for i in range(n)])
 
-    def forward(self, x):
-        return self.layer(x)
+    def forward(self, x, pre=None):
+        """`pre`: the first block's bn1(x), when the caller already computed it."""
+        x = self.layer[0](x, pre)
+        for block in self.layer[1:]:
+            x = block(x)
+        return x
 
 
 class WideResNet(ClassifierWithFeatures):
@@ -73,11 +88,16 @@ class WideResNet(ClassifierWithFeatures):
     def forward(self, x):
         f0 = self.conv1(x)
         f1 = self.block1(f0)
-        f2 = self.block2(f1)
-        pre3 = self.bn1(self.block3(f2))
-        f3 = F.relu(pre3)
-        pooled = self.avgpool(f3).flatten(1)
-        return self.fc(pooled), self.make_features([f0, f1, f2, f3], [f0, f1, f2, pre3], pooled)
+        pre1 = self.block2.layer[0].bn1(f1)
+        f2 = self.block2(f1, pre1)
+        pre2 = self.block3.layer[0].bn1(f2)
+        f3 = self.block3(f2, pre2)
+        pre3 = self.bn1(f3)
+        pooled = self.avgpool(F.relu(pre3)).flatten(1)
+        logits = self.fc(pooled)
+        if self.training:  # the published second calls (module docstring): same values, statistics move again
+            pre1, pre2, pre3 = self.block2.layer[0].bn1(f1), self.block3.layer[0].bn1(f2), self.bn1(f3)
+        return logits, self.make_features([f0, f1, f2, f3], [f0, pre1, pre2, pre3], pooled)
 
 
 def _register(depth, k):
