@@ -29,10 +29,11 @@ def _uniform_below(high):
 def _sorted_uniform_below(high, counts):
     """counts[r] i.i.d. uniform integers in [0, high[r]) for each row r, ascending within a row, flat in row
     order, without a sort: with E_1 .. E_{n+1} i.i.d. Exp(1) and S_i their partial sums, S_1 / S_{n+1} <= ..
-    <= S_n / S_{n+1} are distributed as n sorted i.i.d. U(0, 1)."""
+    <= S_n / S_{n+1} are distributed as n sorted i.i.d. U(0, 1). The sums are taken in fixed point (int64, in
+    units of 2^-32), because integer sums do not depend on the order a GPU adds them in, float sums do."""
     width = int(counts.max()) if counts.numel() else 0
-    sums = torch.empty(counts.numel(), width + 1, device=high.device, dtype=torch.float64).exponential_()
-    sums = sums.cumsum_(1)
+    spacings = torch.empty(counts.numel(), width + 1, device=high.device, dtype=torch.float64).exponential_()
+    sums = (spacings * 2.0 ** 32).long().cumsum_(1).double()  # exact in float64 while below 2^53
     u = sums[:, :width] / sums.gather(1, counts.unsqueeze(1))
     values = torch.minimum((u * high.unsqueeze(1)).long(), (high - 1).unsqueeze(1))
     if bool((counts == width).all()):
