@@ -4,7 +4,12 @@
     torchrun --nproc_per_node=4 tools/train.py --cfg ...      # DistributedDataParallel, SOLVER.BATCH_SIZE global
 
 Writes <LOG.PREFIX>/<run name>/ with config.yaml, train.log, metrics.jsonl, summary.json, TensorBoard events and
-checkpoints; --resume continues an interrupted run exactly where its last checkpoint left it.
+checkpoints; --resume continues an interrupted run exactly where its last checkpoint left it. --resume with a
+larger SOLVER.EPOCHS extends a finished run: training continues from latest.pth as if the run had been started
+with that many epochs, provided the epochs already trained keep their learning rates (decay stages may be added
+past them) and no other key changes; anything else is refused with the key named.
+
+    python tools/train.py --cfg configs/fashion_mnist/vanilla/resnet8.yaml --resume SOLVER.EPOCHS 8
 """
 
 import argparse
@@ -20,7 +25,7 @@ from mdistiller.utils.cli import run_cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="config file (YAML) over the package defaults")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its latest.pth")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its latest.pth (with a larger SOLVER.EPOCHS: extend it)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg, args.opts)

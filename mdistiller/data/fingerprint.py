@@ -11,25 +11,31 @@ the same size.
 
 import hashlib
 import os
+import time
 
-_CACHE = {}  # (path, size, mtime) -> digest: the main job reads the same files for every run
+# (path, size, mtime) -> digest: the main job reads the same files for every run, and a run hashes its teacher
+# checkpoint twice (KD++'s class-means cache key, the summary.json ledger): each file is read once per process.
+_CACHE = {}
+# File timestamps are coarse (a kernel tick, or seconds on some file systems): a file rewritten with the same size
+# just after it was hashed can keep its mtime. Only files last written longer ago than this are remembered.
+_SETTLED_NS = 3_000_000_000
 
 
 def file_sha256(path, chunk=1 << 20):
-    """SHA-256 hex digest of a file's content, read in chunks (also what keys KD++'s class-means cache)."""
+    """SHA-256 hex digest of a file's content, read in chunks (also what keys KD++'s class-means cache).
+
+    Remembered per (absolute path, size, mtime) once the file has settled: a rewrite gets a new mtime."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
+    if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+        _CACHE[key] = h.hexdigest()
     return h.hexdigest()
-
-
-def _file_digest(path):
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _CACHE:
-        _CACHE[key] = file_sha256(path)
-    return _CACHE[key]
 
 
 def _folder_digest(path):
@@ -48,6 +54,6 @@ def fingerprint(sources):
         return ""
     h = hashlib.sha256()
     for source in sources:
-        digest = _folder_digest(source) if os.path.isdir(source) else _file_digest(source)
+        digest = _folder_digest(source) if os.path.isdir(source) else file_sha256(source)
         h.update(f"{os.path.basename(os.path.normpath(source))}:{digest}\n".encode())
     return h.hexdigest()

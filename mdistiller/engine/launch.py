@@ -16,11 +16,14 @@ import yaml
 
 from ..data.fingerprint import fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
+from ..utils.checkpoint import load_file
 from ..utils.errors import UserError
 from ..utils.logger import setup_logger
 from ..utils import distributed
+from .extend import check_epochs_change
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
 from .registry import TRAINER_REGISTRY
+from .teacher import teacher_record
 
 
 def package_versions():
@@ -47,15 +50,11 @@ def run_dir_for(cfg):
     return os.path.join(cfg.LOG.PREFIX, run_name(cfg))
 
 
-def _config_differences(saved_text, cfg):
-    """Keys whose values differ between a run's saved config and `cfg`. A key the saved config lacks (added to
-    mdistiller after the run started) only counts when `cfg` sets it away from its default: the run used the
-    behaviour the default describes, so it can be resumed by a newer version."""
+def _flat_configs(saved_text, cfg):
+    """(saved, now): both configs as flat {"SECTION.KEY": value}. A key the saved config lacks (added to
+    mdistiller after the run started) takes its default there: the run used the behaviour the default describes,
+    so it can be resumed by a newer version."""
     from ..config import get_cfg_defaults
-
-    saved = yaml.safe_load(saved_text)
-    now = yaml.safe_load(cfg.dump())
-    defaults = yaml.safe_load(get_cfg_defaults().dump())
 
     def flat(d, prefix=""):
         out = {}
@@ -63,27 +62,57 @@ def _config_differences(saved_text, cfg):
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    a, b, d = flat(saved), flat(now), flat(defaults)
-    return sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and not (k not in a and k in d and b.get(k) == d[k]))
+    defaults = flat(yaml.safe_load(get_cfg_defaults().dump()))
+    saved = {**defaults, **flat(yaml.safe_load(saved_text))}
+    return saved, flat(yaml.safe_load(cfg.dump()))
+
+
+def _config_changes(saved_text, cfg):
+    """{key: (saved value, new value)} for the keys whose values differ between a run's saved config and `cfg`."""
+    saved, now = _flat_configs(saved_text, cfg)
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def _config_differences(saved_text, cfg):
+    """Keys whose values differ between a run's saved config and `cfg` (see _flat_configs for new keys)."""
+    return sorted(_config_changes(saved_text, cfg))
+
+
+def _trained(latest):
+    """(epochs done, iterations per epoch) of the training checkpoint `latest`; (0, None) when there is none."""
+    if not os.path.exists(latest):
+        return 0, None
+    state = load_file(latest, "resume checkpoint")
+    done = int(state.get("epoch", 0)) if isinstance(state, dict) else 0
+    return done, (int(state["global_step"]) // done if done else None)
 
 
 def check_run_dir(cfg, resume):
-    """Refuse to overwrite another run; returns (path, checkpoint to resume from or None). Writes nothing."""
+    """Refuse to overwrite another run; returns (path, checkpoint to resume from or None, the SOLVER.EPOCHS the
+    run was started with when --resume changes it, else None). Writes nothing.
+
+    A changed SOLVER.EPOCHS is accepted when the epochs already trained would be trained identically under the
+    new config (extend.check_epochs_change); any other difference is refused."""
     path = run_dir_for(cfg)
     latest = os.path.join(path, "latest.pth")
     config_file = os.path.join(path, "config.yaml")
+    old_epochs = None
     if os.path.exists(latest) or os.path.exists(config_file):
         if not resume:
             raise UserError(f"run directory {path} already holds a run; continue it with --resume, or start a new "
                             f"one with another EXPERIMENT.NAME / EXPERIMENT.TAG / LOG.PREFIX")
         if os.path.exists(config_file):
             with open(config_file) as f:
-                diff = _config_differences(f.read(), cfg)
-            if diff:
+                saved_text = f.read()
+            changes = _config_changes(saved_text, cfg)
+            if "SOLVER.EPOCHS" in changes:
+                done, iters = _trained(latest)
+                check_epochs_change(*_flat_configs(saved_text, cfg), changes, done, iters, path)
+                old_epochs = changes["SOLVER.EPOCHS"][0]
+            elif changes:
                 raise UserError(f"--resume: the config differs from the one {path} was started with, in "
-                                f"{', '.join(diff)}; resume with the original config or start a new run")
-    return path, (latest if resume and os.path.exists(latest) else None)
+                                f"{', '.join(changes)}; resume with the original config or start a new run")
+    return path, (latest if resume and os.path.exists(latest) else None), old_epochs
 
 
 def write_config(cfg, path):
@@ -105,17 +134,29 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
     summary_file = os.path.join(path, "summary.json")
 
     def finished():
-        if ctx.is_main and resume and os.path.exists(summary_file):
-            setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
-            with open(summary_file) as f:
-                return json.load(f)
-        return None
+        """The summary of a complete run --resume has nothing to add to; None to go on (a new run, an interrupted
+        one, or a complete one given a larger SOLVER.EPOCHS to extend it: check_run_dir decides)."""
+        if not (ctx.is_main and resume and os.path.exists(summary_file)):
+            return None
+        with open(summary_file) as f:
+            summary = json.load(f)
+        if summary.get("epochs") != cfg.SOLVER.EPOCHS:
+            return None
+        ignored = ""
+        config_file = os.path.join(path, "config.yaml")
+        if os.path.exists(config_file):
+            with open(config_file) as f:
+                diff = _config_differences(f.read(), cfg)
+            ignored = f" (the config given differs in {', '.join(diff)}: ignored)" if diff else ""
+        setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume%s", path,
+                                                           ignored)
+        return summary
 
     done = distributed.broadcast_object(finished())
     if done is not None:
         return done
     # Rank 0 alone looks at the run directory (other nodes may not share the disk); all ranks follow its answer.
-    path, checkpoint = distributed.broadcast_object(
+    path, checkpoint, old_epochs = distributed.broadcast_object(
         distributed.agree(lambda: check_run_dir(cfg, resume) if ctx.is_main else None))
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
     trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
@@ -129,10 +170,20 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
         trainer.resume(checkpoint)
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting from scratch", path)
+    if old_epochs is not None:
+        logger.info("--resume: SOLVER.EPOCHS %d -> %d; the %d epochs trained keep their schedule, training "
+                    "continues to epoch %d", old_epochs, cfg.SOLVER.EPOCHS, trainer.epoch, cfg.SOLVER.EPOCHS)
+        if ctx.is_main and os.path.exists(summary_file):
+            os.remove(summary_file)  # its presence means "complete": true again once the extension is
     hooks = list(extra_hooks)
     if ctx.is_main:
+        teacher = teacher_record(cfg) if getattr(trainer.distiller, "teacher", None) is not None else None
+        if teacher:
+            top1 = "unknown" if teacher["top1"] is None else f"{teacher['top1']:.2f} ({teacher['top1_source']})"
+            logger.info("teacher %s: checkpoint %s, sha256 %s, test top-1 %s", teacher["name"],
+                        teacher["checkpoint"], teacher["sha256"], top1)
         sha, dirty = git_info()
-        extra = {"git_sha": sha, "git_dirty": dirty, "torch_version": torch.__version__,
+        extra = {"git_sha": sha, "git_dirty": dirty, "teacher": teacher, "torch_version": torch.__version__,
                  "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),
                  "versions": package_versions(), "dataset_sources": list(trainer.meta.sources),
                  "dataset_fingerprint": fingerprint(trainer.meta.sources),

@@ -9,12 +9,14 @@ DISTILLER.TEACHER_CKPT empty means "the usual place":
   (configs/fashion_mnist/vanilla/<name>.yaml, seed 0) under LOG.PREFIX.
 """
 
+import json
 import os
 
 import torch
 
 from ..models import build_model
-from ..utils.checkpoint import load_weights
+from ..data.fingerprint import file_sha256
+from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
 from ..utils.env import REPO_ROOT
 from ..utils.errors import CheckpointError
 
@@ -96,3 +98,41 @@ def build_teacher(cfg, num_classes):
         raise CheckpointError(f"teacher checkpoint for {name} ({cfg.DATASET.TYPE}) not found at {path}; "
                               f"{how_to_get(cfg)}")
     return load_weights(teacher, path, name, how_to_get(cfg))
+
+
+# Which summary.json figure describes a checkpoint file of one of our runs, by its name.
+_RUN_FILE_TOP1 = {"student_best.pth": "best_top1", "best.pth": "best_top1",
+                  "student_last.pth": "last_top1", "latest.pth": "last_top1"}
+
+
+def _teacher_top1(cfg, path):
+    """(test top-1, source) of the teacher weights at `path`, from what exists, else (None, None): the number the
+    checkpoint holds, then the summary.json of the run that wrote it, then the published figure for the published
+    checkpoint at its default location."""
+    top1, source = checkpoint_top1(load_file(path, "teacher checkpoint"))
+    if top1 is not None:
+        return top1, source
+    key = _RUN_FILE_TOP1.get(os.path.basename(path))
+    summary = os.path.join(os.path.dirname(path), "summary.json")
+    if key and os.path.isfile(summary):
+        try:
+            with open(summary) as f:
+                value = json.load(f).get(key)
+            if isinstance(value, (int, float)):
+                return float(value), f"{summary} {key}"
+        except (OSError, ValueError):
+            pass
+    published = PUBLISHED_TOP1.get((cfg.DATASET.TYPE, cfg.DISTILLER.TEACHER))
+    if published is not None and not cfg.DISTILLER.TEACHER_CKPT:
+        return published, "published top-1 of this teacher (default checkpoint location)"
+    return None, None
+
+
+def teacher_record(cfg):
+    """What summary.json records about the teacher a run loaded: {"name", "checkpoint" (absolute path), "sha256"
+    (of the file's content, full hex), "top1" (its test top-1 when known, else None), "top1_source"}. The run's
+    config.yaml keeps DISTILLER.TEACHER_CKPT as the user gave it (often empty: the default location)."""
+    path = os.path.abspath(teacher_ckpt_path(cfg))
+    top1, source = _teacher_top1(cfg, path)
+    return {"name": cfg.DISTILLER.TEACHER, "checkpoint": path, "sha256": file_sha256(path), "top1": top1,
+            "top1_source": source}

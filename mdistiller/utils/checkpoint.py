@@ -87,3 +87,33 @@ def load_weights(model, path, model_name, hint=""):
         )
     model.load_state_dict(state, strict=True)
     return model
+
+
+# Keys under which checkpoints record a test top-1, most specific first, with what the number means:
+# ours ("test_top1" in student_*.pth / ckpt_epoch_*.pth; "last" in the training format of latest.pth / best.pth),
+# RepDistiller's teacher script ("accuracy" in ckpt_epoch_N.pth: that epoch's; "best_acc" in <model>_best.pth),
+# mdistiller's trainer ("best_acc" in its full state: the best of its run so far, not necessarily these weights).
+_TOP1_KEYS = (
+    ("test_top1", "checkpoint key test_top1 (these weights' test top-1)"),
+    ("accuracy", "checkpoint key accuracy (test top-1 of the epoch saved)"),
+    ("best_acc", "checkpoint key best_acc (best test top-1 of the run that saved it)"),
+)
+
+
+def _number(value):
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def checkpoint_top1(obj):
+    """(top-1 in percent, where it came from) recorded inside a loaded checkpoint, or (None, None)."""
+    if not isinstance(obj, dict):
+        return None, None
+    last = obj.get("last")
+    if isinstance(last, dict) and _number(last.get("top1")) is not None:
+        return _number(last["top1"]), "checkpoint key last.top1 (test top-1 of the epoch saved)"
+    for key, source in _TOP1_KEYS:
+        if _number(obj.get(key)) is not None:
+            return _number(obj[key]), source
+    return None, None

@@ -52,13 +52,31 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def git_info():
-    """(sha, dirty) of the checkout the package runs from; ("unknown", None) outside git."""
+# Where an untracked file changes what runs: a new module, config or tool not yet added to git.
+GIT_SOURCE_DIRS = ("mdistiller", "configs", "tools")
+
+
+def git_info(root=None):
+    """(sha, dirty) of the checkout the package runs from; ("unknown", None) without git or outside a checkout.
+
+    dirty: a tracked file is modified anywhere, or an untracked (not ignored) file lies under GIT_SOURCE_DIRS."""
+    root = root or REPO_ROOT
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=10).stdout
-        return (sha or "unknown"), (bool(status.strip()) if sha else None)
+        top = git("rev-parse", "--show-toplevel")
+        # An installed copy of the package may sit inside some other repository: that one's state is not ours.
+        if top.returncode or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return "unknown", None
+        sha = git("rev-parse", "HEAD").stdout.strip()
+        if not sha:
+            return "unknown", None
+        tracked = git("status", "--porcelain", "--untracked-files=no")
+        untracked = git("status", "--porcelain", "--untracked-files=all", "--", *GIT_SOURCE_DIRS)
+        if tracked.returncode or untracked.returncode:
+            return sha, None
+        return sha, bool(tracked.stdout.strip() or untracked.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
