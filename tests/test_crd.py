@@ -405,3 +405,32 @@ def test_two_ranks_keep_identical_memory(tmp_path):
     single.forward_train(images, labels, 1, index)
     torch.testing.assert_close(single.memory.memory_s, r0["memory_s"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(single.memory.memory_t, r0["memory_t"], rtol=1e-5, atol=1e-6)
+
+
+def test_neg_replace_draws_iid_like_the_published_imagenet_sampler():
+    """CRD.NEG_REPLACE: every row i.i.d. over the other classes (repeats allowed, K not capped at the pool), as
+    mdistiller's ImageNet / Tiny-ImageNet samplers (np.random.choice(..., replace=True)); the configs of those
+    datasets set it, CIFAR-100's do not."""
+    import glob
+
+    from mdistiller.config import load_config
+    from mdistiller.distillers.crd_memory import ContrastMemory
+
+    targets = torch.arange(40) % 4  # 4 classes of 10: each anchor's pool has 30 samples
+    torch.manual_seed(0)
+    mem = ContrastMemory(8, targets, 50, 0.07, 0.5, "exact", replace=True)
+    assert mem.num_negatives == 50  # more than the pool: only possible with replacement
+    idx = mem.sample(torch.arange(40))
+    neg = idx[:, 1:]
+    assert (targets[neg] != targets[:40].unsqueeze(1)).all()
+    assert all(len(set(row.tolist())) < 50 for row in neg)  # 50 draws from a pool of 30: repeats in every row
+    torch.manual_seed(0)
+    capped = ContrastMemory(8, targets, 50, 0.07, 0.5, "exact")
+    assert capped.num_negatives == 30
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "configs", "*", "*", "*.yaml")):
+        if os.path.basename(path).startswith("_"):
+            continue
+        cfg = load_config(path, validate=False)
+        if cfg.DISTILLER.TYPE.rstrip("+") == "CRD":
+            assert cfg.CRD.NEG_REPLACE == (cfg.DATASET.TYPE in ("imagenet", "tiny_imagenet")), path

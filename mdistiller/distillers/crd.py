@@ -28,6 +28,9 @@ _cfg.NCE_K = 16384  # negatives per anchor (capped at the smallest other-class p
 _cfg.NCE_T = 0.07
 _cfg.NCE_MOMENTUM = 0.5  # memory rows: m * old + (1 - m) * new, then re-normalised
 _cfg.MODE = "exact"  # positive: the sample itself (exact) or a random same-class sample (relax)
+# Negatives drawn with replacement (i.i.d.), as the published ImageNet / Tiny-ImageNet samplers do; False: K distinct
+# samples per anchor, as the published CIFAR-100 sampler does.
+_cfg.NEG_REPLACE = False
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 0.8
@@ -74,7 +77,8 @@ class CRD(Distiller):
         c = cfg.CRD
         self.embed_s = Embed(student.feat_dim, c.FEAT_DIM)
         self.embed_t = Embed(teacher.feat_dim, c.FEAT_DIM)
-        self.memory = ContrastMemory(c.FEAT_DIM, meta.train_targets, c.NCE_K, c.NCE_T, c.NCE_MOMENTUM, c.MODE)
+        self.memory = ContrastMemory(c.FEAT_DIM, meta.train_targets, c.NCE_K, c.NCE_T, c.NCE_MOMENTUM, c.MODE,
+                                    c.NEG_REPLACE)
 
     def embeddings(self, images):
         """(student logits, student embedding, teacher embedding); the teacher's head sees constant features."""

@@ -13,6 +13,9 @@ drawing with replacement when K exceeds the pool; here that cannot happen, becau
 the smallest pool, num_train - (largest class count): on a small training subset every anchor then still has
 K distinct candidates, and the noise term K * Pn = K / num_train stays below 1. The draw uses the global torch
 RNG of the bank's device (which the trainer seeds and checkpoints, so a resumed run draws the same ones).
+CRD.NEG_REPLACE draws them i.i.d. instead, with replacement, as the published ImageNet and Tiny-ImageNet samplers
+do (mdistiller's and RepDistiller's `np.random.choice(..., replace=True)` there); the configs for those datasets
+set it.
 
 Under torch.distributed with world_size > 1 each rank draws its own negatives, but the memory update and the
 Z estimate use the embeddings, indices and statistics of all ranks (all-gathered in rank order), so every
@@ -57,7 +60,7 @@ def row_scores(memory, anchor, idx):
 
 
 class ContrastMemory(nn.Module):
-    def __init__(self, dim, train_targets, num_negatives, temperature, momentum, mode="exact"):
+    def __init__(self, dim, train_targets, num_negatives, temperature, momentum, mode="exact", replace=False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"CRD mode must be one of {MODES}, got {mode!r}")
@@ -67,7 +70,9 @@ class ContrastMemory(nn.Module):
         if pool <= 0:
             raise ValueError("CRD needs training samples of at least two classes to draw negatives from")
         self.num_train = targets.numel()
-        self.num_negatives = min(int(num_negatives), pool)
+        self.replace = bool(replace)
+        # with replacement (the published ImageNet sampler) any K is drawable, so K is not capped there
+        self.num_negatives = int(num_negatives) if self.replace else min(int(num_negatives), pool)
         self.temperature = float(temperature)
         self.momentum = float(momentum)
         self.mode = mode
@@ -96,7 +101,7 @@ class ContrastMemory(nn.Module):
         particular order)."""
         labels = self.targets[index]
         start, count = self.class_start[labels], self.class_count[labels]
-        pos = sample_positions(self.num_train - count, self.num_negatives)
+        pos = sample_positions(self.num_train - count, self.num_negatives, self.replace)
         pos = pos + (pos >= start.unsqueeze(1)) * count.unsqueeze(1)  # skip the anchor's own class block
         negatives = self.order[pos]
         if self.mode == "exact":

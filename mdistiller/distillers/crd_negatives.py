@@ -68,9 +68,10 @@ def _distinct_keys(pool, counts, stride):
     return keys
 
 
-def sample_positions(pool, k):
+def sample_positions(pool, k, replace=False):
     """(B, k) int64: row b holds k positions in [0, pool[b]), distinct when k <= pool[b], else i.i.d. uniform
-    (with replacement, as CRD does when K exceeds the pool). pool: (B,) int64 tensor of pool sizes >= 1."""
+    (with replacement, as CRD does when K exceeds the pool). pool: (B,) int64 tensor of pool sizes >= 1.
+    replace=True: i.i.d. uniform in every row (the published ImageNet and Tiny-ImageNet samplers)."""
     pool = torch.as_tensor(pool, dtype=torch.int64)
     if k < 0 or (pool.numel() and int(pool.min()) < 1):
         raise ValueError(f"sample_positions needs k >= 0 and pools of at least one position, got k={k}, "
@@ -78,7 +79,7 @@ def sample_positions(pool, k):
     out = torch.empty(pool.numel(), k, dtype=torch.int64, device=pool.device)
     if pool.numel() == 0 or k == 0:
         return out
-    replace = pool < k
+    replace = torch.ones_like(pool, dtype=torch.bool) if replace else pool < k
     complement = ~replace & (2 * k > pool)
     sparse = ~replace & ~complement
     if replace.any():
