@@ -14,6 +14,7 @@ from mdistiller.config import load_config
 from mdistiller.engine import HookBase
 from mdistiller.engine.extend import first_lr_difference
 from mdistiller.engine.launch import train_from_config
+from mdistiller.models import build_model
 from mdistiller.utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,3 +184,21 @@ def test_first_lr_difference_by_hand():
     # Two warm-up epochs instead of none: iteration 0 of epoch 1 runs at 0.1 / 20.
     epoch, it, old, new = first_lr_difference(base, {**base, "SOLVER.WARMUP_EPOCHS": 2}, 1, 10)
     assert (epoch, it, old) == (1, 0, 0.1) and new == pytest.approx(0.1 / 20)
+
+
+def test_extension_refuses_a_teacher_checkpoint_that_changed(tmp_path):
+    # The student alone, monitoring a teacher: its checkpoint is part of what the trained epochs computed.
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, teacher)
+    small = ["DATASET.TRAIN_SUBSET", "64", "DATASET.TEST_SUBSET", "50", "SOLVER.WARMUP_EPOCHS", "0",
+             "LOG.MONITOR_TEACHER", "True", "DISTILLER.TEACHER_CKPT", str(teacher), "SOLVER.LR_DECAY_STAGES", "[]"]
+    summary = train_from_config(cfg(tmp_path, "run", "SOLVER.EPOCHS", "1", *small))
+    recorded = summary["teacher"]["sha256"]
+    torch.manual_seed(1)  # the teacher re-trained into the same file
+    torch.save({"model": build_model("resnet20", "fashion_mnist").state_dict()}, teacher)
+    with pytest.raises(UserError) as info:
+        train_from_config(cfg(tmp_path, "run", "SOLVER.EPOCHS", "2", *small), resume=True)
+    message = str(info.value)
+    assert "\n" not in message and f"teacher checkpoint {teacher}" in message and recorded[:16] in message
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary

@@ -60,3 +60,17 @@ def check_epochs_change(saved, now, changes, done, iters_per_epoch, path):
                         f"rate of epoch {epoch} (iteration {it}), already trained in {path} ({lr_old:g} -> "
                         f"{lr_new:g}); keep the schedule of epochs 1..{done} (decay stages past {done} may be "
                         f"added) or start a new run")
+
+
+def check_same_teacher(recorded, checkpoint, sha256, old_epochs, new_epochs, path):
+    """Refuse to extend a run whose teacher checkpoint changed since it was trained: the extra epochs would distil
+    from other weights than the trained ones (e.g. the teacher run was itself extended in between).
+
+    `recorded`: the "teacher" entry of the run's summary.json (None for runs without one, or from versions that
+    did not record it: nothing to compare); `checkpoint`, `sha256`: the file the new config resolves to, its hash."""
+    if not isinstance(recorded, dict) or not recorded.get("sha256") or recorded["sha256"] == sha256:
+        return
+    raise UserError(f"--resume with SOLVER.EPOCHS {old_epochs} -> {new_epochs}: the teacher checkpoint {checkpoint} "
+                    f"is not the one {path} was trained with (sha256 {recorded['sha256'][:16]}... then, "
+                    f"{sha256[:16]}... now; it was {recorded.get('checkpoint')}); extend with the original teacher "
+                    f"(DISTILLER.TEACHER_CKPT) or start a new run")

@@ -14,16 +14,16 @@ from importlib import metadata
 import torch
 import yaml
 
-from ..data.fingerprint import fingerprint
+from ..data.fingerprint import file_sha256, fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.checkpoint import load_file
 from ..utils.errors import UserError
 from ..utils.logger import setup_logger
 from ..utils import distributed
-from .extend import check_epochs_change
+from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
 from .registry import TRAINER_REGISTRY
-from .teacher import teacher_record
+from .teacher import teacher_ckpt_path, teacher_record
 
 
 def package_versions():
@@ -87,12 +87,25 @@ def _trained(latest):
     return done, (int(state["global_step"]) // done if done else None)
 
 
+def _check_teacher_unchanged(cfg, path, old_epochs):
+    """Before extending a finished run: the teacher checkpoint must still be the one its summary.json records."""
+    summary_file = os.path.join(path, "summary.json")
+    if not os.path.exists(summary_file):
+        return
+    with open(summary_file) as f:
+        recorded = json.load(f).get("teacher")
+    checkpoint = os.path.abspath(teacher_ckpt_path(cfg)) if recorded else None
+    if checkpoint and os.path.isfile(checkpoint):  # a missing one stops the run when the teacher is built
+        check_same_teacher(recorded, checkpoint, file_sha256(checkpoint), old_epochs, cfg.SOLVER.EPOCHS, path)
+
+
 def check_run_dir(cfg, resume):
     """Refuse to overwrite another run; returns (path, checkpoint to resume from or None, the SOLVER.EPOCHS the
     run was started with when --resume changes it, else None). Writes nothing.
 
     A changed SOLVER.EPOCHS is accepted when the epochs already trained would be trained identically under the
-    new config (extend.check_epochs_change); any other difference is refused."""
+    new config (extend.check_epochs_change) and the teacher checkpoint is unchanged; any other difference is
+    refused."""
     path = run_dir_for(cfg)
     latest = os.path.join(path, "latest.pth")
     config_file = os.path.join(path, "config.yaml")
@@ -109,6 +122,7 @@ def check_run_dir(cfg, resume):
                 done, iters = _trained(latest)
                 check_epochs_change(*_flat_configs(saved_text, cfg), changes, done, iters, path)
                 old_epochs = changes["SOLVER.EPOCHS"][0]
+                _check_teacher_unchanged(cfg, path, old_epochs)
             elif changes:
                 raise UserError(f"--resume: the config differs from the one {path} was started with, in "
                                 f"{', '.join(changes)}; resume with the original config or start a new run")
