@@ -399,7 +399,7 @@ def test_train_cli_kdpp_one_epoch_on_fashion_mnist(tmp_path):
         record = json.loads(f.readline())
     assert record["loss/dino"] > 0 and {"loss/ce", "loss/kd"} <= set(record)
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
-    cache = f"{ckpt}.class_means.fashion_mnist-n256-aug-r4.{sha}.pt"
+    cache = f"{ckpt}.class_means.fashion_mnist-n256.{sha}.pt"  # the proxy recipe: un-augmented means
     assert os.path.isfile(cache)
     tool = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compute_class_means.py"), *args],
                           capture_output=True, text=True, timeout=600)
