@@ -349,7 +349,8 @@ def test_dry_run_names_the_teacher_a_student_waits_for():
 
 # ---------------------------------------------------------------- collect
 
-def _write_run(prefix, config, overrides=(), seed=0, best=None, last=None, world_size=1, extra=(), finished=True):
+def _write_run(prefix, config, overrides=(), seed=0, best=None, last=None, world_size=1, extra=(), finished=True,
+               teacher_sha=None):
     """A run directory as the trainer leaves it: config.yaml (cfg.dump()), metrics.jsonl, and once finished
     summary.json with the keys SummaryHook and launch.py write (the ones collect reads among them)."""
     opts = list(overrides) + ["EXPERIMENT.SEED", str(seed), "LOG.PREFIX", str(prefix)]
@@ -365,7 +366,9 @@ def _write_run(prefix, config, overrides=(), seed=0, best=None, last=None, world
     if finished:
         (d / "summary.json").write_text(json.dumps({
             "best_top1": best, "best_top5": 99.0, "best_epoch": epochs, "last_top1": last, "last_top5": 99.0,
-            "epochs": epochs, "seed": seed, "world_size": world_size, "run_dir": str(d)}))
+            "epochs": epochs, "seed": seed, "world_size": world_size, "run_dir": str(d),
+            "teacher": None if teacher_sha is None else {"name": cfg.DISTILLER.TEACHER, "sha256": teacher_sha,
+                                                         "checkpoint": "/x/teacher.pth", "top1": None}}))
     return d
 
 
@@ -530,3 +533,25 @@ def test_collect_proxy_table_has_no_paper_number(tmp_path):
     teacher = [x for x in r.stdout.splitlines() if "| resnet8 | teacher |" in x][0]
     assert "| 88.00 | 87.50 | - |" in teacher
     assert f"{TEACHER_RUN}/student_best.pth" in teacher  # the default teacher location
+
+
+def test_collect_keys_the_teacher_by_its_recorded_hash_not_its_path(tmp_path):
+    # The same teacher file at two paths is one teacher: its runs are averaged. A teacher retrained into the same
+    # path is another teacher: the cell is refused, naming the two hashes.
+    same = "ab" * 32
+    prefix = tmp_path / "same"
+    _write_run(prefix, KD, seed=0, best=80.0, last=80.0, teacher_sha=same,
+               extra=["DISTILLER.TEACHER_CKPT", "/data/a/teacher.pth"])
+    _write_run(prefix, KD, seed=1, best=82.0, last=82.0, teacher_sha=same,
+               extra=["DISTILLER.TEACHER_CKPT", "/mirror/b/teacher.pth"])
+    _, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    assert (kd["n"], kd["best_mean"]) == ("2", "81.00")
+    assert not kd["status"].startswith("refused") and "TEACHER_CKPT" not in kd["status"]
+    prefix = tmp_path / "retrained"
+    _write_run(prefix, KD, seed=0, best=80.0, last=80.0, teacher_sha="cd" * 32)
+    _write_run(prefix, KD, seed=1, best=82.0, last=82.0, teacher_sha="ef" * 32)
+    r, rows = _collect(prefix, "proxy-fmnist", tmp_path=tmp_path)
+    kd = [x for x in rows if x["method"] == "KD"][0]
+    assert r.returncode == 1 and kd["status"].startswith("refused: 1 + 1 runs of 2 different configs")
+    assert f'teacher_sha256 "{"cd" * 8}" vs "{"ef" * 8}"' in kd["status"]

@@ -23,7 +23,7 @@ from ..config import load_config
 from ..engine.launch import run_name
 from ..utils.errors import UserError
 from .plan import tag_suffix
-from .runkey import WORLD_SIZE, default_values, differences, run_key, semantic
+from .runkey import TEACHER_CKPT, default_values, differences, keyed, run_key, same_config, semantic, teacher_sha256
 
 
 def mean_std(values):
@@ -56,8 +56,12 @@ class Run:
         return (self.summary or {}).get("world_size")
 
     @property
+    def teacher_sha(self):
+        return teacher_sha256(self.summary)
+
+    @property
     def key(self):
-        return run_key(self.sem, self.world_size)
+        return run_key(self.sem, self.world_size, self.teacher_sha)
 
 
 def _read(path):
@@ -98,7 +102,8 @@ def cell_runs(plan, prefix, repo_root, runs, defaults, ignore=()):
         named = {n for n in runs if pattern.fullmatch(n)}
     else:  # EXPERIMENT.NAME fixed in the config: one run
         named = {name} & set(runs)
-    chosen = [r for n, r in runs.items() if n in named or r.sem == planned]
+    chosen = [r for n, r in runs.items() if n in named or (r.sem is not None and same_config(r.sem, planned,
+                                                                                           r.teacher_sha))]
     return chosen, planned
 
 
@@ -117,7 +122,7 @@ def judge(chosen, planned):
     for r in done:
         groups.setdefault(r.key, []).append(r)
     if len(groups) > 1:
-        configs = [{**g[0].sem, WORLD_SIZE: g[0].world_size} for g in groups.values()]
+        configs = [keyed(g[0].sem, g[0].world_size, g[0].teacher_sha) for g in groups.values()]
         sizes = " + ".join(str(len(g)) for g in groups.values())
         status = f"refused: {sizes} runs of {len(groups)} different configs ({differences(configs)}); not averaged"
         return "; ".join([status] + notes), {}, " ".join(groups)
@@ -132,8 +137,10 @@ def judge(chosen, planned):
         else:
             by_seed[r.seed] = r
     status = "ok"
-    if group[0].sem != planned:
-        status = f"flagged: not the planned config ({differences([group[0].sem, planned])}; runs vs plan)"
+    if not same_config(group[0].sem, planned, group[0].teacher_sha):
+        drop = {TEACHER_CKPT} if group[0].teacher_sha else set()
+        pair = [{k: v for k, v in c.items() if k not in drop} for c in (group[0].sem, planned)]
+        status = f"flagged: not the planned config ({differences(pair)}; runs vs plan)"
     return "; ".join([status] + notes), by_seed, key
 
 

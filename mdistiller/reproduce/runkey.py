@@ -1,5 +1,10 @@
 """What makes two runs repetitions of one experiment: their resolved configs minus the keys that do not change
-what is trained, plus the process count. Runs of one table cell are averaged only when these agree.
+what is trained, plus the process count and the teacher's identity. Runs of one table cell are averaged only when
+these agree.
+
+The teacher is identified by the SHA-256 of its checkpoint that summary.json records, not by
+DISTILLER.TEACHER_CKPT: the same published teacher at two paths is one teacher, and a teacher retrained into the
+same path is another one. Runs whose summary has no hash (older runs) fall back to the path.
 
 The run name does not carry the epochs, the training subset or the number of processes, so runs that share a
 directory-name pattern can be different experiments; the key tells them apart. Keys left out: the seed (what
@@ -22,6 +27,8 @@ NON_SEMANTIC = {
 }
 NON_SEMANTIC_SECTIONS = ("LOG.",)  # prefix, checkpoint and TensorBoard frequencies, monitors: logging only
 WORLD_SIZE = "world_size"  # the key of the process count, from summary.json
+TEACHER = "teacher_sha256"  # the key of the teacher's identity, from summary.json
+TEACHER_CKPT = "DISTILLER.TEACHER_CKPT"
 
 
 def flatten(tree, prefix=""):
@@ -50,9 +57,33 @@ def semantic(config_text, defaults=None, ignore=()):
             if k not in NON_SEMANTIC and k not in ignore and not k.startswith(NON_SEMANTIC_SECTIONS)}
 
 
-def run_key(sem, world_size):
-    """Short hash of a run's semantic config and process count."""
-    blob = json.dumps({**sem, WORLD_SIZE: world_size}, sort_keys=True, default=str)
+def teacher_sha256(summary):
+    """The SHA-256 of the teacher checkpoint a finished run recorded (summary.json "teacher"), or None."""
+    teacher = (summary or {}).get("teacher")
+    return teacher.get("sha256") if isinstance(teacher, dict) else None
+
+
+def keyed(sem, world_size, teacher_sha):
+    """The semantic config with the process count and, where recorded, the teacher's hash in place of its path."""
+    out = dict(sem)
+    if teacher_sha:
+        out.pop(TEACHER_CKPT, None)
+        out[TEACHER] = teacher_sha[:16]
+    out[WORLD_SIZE] = world_size
+    return out
+
+
+def same_config(sem, planned, teacher_sha):
+    """Whether a run's semantic config is the planned one (the teacher path ignored when its hash is known)."""
+    if teacher_sha:
+        sem = {k: v for k, v in sem.items() if k != TEACHER_CKPT}
+        planned = {k: v for k, v in planned.items() if k != TEACHER_CKPT}
+    return sem == planned
+
+
+def run_key(sem, world_size, teacher_sha=None):
+    """Short hash of a run's semantic config, process count and teacher."""
+    blob = json.dumps(keyed(sem, world_size, teacher_sha), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
