@@ -97,7 +97,7 @@ def test_teacher_top1_from_the_checkpoint_itself(tmp_path):
     torch.save({"epoch": 240, "model": weights, "accuracy": torch.tensor(71.5), "optimizer": {}}, repdistiller)
     record = teacher_record(published_cfg(tmp_path, "DISTILLER.TEACHER_CKPT", str(repdistiller)))
     assert record == {"name": "resnet32x4", "checkpoint": str(repdistiller), "sha256": sha256_of(repdistiller),
-                      "top1": 71.5, "top1_source": record["top1_source"]}
+                      "top1": 71.5, "top1_source": record["top1_source"], "run_finished": None}
     assert "accuracy" in record["top1_source"]
     # Our student files record their own test top-1; our training checkpoints the last epoch's.
     assert checkpoint_top1({"model": weights, "epoch": 3, "test_top1": 42.0})[0] == 42.0
@@ -161,3 +161,28 @@ def test_git_info_without_a_checkout(tmp_path, repo, monkeypatch):
     assert env.git_info(os.path.join(repo, "mdistiller")) == ("unknown", None)
     monkeypatch.setenv("PATH", str(plain))  # no git executable at all
     assert env.git_info(repo) == ("unknown", None)
+
+
+def test_a_teacher_from_an_unfinished_run_is_warned_about_and_recorded(tmp_path):
+    """A student_best.pth exists after the teacher's first epoch; distilling from it before the teacher's run has
+    written summary.json (after its last epoch) says so, and the ledger records whether that run had finished."""
+    import warnings
+
+    from mdistiller.engine.teacher import build_teacher, teacher_run_finished
+    from mdistiller.models import build_model
+
+    run = tmp_path / "teacher_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("DISTILLER:\n  TYPE: NONE\n")
+    ckpt = run / "student_best.pth"
+    torch.save({"model": build_model("resnet32x4", "cifar100").state_dict()}, ckpt)
+    cfg = published_cfg(tmp_path, "DISTILLER.TEACHER_CKPT", str(ckpt))
+    with pytest.warns(UserWarning, match="has not finished"):
+        build_teacher(cfg, 100)
+    assert teacher_record(cfg)["run_finished"] is False
+    (run / "summary.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_teacher(cfg, 100)
+    assert teacher_record(cfg)["run_finished"] is True
+    assert teacher_run_finished(str(tmp_path / "ckpt_epoch_240.pth")) is None  # not one of our run files

@@ -11,6 +11,7 @@ DISTILLER.TEACHER_CKPT empty means "the usual place":
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -97,7 +98,20 @@ def build_teacher(cfg, num_classes):
     if not os.path.isfile(path):
         raise CheckpointError(f"teacher checkpoint for {name} ({cfg.DATASET.TYPE}) not found at {path}; "
                               f"{how_to_get(cfg)}")
+    if teacher_run_finished(path) is False:
+        warnings.warn(f"teacher checkpoint {path} belongs to a training run that has not finished (its folder has "
+                      "config.yaml but no summary.json): this run distils from a partly trained teacher; finish "
+                      "or --resume the teacher's run first", stacklevel=2)
     return load_weights(teacher, path, name, how_to_get(cfg))
+
+
+def teacher_run_finished(path):
+    """For a checkpoint our trainer wrote into a run directory (student_best.pth, latest.pth, ...): whether that
+    run has finished (summary.json is written after its last epoch). None for any other file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) not in _RUN_FILE_TOP1 or not os.path.isfile(os.path.join(folder, "config.yaml")):
+        return None
+    return os.path.isfile(os.path.join(folder, "summary.json"))
 
 
 # Which summary.json figure describes a checkpoint file of one of our runs, by its name.
@@ -135,4 +149,4 @@ def teacher_record(cfg):
     path = os.path.abspath(teacher_ckpt_path(cfg))
     top1, source = _teacher_top1(cfg, path)
     return {"name": cfg.DISTILLER.TEACHER, "checkpoint": path, "sha256": file_sha256(path), "top1": top1,
-            "top1_source": source}
+            "top1_source": source, "run_finished": teacher_run_finished(path)}
