@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from mdistiller.config import load_config
-from mdistiller.engine import HookBase
 from mdistiller.engine.extend import first_lr_difference
 from mdistiller.engine.launch import train_from_config
 from mdistiller.models import build_model
 from mdistiller.utils.errors import UserError
+from test_engine import CrashAfterEpoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT_CFG = os.path.join(ROOT, "configs", "fashion_mnist", "vanilla", "resnet8.yaml")
@@ -29,17 +29,6 @@ def cfg(prefix, name, *extra):
         "DATASET.TRAIN_SUBSET", "256", "DATASET.TEST_SUBSET", "100", "SOLVER.BATCH_SIZE", "64",
         "SOLVER.LR", str(LR), "SOLVER.WARMUP_EPOCHS", "1", "LOG.MONITOR_TEACHER", "False",
         "LOG.TENSORBOARD_FREQ", "0", "LOG.SAVE_CHECKPOINT_FREQ", "0", *extra])
-
-
-class CrashAfterEpoch(HookBase):
-    """A run killed right after epoch `epoch`'s checkpoint was written."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def after_epoch(self, record):
-        if self.trainer.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def metrics(run_dir):
