@@ -4,8 +4,8 @@
 
 Training computes them itself when the cache is missing; this tool does it ahead of time (e.g. once, before
 launching several ++ runs on one teacher). The cache is written next to the teacher checkpoint, named by the
-checkpoint's SHA-256 and the training images used (dataset, DATASET.TRAIN_SUBSET): see
-mdistiller/distillers/class_means.py. Prints the cache path; --force recomputes even when a cache matches.
+checkpoint's SHA-256, the training images used (dataset, DATASET.TRAIN_SUBSET) and the recipe
+(DINO.CLASS_MEANS_AUGMENT, DINO.CLASS_MEANS_DECIMALS): see mdistiller/distillers/class_means.py. Prints the cache path; --force recomputes even when a cache matches.
 """
 
 import argparse
