@@ -105,8 +105,8 @@ def test_attention_map_by_hand():
     # p = 2: channel mean of squares (1, 2, 5, 10), norm sqrt(130)
     expected = torch.tensor([[1.0, 2.0, 5.0, 10.0]]) / math.sqrt(130)
     torch.testing.assert_close(attention_map(f, 2), expected)
-    # p = 1: channel mean of |f| (1, 1, 2, 3), norm sqrt(15); the sign of the -1 does not count
-    torch.testing.assert_close(attention_map(f, 1), torch.tensor([[1.0, 1.0, 2.0, 3.0]]) / math.sqrt(15))
+    # p = 1: channel mean of f itself, signed as published (f.pow(p), not |f|^p): (0, 1, 2, 3), norm sqrt(14)
+    torch.testing.assert_close(attention_map(f, 1), torch.tensor([[0.0, 1.0, 2.0, 3.0]]) / math.sqrt(14))
 
 
 def test_at_loss_by_hand():
@@ -122,16 +122,23 @@ def test_at_loss_by_hand():
     assert at_loss([a, big], [b, a]).item() == pytest.approx(0.5 + (2 - math.sqrt(2)) / 4, rel=1e-6)
 
 
-def test_at_pairs_the_deepest_stages():
-    assert paired_stages(["stem", 1, 2, 3, 4], ["stem", "a", "b", "c"]) == [(2, "a"), (3, "b"), (4, "c")]
+def test_at_pairs_from_the_shallowest_stage_as_published():
+    assert paired_stages(["stem", 1, 2, 3, 4], ["stem", "a", "b", "c"]) == [(1, "a"), (2, "b"), (3, "c")]
+    assert paired_stages(["stem", 1, 2, 3, 4], ["stem", "a", "b", "c"], "deepest") == [(2, "a"), (3, "b"),
+                                                                                       (4, "c")]
     distiller = make("AT", "vgg13", "resnet8")  # 4 teacher stages, 3 student stages, 32/16/8 vs 16/8/4/4
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
     logits, terms = distiller.forward_train(x, y, epoch=1)
     with torch.no_grad():
         fs = distiller.student(x)[1]["feats"]
         ft = distiller.teacher(x)[1]["feats"]
-    expected = 1000 * at_loss(fs[1:], ft[2:])
+    expected = 1000 * at_loss(fs[1:], ft[1:4])
     assert terms["at"].kind == DISTILL and terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-5)
+    deepest = make("AT", "vgg13", "resnet8", "cifar100", "AT.PAIRING", "deepest")
+    deepest.load_state_dict(distiller.state_dict())
+    _, terms = deepest.forward_train(x, y, epoch=1)
+    expected = 1000 * at_loss(fs[1:], ft[2:])
+    assert terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-5)
     same = make("AT", "resnet8", "resnet8")
     same.student.load_state_dict(same.teacher.state_dict())
     same.eval()  # both use running BN statistics: identical features
@@ -203,7 +210,7 @@ def test_reviewkd_fused_shapes_equal_teacher_shapes(dataset, teacher, student):
         _, ft = distiller.teacher(x)
         fused, targets = distiller.fused_and_targets(fs, ft)
     teacher_levels = list(ft["preact_feats"][1:]) + [ft["pooled_feat"][:, :, None, None]]
-    k = min(len(fs["feats"]), len(ft["feats"]))  # stages without the stem, plus the pooled level
+    k = min(len(fs["feats"]) + 1, len(ft["feats"]))  # student entries with, teacher's without the stem; + pooled
     assert len(fused) == len(targets) == k
     expected = [tuple(t.shape) for t in teacher_levels[-k:]]
     assert [tuple(t.shape) for t in targets] == expected

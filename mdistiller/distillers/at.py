@@ -1,16 +1,23 @@
 """AT, attention transfer (Zagoruyko & Komodakis, ICLR 2017): match *where* the networks look.
 
-A stage's spatial attention map is the channel mean of |f|^p, flattened and L2-normalised per sample. Only
-its shape matters, not the channel count or the activation scale, so student and teacher stages of any
-width compare without a connector. loss = CE_WEIGHT * CE + FEAT_WEIGHT * sum over stages of
+A stage's spatial attention map is the channel mean of f^p, flattened and L2-normalised per sample. Only its
+shape matters, not the channel count or the activation scale, so student and teacher stages of any width
+compare without a connector. loss = CE_WEIGHT * CE + FEAT_WEIGHT * sum over stage pairs of
 mean((a_s - a_t)^2); p = 2 and weight 1000 are the CRD benchmark's settings.
 
-Stages: the stage outputs of features["feats"] (the stem excluded), paired from the deepest one backwards and
-truncated to the shorter list, so networks with different stage counts (VGG's 4 stages vs a CIFAR ResNet's 3)
-compare their last stages, which are the ones with comparable semantics. Where a pair's spatial sizes
-differ, both feature maps are adaptive-average-pooled to the smaller size before the attention is taken
-(as the CRD benchmark does); pooling rather than upsampling keeps every attention value an average of real
-activations.
+Exactly the published code's loss (mdistiller's AT.py):
+  - stages: the entries of features["feats"] after the stem, zipped from the shallowest one and truncated to
+    the shorter list (AT.PAIRING "shallowest"). Networks with different stage counts therefore pair stages
+    by position, not by depth: ResNet50 -> MobileNetV1 on ImageNet pairs the student's 3 stages with the
+    teacher's layer1..layer3, Tiny-ImageNet ResNet18 -> ShuffleV2 pairs the student's 3 with layer1..layer3,
+    and the deepest teacher stage is left out. AT.PAIRING "deepest" aligns the lists at their deepest stage
+    instead (last with last), a choice of ours for pairs where that reads better; no published result uses it.
+  - the map is f.pow(p), not |f|^p (the paper's definition): the same for even p, signed for odd p, and
+    undefined (NaN) for a fractional p on negative activations, which AT refuses with an error (raw
+    residual sums and linear-bottleneck outputs are such features);
+  - where a pair's spatial sizes differ, the larger map is adaptive-average-pooled to the smaller size before
+    the attention is taken. The published code compares heights and pools to a square; we pool height and
+    width separately to the smaller of each, the same for the square maps of every shipped config.
 """
 
 import torch.nn.functional as F
@@ -22,8 +29,11 @@ from .base import Distiller
 from .losses import distill_loss, task_loss
 from .registry import DISTILLER_REGISTRY
 
+PAIRINGS = ("shallowest", "deepest")
+
 _cfg = CN()
 _cfg.P = 2.0
+_cfg.PAIRING = "shallowest"  # the published pairing; "deepest" aligns the deepest stages instead
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 1000.0
@@ -31,8 +41,8 @@ register_config_section("AT", _cfg)
 
 
 def attention_map(feat, p=2.0):
-    """(N, H*W) map: channel mean of |f|^p, L2-normalised per sample."""
-    return F.normalize(feat.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+    """(N, H*W) map: channel mean of feat^p, L2-normalised per sample (the published map)."""
+    return F.normalize(feat.pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def matching_size(f_s, f_t):
@@ -45,11 +55,19 @@ def matching_size(f_s, f_t):
     return f_s, f_t
 
 
-def paired_stages(feats_student, feats_teacher):
-    """Stage outputs (stem dropped) of both networks, aligned from the deepest stage, as many as both have."""
+def paired_stages(feats_student, feats_teacher, pairing="shallowest"):
+    """(student, teacher) stage outputs, stem dropped, as many pairs as the shorter list has.
+
+    "shallowest" (published): zipped from the first stage, so a longer list loses its deepest stages.
+    "deepest": aligned at the last stage, so a longer list loses its shallowest stages.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     s, t = list(feats_student[1:]), list(feats_teacher[1:])
-    k = min(len(s), len(t))
-    return list(zip(s[len(s) - k:], t[len(t) - k:]))
+    if pairing == "deepest":
+        k = min(len(s), len(t))
+        s, t = s[len(s) - k:], t[len(t) - k:]
+    return list(zip(s, t))
 
 
 def at_loss(feats_student, feats_teacher, p=2.0):
@@ -59,6 +77,18 @@ def at_loss(feats_student, feats_teacher, p=2.0):
         f_s, f_t = matching_size(f_s, f_t)
         total = total + (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
     return total
+
+
+def check_defined(pairs, p):
+    """One clear error instead of a NaN loss: a fractional power of a negative activation is undefined."""
+    if float(p).is_integer():
+        return
+    for i, (f_s, f_t) in enumerate(pairs):
+        for who, f in (("student", f_s), ("teacher", f_t)):
+            if bool((f < 0).any()):
+                raise ConfigError(
+                    f"config key AT.P: {p} is fractional, but the {who}'s stage {i + 1} has negative "
+                    f"activations, where feat.pow(p) is NaN; use an integer AT.P (2 is the published setting)")
 
 
 @DISTILLER_REGISTRY.register("AT")
@@ -71,6 +101,8 @@ class AT(Distiller):
         c = cfg.AT
         if c.P <= 0:
             raise ConfigError(f"config key AT.P: must be > 0, got {c.P}")
+        if c.PAIRING not in PAIRINGS:
+            raise ConfigError(f"config key AT.PAIRING: must be one of {', '.join(PAIRINGS)}, got {c.PAIRING!r}")
         for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
             if c.LOSS[key] < 0:
                 raise ConfigError(f"config key AT.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
@@ -79,7 +111,8 @@ class AT(Distiller):
         logits, features = self.student(images)
         _, features_t = self.teacher_forward(images)
         c = self.cfg.AT
-        pairs = paired_stages(features["feats"], features_t["feats"])
+        pairs = paired_stages(features["feats"], features_t["feats"], c.PAIRING)
+        check_defined(pairs, c.P)
         loss = at_loss([s for s, _ in pairs], [t for _, t in pairs], c.P)
         return logits, {
             "ce": task_loss(c.LOSS.CE_WEIGHT * F.cross_entropy(logits, labels)),

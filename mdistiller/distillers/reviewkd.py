@@ -8,13 +8,18 @@ fused map to the teacher's channels, and the hierarchical context loss (HCL) com
 feature at full size and after adaptive average pooling to 4x4, 2x2 and 1x1.
 
 Which features:
-  - the levels are the stage outputs (stem excluded) followed by the pooled classifier input as a 1x1 map,
-    the deepest "feature", as ReviewKD does on CIFAR; teacher stages are taken before their last ReLU
-    (preact_feats, so the target keeps its negative responses; the fused student map ends in BatchNorm and can
-    match them), student stages after it unless STU_PREACT (the published ImageNet setting);
-  - networks with different stage counts use their last K levels, K the smaller count, paired from the
-    deepest one: the deep levels carry the semantics the review is about, and the pooled level always pairs
-    with the pooled level;
+  - the levels are feature entries followed by the pooled classifier input as a 1x1 map, the deepest
+    "feature"; teacher stages are taken before their last ReLU (preact_feats, so the target keeps its
+    negative responses; the fused student map ends in BatchNorm and can match them), student stages after it
+    unless STU_PREACT (the published ImageNet setting);
+  - which entries: the teacher's stages after the stem, the student's entries stem included, and the deepest
+    K = min(the two counts) of each, paired shallowest first. That is the published selection: mdistiller's
+    ReviewKD zips the reversed student `feats + [pooled]` with its IN_CHANNELS ABFs, which every published
+    config sizes to the teacher's `preact_feats[1:] + [pooled]`. So resnet32x4 -> resnet8x4 has 4 levels,
+    ResNet34 -> ResNet18 5 (the student's stem left out) and ResNet50 -> MobileNetV1 5, where all four
+    MobileNetV1 entries take part (in-channels 128, 256, 512, 1024, 1024). For other pairs the rule stays
+    the same: the student's stem takes part only when the teacher has more stages than the student, and the
+    pooled level always pairs with the pooled level;
   - spatial sizes need not agree: the carried-up map is resized (nearest) to the student level's size before
     fusion and the fused map to the teacher level's size before the output conv, as the ABF does;
   - channels come from stage_channels() and feat_dim; the fusion width is min(MAX_MID_CHANNEL, the student's
@@ -90,14 +95,17 @@ class ABF(nn.Module):
         return self.output(x), x
 
 
-def review_levels(features, preact):
-    """Stage outputs (stem excluded) then the pooled feature as a 1x1 map, shallowest first."""
-    stages = features["preact_feats" if preact else "feats"][1:]
-    return list(stages) + [features["pooled_feat"][:, :, None, None]]
+def review_levels(features, preact, stem):
+    """Feature entries (with the stem entry when `stem`) then the pooled feature as a 1x1 map, shallowest
+    first."""
+    entries = features["preact_feats" if preact else "feats"]
+    return list(entries if stem else entries[1:]) + [features["pooled_feat"][:, :, None, None]]
 
 
-def review_channels(model):
-    return model.stage_channels()[1:] + [model.feat_dim]
+def review_channels(model, stem):
+    """Channels of review_levels(..., stem) for this model."""
+    channels = model.stage_channels()
+    return (channels if stem else channels[1:]) + [model.feat_dim]
 
 
 class ReviewFusion(nn.Module):
@@ -125,7 +133,7 @@ class ReviewKD(Distiller):
 
     def __init__(self, student, teacher, cfg, meta=None):
         super().__init__(student, teacher, cfg, meta)
-        c_s, c_t = review_channels(student), review_channels(teacher)
+        c_s, c_t = review_channels(student, stem=True), review_channels(teacher, stem=False)
         self.num_levels = min(len(c_s), len(c_t))
         c_s, c_t = c_s[-self.num_levels:], c_t[-self.num_levels:]
         mid = min(cfg.REVIEWKD.MAX_MID_CHANNEL, c_s[-1])
@@ -145,8 +153,8 @@ class ReviewKD(Distiller):
     def fused_and_targets(self, features, features_t):
         """(fused student maps, teacher maps) for the K paired levels, shallowest first."""
         k = self.num_levels
-        student = review_levels(features, self.cfg.REVIEWKD.STU_PREACT)[-k:]
-        teacher = review_levels(features_t, preact=True)[-k:]
+        student = review_levels(features, self.cfg.REVIEWKD.STU_PREACT, stem=True)[-k:]
+        teacher = review_levels(features_t, preact=True, stem=False)[-k:]
         return self.fusion(student, [t.shape[-2:] for t in teacher]), teacher
 
     def forward_train(self, images, labels, epoch, index=None):

@@ -16,8 +16,9 @@ from ..registry import MODEL_REGISTRY
 # (out_channels, stride) of the depthwise-separable blocks model.1 .. model.13
 _BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
            (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
-# indices into `model` whose outputs are the features: the last stack at strides 2, 4, 8, 16, 32
-_TAPS = (1, 3, 5, 11, 13)
+# indices into `model` whose outputs are the features, the published model's taps: the last stack at strides
+# 4, 8, 16 and 32 (nothing is tapped at stride 2)
+_TAPS = (3, 5, 11, 13)
 
 
 class ConvStack(nn.Sequential):
@@ -44,12 +45,15 @@ def conv_dw(inp, oup, stride):
 class MobileNetV1(ClassifierWithFeatures):
     """MobileNetV1 with the feature contract of models/base.py.
 
-    Features: one entry per resolution, each the output of the last stack at that resolution:
-      feats = [model.1 (64 ch, stride 2: the "stem", everything before the first downsampling block),
-               model.3 (128, stride 4), model.5 (256, stride 8), model.11 (512, stride 16),
+    Features: the published model's four taps, each the output of the last stack at its resolution:
+      feats = [model.3 (128 ch, stride 4), model.5 (256, stride 8), model.11 (512, stride 16),
                model.13 (1024, stride 32)]
-    preact_feats: the same stacks' last BN outputs, before their final ReLU. Unlike the ResNet stem, this
-    stem ends in a conv-BN-ReLU of its own, so its entry is a true pre-activation too.
+    model.3 is the "stem" entry (stride 4, like the ImageNet ResNets' stem entry); nothing at stride 2 is
+    tapped. So MobileNetV1 has three stages after the stem where an ImageNet ResNet has four: AT pairs them
+    with the teacher's first three stages, and ReviewKD's five levels are the four entries plus the pooled
+    feature, the published pairing of both (distillers/at.py, distillers/reviewkd.py).
+    preact_feats: the same stacks' last BN outputs, before their final ReLU (a true pre-activation for the
+    stem entry too, since that stack ends in a BN-ReLU of its own).
     pooled_feat: global average of model.13 (1024).
     """
 
