@@ -23,7 +23,8 @@ Which features:
   - spatial sizes need not agree: the carried-up map is resized (nearest) to the student level's size before
     fusion and the fused map to the teacher level's size before the output conv, as the ABF does;
   - channels come from stage_channels() and feat_dim; the fusion width is min(MAX_MID_CHANNEL, the student's
-    deepest width), the published choice.
+    deepest width). mdistiller's code computes min(512, deepest width) whatever its MAX_MID_CHANNEL says; the
+    original ReviewKD and the KD++ authors' ImageNet code use 256 for a MobileNetV1 student: the configs say which.
 
 loss = CE_WEIGHT * CE + min(epoch / WARMUP_EPOCHS, 1) * REVIEWKD_WEIGHT * HCL, summed over the levels.
 """
