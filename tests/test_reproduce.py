@@ -46,7 +46,7 @@ def reproduce(*args):
 @pytest.mark.parametrize("table,cells,runs", [
     ("dot-3a", 27, 26), ("dot-3b", 18, 17), ("dot-3c", 16, 16), ("dot-1", 9, 9), ("dot-2", 9, 9), ("dot-6", 14, 14),
     ("dot-7", 12, 12), ("dot-4", 6, 6), ("dot-5", 6, 6), ("kdpp-1", 66, 64), ("kdpp-2", 18, 18), ("kdpp-b3", 12, 12),
-    ("proxy-fmnist", 8, 8)])
+    ("dkd-a.1", 18, 18), ("mdistiller-dkd", 22, 22), ("proxy-fmnist", 8, 8)])
 def test_dry_run_lists_every_cell(table, cells, runs):
     # A teacher row shared by several students is one run (dot-3a's resnet32x4, dot-3b's ResNet18, ...). Cells
     # of methods the framework does not implement (OFD, RKD, PKT, FitNet, SRRL) are not counted.
@@ -120,7 +120,7 @@ def test_list_shows_every_implemented_cell_with_a_config():
     for table, (cells, with_config, not_impl, missing) in rows.items():
         assert cells == with_config + not_impl + missing, table
     for table in ("dot-3a", "dot-3b", "dot-3c", "dot-1", "dot-2", "dot-4", "dot-5", "dot-6", "dot-7", "dot-8",
-                  "kdpp-1", "kdpp-2", "kdpp-b3", "proxy-fmnist"):
+                  "kdpp-1", "kdpp-2", "kdpp-b3", "dkd-a.1", "mdistiller-dkd", "proxy-fmnist"):
         assert rows[table][3] == 0, table
     assert rows["proxy-fmnist"] == [8, 8, 0, 0]
 
