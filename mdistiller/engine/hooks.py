@@ -5,9 +5,40 @@ than forking the loop. Only the main process (rank 0) writes files.
 """
 
 import json
+import logging
 import os
 
 from ..utils.checkpoint import atomic_save
+from ..utils.errors import UserError
+from ..utils.run_dir_io import writing
+
+logger = logging.getLogger("mdistiller")
+
+
+def read_metrics(path):
+    """(records, raw lines, torn): the complete records of metrics.jsonl with their lines as written, and the
+    half-written last line a kill during an append leaves (None when there is none). A bad line anywhere
+    else is not a torn append but a damaged file: one-line error."""
+    with writing("read metrics file", path), open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, raw, torn = [], [], None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("no integer 'epoch'")
+        except ValueError as e:
+            if i == last:
+                torn = line
+                continue
+            raise UserError(f"{path} line {i + 1} is not a metrics record ({e}); the file is damaged: remove "
+                            f"the line (the run's checkpoints are unaffected) or start a new run") from None
+        records.append(record)
+        raw.append(line + b"\n")
+    return records, raw, torn
 
 
 class HookBase:
@@ -36,14 +67,24 @@ class MetricsHook(HookBase):
     def before_train(self):
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= self.trainer.epoch]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
+        records, raw, torn = read_metrics(self.path)
+        kept = [line for record, line in zip(records, raw) if record["epoch"] <= self.trainer.epoch]
+        if torn is not None:
+            logger.info("%s: removed a half-written last line (a run stopped while appending to it)", self.path)
+        dropped = [r["epoch"] for r in records if r["epoch"] > self.trainer.epoch]
+        if dropped:
+            logger.info("%s: removed epochs %s, past the checkpoint this run continues from (epoch %d)",
+                        self.path, ", ".join(map(str, dropped)), self.trainer.epoch)
+        with open(self.path, "rb") as f:
+            if b"".join(kept) == f.read():
+                return  # nothing to repair (a last line without its newline is completed below)
+        with writing("rewrite metrics file", self.path):
+            with open(self.path + ".tmp", "wb") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
     def after_epoch(self, record):
-        with open(self.path, "a") as f:
+        with writing("append to metrics file", self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -59,7 +100,8 @@ class TensorBoardHook(HookBase):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a crashed run wrote after its last checkpoint.
-        self.writer = SummaryWriter(self.log_dir, purge_step=self.trainer.global_step + 1)
+        with writing("write TensorBoard events in", self.log_dir):
+            self.writer = SummaryWriter(self.log_dir, purge_step=self.trainer.global_step + 1)
 
     def after_step(self, losses):
         step = self.trainer.global_step
@@ -130,7 +172,8 @@ class SummaryHook(HookBase):
             **self.extra,
         }
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, self.path)
+        with writing("write summary", self.path):
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(tmp, self.path)
         t.summary = summary

@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 from importlib import metadata
+from typing import NamedTuple, Optional
 
 import torch
 import yaml
@@ -18,10 +20,12 @@ from ..data.fingerprint import file_sha256, fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.checkpoint import load_file
 from ..utils.errors import UserError
-from ..utils.logger import setup_logger
+from ..utils.logger import open_deferred_log, setup_logger
 from ..utils import distributed
+from ..utils.run_dir_io import remove_leftovers, writing
+from ..utils.run_lock import RunLock
 from .extend import check_epochs_change, check_same_teacher
-from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook
+from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
 from .registry import TRAINER_REGISTRY
 from .teacher import teacher_ckpt_path, teacher_record
 
@@ -50,7 +54,40 @@ def run_dir_for(cfg):
     return os.path.join(cfg.LOG.PREFIX, run_name(cfg))
 
 
-def _flat_configs(saved_text, cfg):
+# Keys that say where a run lives, not what it computes: a run directory moved under another LOG.PREFIX resumes.
+NOT_COMPARED_ON_RESUME = ("LOG.PREFIX",)
+
+# Files only a run that trained at least one epoch writes: their presence without latest.pth is not a fresh start.
+RESULT_FILES = ("summary.json", "best.pth", "student_best.pth", "student_last.pth")
+
+
+class RunPlan(NamedTuple):
+    """What check_run_dir decided: the run directory, the checkpoint to resume from (or None), the SOLVER.EPOCHS
+    the run was started with when --resume changes it (else None), and the summary of a finished run --resume
+    has nothing to add to (else None)."""
+
+    path: str
+    checkpoint: Optional[str] = None
+    old_epochs: Optional[int] = None
+    finished: Optional[dict] = None
+
+
+def _load_saved_config(saved_text, where):
+    """The saved config.yaml as a dict; a damaged file is one line."""
+    try:
+        saved = yaml.safe_load(saved_text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{where} is damaged (not valid YAML{at}: {getattr(e, 'problem', None) or e}); restore it "
+                        f"(latest.pth holds a copy under the key 'config') or start a new run") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{where} is damaged (it holds no config mapping); restore it (latest.pth holds a copy "
+                        f"under the key 'config') or start a new run")
+    return saved
+
+
+def _flat_configs(saved_text, cfg, where="the saved config"):
     """(saved, now): both configs as flat {"SECTION.KEY": value}. A key the saved config lacks (added to
     mdistiller after the run started) takes its default there: the run used the behaviour the default describes,
     so it can be resumed by a newer version."""
@@ -63,14 +100,16 @@ def _flat_configs(saved_text, cfg):
         return out
 
     defaults = flat(yaml.safe_load(get_cfg_defaults().dump()))
-    saved = {**defaults, **flat(yaml.safe_load(saved_text))}
+    saved = {**defaults, **flat(_load_saved_config(saved_text, where))}
     return saved, flat(yaml.safe_load(cfg.dump()))
 
 
-def _config_changes(saved_text, cfg):
-    """{key: (saved value, new value)} for the keys whose values differ between a run's saved config and `cfg`."""
-    saved, now = _flat_configs(saved_text, cfg)
-    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+def _config_changes(saved_text, cfg, where="the saved config"):
+    """{key: (saved value, new value)} for the keys whose values differ between a run's saved config and `cfg`
+    (LOG.PREFIX excluded: see NOT_COMPARED_ON_RESUME)."""
+    saved, now = _flat_configs(saved_text, cfg, where)
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and k not in NOT_COMPARED_ON_RESUME}
 
 
 def _config_differences(saved_text, cfg):
@@ -87,108 +126,154 @@ def _trained(latest):
     return done, (int(state["global_step"]) // done if done else None)
 
 
+def _read_json(path, what):
+    with writing(f"read {what}", path), open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{what} {path} is damaged ({e}); delete it to resume the run from latest.pth, or start "
+                        f"a new run") from None
+
+
 def _check_teacher_unchanged(cfg, path, old_epochs):
     """Before extending a finished run: the teacher checkpoint must still be the one its summary.json records."""
     summary_file = os.path.join(path, "summary.json")
     if not os.path.exists(summary_file):
         return
-    with open(summary_file) as f:
-        recorded = json.load(f).get("teacher")
+    recorded = _read_json(summary_file, "run summary").get("teacher")
     checkpoint = os.path.abspath(teacher_ckpt_path(cfg)) if recorded else None
     if checkpoint and os.path.isfile(checkpoint):  # a missing one stops the run when the teacher is built
         check_same_teacher(recorded, checkpoint, file_sha256(checkpoint), old_epochs, cfg.SOLVER.EPOCHS, path)
 
 
-def check_run_dir(cfg, resume):
-    """Refuse to overwrite another run; returns (path, checkpoint to resume from or None, the SOLVER.EPOCHS the
-    run was started with when --resume changes it, else None). Writes nothing.
+def _results(path):
+    """(what the run directory holds of a run's results, as short descriptions; the highest epoch they show)."""
+    found, epochs = [], 0
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(metrics):
+        records = read_metrics(metrics)[0]
+        if records:
+            found.append(f"metrics.jsonl (epochs {records[0]['epoch']}-{records[-1]['epoch']})")
+            epochs = max(r["epoch"] for r in records)
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    for name in names:
+        if name in RESULT_FILES:
+            found.append(name)
+        match = re.fullmatch(r"ckpt_epoch_(\d+)\.pth", name)
+        if match:
+            found.append(name)
+            epochs = max(epochs, int(match.group(1)))
+    if "summary.json" in names:
+        epochs = max(epochs, 2)  # a finished run: never mistaken for one killed during its first epoch
+    return found, epochs
 
-    A changed SOLVER.EPOCHS is accepted when the epochs already trained would be trained identically under the
-    new config (extend.check_epochs_change) and the teacher checkpoint is unchanged; any other difference is
-    refused."""
+
+def check_run_dir(cfg, resume):
+    """Decide what to do with the run directory; returns a RunPlan. Reads, writes nothing; runs under the run's
+    lock (rank 0).
+
+    Refused, each with one line: a new run where one already is (without --resume); --resume of a directory that
+    holds results of more than a first epoch but no latest.pth (it would start over and overwrite them); --resume
+    with another config, finished run or not, except a larger SOLVER.EPOCHS when the epochs already trained would
+    be trained identically under the new config (extend.check_epochs_change) and the teacher checkpoint is
+    unchanged; a damaged config.yaml or summary.json."""
     path = run_dir_for(cfg)
     latest = os.path.join(path, "latest.pth")
     config_file = os.path.join(path, "config.yaml")
+    summary_file = os.path.join(path, "summary.json")
+    results, epochs_seen = _results(path)
+    if not (os.path.exists(latest) or os.path.exists(config_file) or results):
+        return RunPlan(path)
+    if not resume:
+        raise UserError(f"run directory {path} already holds a run; continue it with --resume, or start a new "
+                        f"one with another EXPERIMENT.NAME / EXPERIMENT.TAG / LOG.PREFIX")
+    if not os.path.exists(latest) and epochs_seen > 1:
+        raise UserError(f"--resume: {path} holds results ({', '.join(results)}) but no latest.pth to continue "
+                        f"from, and starting over would overwrite them; to start over deliberately delete {path} "
+                        f"or give the run another EXPERIMENT.NAME / EXPERIMENT.TAG / LOG.PREFIX")
+    summary = _read_json(summary_file, "run summary") if os.path.exists(summary_file) else None
     old_epochs = None
-    if os.path.exists(latest) or os.path.exists(config_file):
-        if not resume:
-            raise UserError(f"run directory {path} already holds a run; continue it with --resume, or start a new "
-                            f"one with another EXPERIMENT.NAME / EXPERIMENT.TAG / LOG.PREFIX")
-        if os.path.exists(config_file):
-            with open(config_file) as f:
-                saved_text = f.read()
-            changes = _config_changes(saved_text, cfg)
-            if "SOLVER.EPOCHS" in changes:
-                done, iters = _trained(latest)
-                check_epochs_change(*_flat_configs(saved_text, cfg), changes, done, iters, path)
-                old_epochs = changes["SOLVER.EPOCHS"][0]
-                _check_teacher_unchanged(cfg, path, old_epochs)
-            elif changes:
-                raise UserError(f"--resume: the config differs from the one {path} was started with, in "
-                                f"{', '.join(changes)}; resume with the original config or start a new run")
-    return path, (latest if resume and os.path.exists(latest) else None), old_epochs
+    if os.path.exists(config_file):
+        with writing("read", config_file), open(config_file) as f:
+            saved_text = f.read()
+        changes = _config_changes(saved_text, cfg, config_file)
+        if "SOLVER.EPOCHS" in changes:
+            done, iters = _trained(latest)
+            check_epochs_change(*_flat_configs(saved_text, cfg, config_file), changes, done, iters, path)
+            old_epochs = changes["SOLVER.EPOCHS"][0]
+            _check_teacher_unchanged(cfg, path, old_epochs)
+        elif changes:
+            named = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            state = "finished" if summary is not None else "unfinished"
+            raise UserError(f"--resume: the config differs from the one the {state} run {path} was started with, "
+                            f"in {named}; resume with the original config or start a new run")
+    if summary is not None and summary.get("epochs") == cfg.SOLVER.EPOCHS and old_epochs is None:
+        return RunPlan(path, finished=summary)
+    return RunPlan(path, latest if os.path.exists(latest) else None, old_epochs)
 
 
 def write_config(cfg, path):
-    os.makedirs(path, exist_ok=True)
     config_file = os.path.join(path, "config.yaml")
-    with open(config_file + ".tmp", "w") as f:
-        f.write(cfg.dump())
-    os.replace(config_file + ".tmp", config_file)
+    with writing("write config", config_file):
+        os.makedirs(path, exist_ok=True)
+        with open(config_file + ".tmp", "w") as f:
+            f.write(cfg.dump())
+        os.replace(config_file + ".tmp", config_file)
 
 
 def train_from_config(cfg, resume=False, extra_hooks=()):
     """Train the run `cfg` describes; returns its summary dict. Safe to call again on a finished run.
 
-    Under torchrun every rank calls this; rank 0 decides about the run directory and writes every file (logs,
-    TensorBoard, metrics, checkpoints, summary), the others train and get the same summary back. `extra_hooks`
-    run on every rank."""
+    Under torchrun every rank calls this; rank 0 holds the run directory's lock, decides about the directory and
+    writes every file (logs, TensorBoard, metrics, checkpoints, summary), the others train and get the same
+    summary back. `extra_hooks` run on every rank."""
     ctx, _ = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
-    path = run_dir_for(cfg)
-    summary_file = os.path.join(path, "summary.json")
-
-    def finished():
-        """The summary of a complete run --resume has nothing to add to; None to go on (a new run, an interrupted
-        one, or a complete one given a larger SOLVER.EPOCHS to extend it: check_run_dir decides)."""
-        if not (ctx.is_main and resume and os.path.exists(summary_file)):
-            return None
-        with open(summary_file) as f:
-            summary = json.load(f)
-        if summary.get("epochs") != cfg.SOLVER.EPOCHS:
-            return None
-        ignored = ""
-        config_file = os.path.join(path, "config.yaml")
-        if os.path.exists(config_file):
-            with open(config_file) as f:
-                diff = _config_differences(f.read(), cfg)
-            ignored = f" (the config given differs in {', '.join(diff)}: ignored)" if diff else ""
-        setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume%s", path,
-                                                           ignored)
-        return summary
-
-    done = distributed.broadcast_object(finished())
-    if done is not None:
-        return done
     # Rank 0 alone looks at the run directory (other nodes may not share the disk); all ranks follow its answer.
-    path, checkpoint, old_epochs = distributed.broadcast_object(
+    lock = distributed.agree(lambda: RunLock(run_dir_for(cfg)).acquire() if ctx.is_main else None)
+    try:
+        return _train_locked(cfg, resume, extra_hooks, ctx)
+    finally:
+        if lock is not None:
+            lock.release()  # also removes a directory it created if the run stopped before writing anything
+
+
+def _train_locked(cfg, resume, extra_hooks, ctx):
+    plan = distributed.broadcast_object(
         distributed.agree(lambda: check_run_dir(cfg, resume) if ctx.is_main else None))
+    path = plan.path
+    summary_file = os.path.join(path, "summary.json")
+    if plan.finished is not None:
+        if ctx.is_main:
+            setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
+        return plan.finished
+    # train.log and config.yaml stay as they are until every check has passed and the checkpoint is loaded.
+    logger = setup_logger(os.path.join(path, "train.log") if ctx.is_main else None, console=ctx.is_main,
+                          defer_file=True)  # one voice: rank 0 logs for the job
+    logger.info("run directory %s%s", path, f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
     trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
-    if ctx.is_main:
-        write_config(cfg, path)
-        logger = setup_logger(os.path.join(path, "train.log"))
-    else:
-        logger = setup_logger(None, console=False)  # one voice: rank 0 logs for the job
-    logger.info("run directory %s%s", path, f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
-    if checkpoint:
-        trainer.resume(checkpoint)
+    if plan.checkpoint:
+        trainer.resume(plan.checkpoint)
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting from scratch", path)
-    if old_epochs is not None:
+
+    def start_writing():
+        """Every check passed: clear what a killed run left half-written, then config.yaml and train.log."""
+        removed = remove_leftovers(path)
+        write_config(cfg, path)
+        open_deferred_log(logger)
+        if removed:
+            logger.info("removed %d half-written file(s) a stopped run left in %s: %s", len(removed), path,
+                        ", ".join(removed))
+
+    distributed.agree(lambda: start_writing() if ctx.is_main else None)  # a full disk stops every rank
+    if plan.old_epochs is not None:
         logger.info("--resume: SOLVER.EPOCHS %d -> %d; the %d epochs trained keep their schedule, training "
-                    "continues to epoch %d", old_epochs, cfg.SOLVER.EPOCHS, trainer.epoch, cfg.SOLVER.EPOCHS)
+                    "continues to epoch %d", plan.old_epochs, cfg.SOLVER.EPOCHS, trainer.epoch, cfg.SOLVER.EPOCHS)
         if ctx.is_main and os.path.exists(summary_file):
-            os.remove(summary_file)  # its presence means "complete": true again once the extension is
+            with writing("remove", summary_file):
+                os.remove(summary_file)  # its presence means "complete": true again once the extension is
     hooks = list(extra_hooks)
     if ctx.is_main:
         teacher = teacher_record(cfg) if getattr(trainer.distiller, "teacher", None) is not None else None

@@ -2,26 +2,59 @@
 users arrive with (ours, the published `{"model": state_dict}`, a bare state dict, DataParallel's `module.`)."""
 
 import os
-import tempfile
+import secrets
 
 import torch
 
 from .errors import CheckpointError
+from .run_dir_io import writing
+
+
+class _RecordingWriter:
+    """A binary file whose write errors are remembered: torch.save reports a failed write (disk full) as a
+    RuntimeError from its zip writer, and the OSError underneath is what names the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def atomic_save(obj, path):
     """torch.save into a temporary file in the same directory, fsync, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a truncated checkpoint."""
+    A crash at any moment leaves either the old file or the new one, never a truncated checkpoint (a kill leaves
+    at most a `.tmp-*.pth`, removed when the run starts again). A failed write (disk full, read-only file
+    system) removes the temporary file and raises RunDirError (an OSError) naming `path` and the cause. The file
+    gets the permissions of any other file the process creates (0666 less the umask), not mkstemp's 0600."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{os.path.basename(path)}")
+    if not tmp.endswith(".pth"):
+        tmp += ".pth"
+    writer = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing("write checkpoint", path):
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                writer = _RecordingWriter(f)
+                try:
+                    torch.save(obj, writer)
+                except RuntimeError:
+                    if writer.error is not None:  # the zip writer's report of a failed write
+                        raise writer.error from None
+                    raise
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
