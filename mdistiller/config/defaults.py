@@ -51,6 +51,10 @@ _C.SOLVER.DOT = CN()  # SOLVER.TRAINER dot: task momentum MOMENTUM - DELTA, dist
 _C.SOLVER.DOT.DELTA = 0.075  # CIFAR-100 KD; CRD and DKD 0.05, Tiny-ImageNet 0.075, ImageNet 0.09 (DOT appendix A.6)
 _C.SOLVER.DOT.GRAD_MODE = "two_pass"  # how the two gradients are computed: two_pass (two backwards) or batched
 _C.SOLVER.DOT.LOG_COSINE = False  # log cos(v_task, v) and cos(v_distill, v) every step (DOT fig. 5); costs a pass
+# A step whose loss or gradients are not finite stops the run, before the epoch's checkpoints are written
+# (engine/finite_guard.py). Under SPEED.AMP fp16 the loss scale skips steps whose gradients overflowed and lowers
+# the scale, which is routine: up to this many such steps in a row are tolerated, one more stops the run.
+_C.SOLVER.MAX_SKIPPED_STEPS = 50
 
 # Loss-weight ramp of the KD++ family (distillers/loss_ramp.py): the ramped terms are multiplied by
 # min(1, e / EPOCHS), e the 0-based epoch, so the first epoch has none of them. Not an LR warm-up.

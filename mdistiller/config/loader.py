@@ -111,16 +111,32 @@ def merge_mapping(cfg, mapping, source="", prefix=""):
             cfg[name] = _coerce(value, default, full_key)
 
 
+def _yaml_problem(e):
+    """One line for a YAML error: where (line and column, 1-based) and what, as yaml's own message has them over
+    several lines."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    what = f"{problem}{f' ({context})' if context else ''}" if problem else str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{what}"
+
+
 def _read_yaml(path, seen=()):
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file inside it with --cfg")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist; pass an existing file with --cfg")
     if os.path.abspath(path) in seen:
         raise ConfigError(f"config file {path} includes itself through _BASE_")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it a YAML file?") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of config keys")
     base = data.pop("_BASE_", None)

@@ -1,11 +1,52 @@
-"""Checks of config values that types alone cannot catch, each failing with the key and what is allowed."""
+"""Checks of config values that types alone cannot catch, each failing with the key and what is allowed.
+
+Two checks cover the whole tree, distiller sections included, so a new method gets them without code: every
+float must be finite (YAML reads `.inf` / `.nan` and the command line `inf` / `nan` as floats, and one of them
+in a loss weight or a learning rate would only show up as a NaN loss), and every loss weight must be >= 0 (a
+negative weight maximises its term: the loss is unbounded below and the run diverges). Loss weights are the keys
+whose name ends in WEIGHT (KD.LOSS.KD_WEIGHT, DINO.WEIGHT, ...) and the per-term weights named otherwise in
+their papers (LOSS_WEIGHT_KEYS).
+"""
+
+import math
+
+from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
+
+# Loss-term weights whose names do not end in WEIGHT: DKD's alpha (TCKD) and beta (NCKD), DIST's beta (inter-class)
+# and gamma (intra-class).
+LOSS_WEIGHT_KEYS = {"DKD.ALPHA", "DKD.BETA", "DIST.BETA", "DIST.GAMMA"}
 
 
 def _check(ok, key, message):
     if not ok:
         raise ConfigError(f"config key {key}: {message}")
+
+
+def _leaves(node, prefix=""):
+    """(full key, value) of every key of a config tree, lists expanded to KEY[i]."""
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, CN):
+            yield from _leaves(value, key + ".")
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value))
+        else:
+            yield key, value
+
+
+def is_loss_weight(key):
+    return key.endswith("WEIGHT") or key in LOSS_WEIGHT_KEYS
+
+
+def validate_tree(cfg):
+    """The checks that apply to every key alike: finite floats, non-negative loss weights."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key}: must be a finite number, got {value}")
+        if is_loss_weight(key) and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"config key {key}: a loss weight must be >= 0 (0 turns the term off), got {value}")
 
 
 def validate_config(cfg):
@@ -15,6 +56,7 @@ def validate_config(cfg):
     from ..engine import TRAINER_REGISTRY
     from ..models import model_names
 
+    validate_tree(cfg)
     s, d = cfg.SOLVER, cfg.DATASET
     _check(d.TYPE in DATASET_REGISTRY, "DATASET.TYPE",
            f"unknown dataset '{d.TYPE}'; allowed: {', '.join(DATASET_REGISTRY.names())}")
@@ -47,6 +89,9 @@ def validate_config(cfg):
     _check(s.WEIGHT_DECAY >= 0, "SOLVER.WEIGHT_DECAY", f"must be >= 0, got {s.WEIGHT_DECAY}")
     _check(0 <= s.MOMENTUM < 1, "SOLVER.MOMENTUM", f"must be in [0, 1), got {s.MOMENTUM}")
     _check(not s.NESTEROV or s.MOMENTUM > 0, "SOLVER.NESTEROV", "needs SOLVER.MOMENTUM > 0")
+    _check(s.MAX_SKIPPED_STEPS >= 0, "SOLVER.MAX_SKIPPED_STEPS", f"must be >= 0, got {s.MAX_SKIPPED_STEPS}")
+    _check(cfg.DISTRIBUTED.TIMEOUT_MIN > 0, "DISTRIBUTED.TIMEOUT_MIN",
+           f"must be > 0 minutes, got {cfg.DISTRIBUTED.TIMEOUT_MIN}")
 
     _check(cfg.LOG.SAVE_CHECKPOINT_FREQ >= 0, "LOG.SAVE_CHECKPOINT_FREQ", "must be >= 0 (0 = last epoch only)")
     _check(cfg.LOG.TENSORBOARD_FREQ >= 0, "LOG.TENSORBOARD_FREQ", "must be >= 0 (0 = off)")

@@ -15,7 +15,8 @@ The two gradients (SOLVER.DOT.GRAD_MODE):
 Both give the same gradients; see the README for which is faster where.
 
 With SPEED.AMP fp16 both losses are scaled, both gradient sets unscaled and checked together, and an overflow
-skips the whole update (loss_scaler.py); SPEED's autocast covers the forward and the losses only.
+skips the whole update (loss_scaler.py); SPEED's autocast covers the forward and the losses only. Both losses
+and the largest |g| of each gradient set go to the finite guard (finite_guard.py), which stops a diverged run.
 """
 
 import contextlib
@@ -27,6 +28,7 @@ from ..distillers import DISTILL, TASK, total_loss
 from ..utils.errors import ConfigError
 from ..utils import distributed
 from .dot_optimizer import DOTOptimizer
+from .finite_guard import largest_abs
 from .loss_scaler import LossScaler
 from .registry import TRAINER_REGISTRY
 from .trainer import Trainer
@@ -117,10 +119,12 @@ class DOTTrainer(Trainer):
         task_grads, distill_grads = self._grads(task, distill, self.optimizer.params())
         distributed.mean_grads_(task_grads + distill_grads)  # both gradients in one message
         if self.scaler is None:
+            self.grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
             self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
         else:
             # Averaged before the check, so every rank sees the same overflow and skips the same steps.
             found_inf = self.scaler.unscale_(task_grads + distill_grads)
+            self.grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
             if not found_inf.item():  # a sync, as in GradScaler.step
                 self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
             self.scaler.update(found_inf)

@@ -5,6 +5,9 @@
 all of it, which is what makes `--resume` bit-identical to an uninterrupted run. A subclass changes only
 `build_optimizer` / `run_step` (the DOT trainer keeps two momentum buffers) and, through `extra_state`, what it
 adds to checkpoints.
+
+A step whose loss or gradients are not finite stops the run (finite_guard.py) before the epoch's checkpoints
+are written; `run_step` reports the largest |gradient| it applies in `self.grad_max` for that check.
 """
 
 import logging
@@ -21,11 +24,12 @@ from ..distillers import DISTILL, TASK, total_loss
 from ..distillers.kd import kd_loss
 from ..utils.checkpoint import load_file
 from ..utils.env import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
-from ..utils.errors import CheckpointError
+from ..utils.errors import CheckpointError, TrainingDivergedError
 from ..utils import distributed
 from .build import build_distiller
 from .ddp_wrap import wrap_for_training
 from .evaluator import evaluate
+from .finite_guard import CHECK_EVERY, FiniteGuard, largest_abs
 from .lr_schedule import learning_rate
 from .registry import TRAINER_REGISTRY
 from .speed import apply_speed, resolve_speed
@@ -67,6 +71,8 @@ class Trainer:
         self.counters = {"train_images": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
         self.hooks = []
         self.summary = None
+        self.guard = FiniteGuard(self.device)
+        self.grad_max = {}  # {gradient set: largest |g| of the last step} (0-dim tensors), set by run_step
 
     @classmethod
     def validate_config(cls, cfg):
@@ -98,11 +104,15 @@ class Trainer:
             logits, terms = self.model(images, labels, epoch, index)
             loss = total_loss(terms)
         self.optimizer.zero_grad(set_to_none=True)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.scaler is None:
             loss.backward()
+            self.grad_max = {"all": largest_abs(p.grad for p in params)}
             self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # what scaler.step would do first; the check sees true gradients
+            self.grad_max = {"all": largest_abs(p.grad for p in params)}
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return self.loss_record(terms, loss), logits.detach()
@@ -175,10 +185,29 @@ class Trainer:
         distributed.broadcast_(self.distiller.student.buffers())
         return evaluate(self.distiller, self.test_loader, reduce_fn=distributed.all_reduce_sum, speed=self.speed)
 
+    def last_good_checkpoint(self):
+        """Where the run can be taken up again after a failure in the current epoch (for the error message)."""
+        latest = os.path.join(self.run_dir, "latest.pth") if self.run_dir else None
+        if latest and self.epoch > 0 and os.path.exists(latest):
+            return f"the last good checkpoint is {latest} (epoch {self.epoch}), left untouched"
+        return "no checkpoint was written" if self.epoch == 0 else f"the last good state is epoch {self.epoch}'s"
+
+    def check_finite(self, weights=None):
+        """The guard's check (a sync, and a collective under DDP): raises TrainingDivergedError on every rank."""
+        try:
+            self.guard.check(self.last_good_checkpoint(), weights)
+        except TrainingDivergedError as e:
+            if self.rank == 0:
+                logger.error("training stopped: %s", e)
+            raise
+
     def train_one_epoch(self, epoch):
         self.distiller.train()
         self.train_loader.set_epoch(epoch - 1)
         iters = len(self.train_loader)
+        # Bad steps in a row that are tolerated: only those an fp16 loss scale skips (and then backs off).
+        self.guard.limit = self.cfg.SOLVER.MAX_SKIPPED_STEPS if self.scaler is not None else 0
+        self.guard.start_epoch(epoch, self.global_step, iters)
         sums, stat_sums, seen, correct = {}, {}, 0, None
         # A bar on a terminal; in logs (CI, redirected output) the per-epoch log line is the progress report.
         bar = tqdm(self.train_loader, total=iters, desc=f"epoch {epoch}/{self.max_epochs}", leave=False,
@@ -188,6 +217,7 @@ class Trainer:
             self.set_lr(learning_rate(self.cfg.SOLVER, epoch, it, iters))
             self.distiller.last_teacher_logits = None
             losses, logits = self.run_step(images, labels, index, epoch)
+            self.guard.observe(losses, self.grad_max)
             stats = {**self.step_stats(), **self.monitor(logits, labels)}
             self.global_step += 1
             n = labels.shape[0]
@@ -202,6 +232,10 @@ class Trainer:
                 hook.after_step({**losses, **stats} if stats else losses)
             if it % 50 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}", refresh=False)
+            if (it + 1) % CHECK_EVERY == 0 and it + 1 < iters:
+                self.check_finite()
+        # Before the epoch's numbers are reduced and long before the checkpoint hooks: what they would save.
+        self.check_finite(weights=self.distiller.learnable_state_dict())
         names, stat_names = sorted(sums), sorted(stat_sums)
         totals = distributed.all_reduce_sum(torch.stack(
             [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names]
@@ -244,6 +278,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "trainer": self.extra_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16 loss scale
+            "finite_guard": self.guard.state_dict(),  # the streak of skipped fp16 steps
             "best": dict(self.best),
             "last": dict(self.last),
             "counters": dict(self.counters),
@@ -257,6 +292,7 @@ class Trainer:
         self.load_extra_state(state["trainer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self.guard.load_state_dict(state.get("finite_guard"))
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.last, self.counters = dict(state["best"]), dict(state["last"]), dict(state["counters"])
         set_rng_state(state["rng"])

@@ -98,6 +98,24 @@ def all_reduce_sum(tensor):
     return out
 
 
+def all_reduce_min(tensor):
+    """Elementwise minimum across ranks (a new tensor); identity in one process."""
+    if not active():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
+
+
+def all_gather_objects(obj):
+    """[every rank's `obj`] in rank order (picklable objects; for rare paths, it is slow); [obj] in one process."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _coalesced_(tensors, collective):
     """Run `collective` on one flat tensor per dtype holding all of `tensors`, then copy the result back into
     them in place: one message per dtype instead of one per tensor."""

@@ -22,3 +22,10 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing or does not fit the model it is loaded into."""
+
+
+class TrainingDivergedError(UserError):
+    """The loss, a gradient or the weights stopped being finite; the run stopped before saving them. Exit code 5
+    (not 2): the input was valid, the training it describes diverged."""
+
+    exit_code = 5
