@@ -9,7 +9,8 @@ same path is another one. Runs whose summary has no hash (older runs) fall back 
 The run name does not carry the epochs, the training subset or the number of processes, so runs that share a
 directory-name pattern can be different experiments; the key tells them apart. Keys left out: the seed (what
 repetitions vary), names and tags, where data and logs live, the device spec, loader workers, evaluation batch
-size, logging and checkpoint frequencies, timeouts, and speed switches that compute the same thing
+size, logging and checkpoint frequencies, timeouts, the fp16 skipped-step limit (it only decides when a
+diverged run stops), and speed switches that compute the same thing
 (channels-last, compile, inference mode, deterministic kernels).
 """
 
@@ -22,7 +23,7 @@ NON_SEMANTIC = {
     "EXPERIMENT.NAME", "EXPERIMENT.TAG", "EXPERIMENT.SEED", "EXPERIMENT.DEVICE", "EXPERIMENT.DETERMINISTIC",
     "DATASET.ROOT", "DATASET.DOWNLOAD", "DATASET.NUM_WORKERS", "DATASET.TEST.BATCH_SIZE",
     "DISTRIBUTED.TIMEOUT_MIN", "DISTRIBUTED.FIND_UNUSED_PARAMETERS",
-    "SOLVER.DOT.LOG_COSINE",
+    "SOLVER.DOT.LOG_COSINE", "SOLVER.MAX_SKIPPED_STEPS",
     "SPEED.CHANNELS_LAST", "SPEED.COMPILE", "SPEED.TEACHER_INFERENCE_MODE",
 }
 NON_SEMANTIC_SECTIONS = ("LOG.",)  # prefix, checkpoint and TensorBoard frequencies, monitors: logging only
