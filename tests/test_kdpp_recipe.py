@@ -224,3 +224,28 @@ def test_imagenet_family_config_is_the_authors_recipe(method, stem):
     projected = stem != "ResNet34_ResNet18"
     want = "default" if not projected else ("zero_bias" if method == "reviewkdpp" else "normal")
     assert cfg.DINO.LINEAR_INIT == want
+
+
+@pytest.mark.slow
+def test_a_family_run_trains_without_the_term_in_its_first_epoch(tmp_path):
+    """Through tools/train.py: KD++ with a 2-epoch ramp and Nesterov SGD logs loss/kd 0 in epoch 1 (factor 0) and
+    a positive one in epoch 2; the dino term (not ramped) is positive in both."""
+    import json
+    import subprocess
+    import sys
+
+    from mdistiller.bench.random_teacher import write_random_teacher
+
+    ckpt = tmp_path / "teacher.pth"
+    write_random_teacher(ckpt, "resnet20", "fashion_mnist")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--cfg",
+                          os.path.join(ROOT, "configs", "fashion_mnist", "kdpp", "resnet20_resnet8.yaml"),
+                          "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.TRAIN_SUBSET", "256",
+                          "DATASET.TEST_SUBSET", "64", "LOG.PREFIX", str(tmp_path / "out"), "EXPERIMENT.NAME", "r",
+                          "DISTILLER.TEACHER_CKPT", str(ckpt), "EXPERIMENT.DEVICE", "cpu", "LOSS_RAMP.EPOCHS", "2",
+                          "SOLVER.NESTEROV", "True"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "out" / "r" / "metrics.jsonl") as f:
+        first, second = [json.loads(line) for line in f]
+    assert first["loss/kd"] == 0.0 and second["loss/kd"] > 0
+    assert first["loss/dino"] > 0 and second["loss/dino"] > 0
