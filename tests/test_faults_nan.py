@@ -133,7 +133,7 @@ def test_divergence_keeps_the_last_good_checkpoints_and_resume_stops_again(teach
         train_from_config(cfg, extra_hooks=[StopAfterEpoch(1)])
     run = tmp_path / "run"
     before = digests(run)
-    want = (f"error: step 11 (epoch 2, iteration 1/10): non-finite gradient (largest |g| ")
+    want = "error: step 11 (epoch 2, iteration 1/10): non-finite gradient (largest |g| "
     for attempt in range(2):  # the resumed run diverges at the same step, again without touching the files
         proc = cli("--cfg", KD_CFG, "--resume", *args)
         assert proc.returncode == 5, proc.stderr[-3000:]
