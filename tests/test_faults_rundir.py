@@ -22,7 +22,7 @@ from mdistiller.utils.run_dir_io import RunDirError
 from mdistiller.utils.run_lock import RunLock, RunLockedError
 from mdistiller.engine.hooks import read_metrics
 from mdistiller.engine.launch import train_from_config
-from tests.test_engine import STUDENT_CFG, CrashAfterEpoch, small_cfg, without_timing
+from test_engine import STUDENT_CFG, CrashAfterEpoch, small_cfg, without_timing
 from mdistiller.engine import HookBase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,8 +280,11 @@ def test_finished_run_resumed_with_another_config_is_refused(tmp_path, straight)
     proc = subprocess.run([sys.executable, TRAIN, "--cfg", STUDENT_CFG, "--resume", *small_cfg_args(tmp_path),
                            "SOLVER.WEIGHT_DECAY", "0.001"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "SOLVER.WEIGHT_DECAY 0.0005 -> 0.001" in one_line_error(proc)
-    # The same config (the copy lives under another LOG.PREFIX) has nothing to add: the summary, exit 0.
+    # The same config (the copy lives under another LOG.PREFIX) has nothing to add: the summary, exit 0; so has
+    # one with another SOLVER.MAX_SKIPPED_STEPS, the limit the divergence error tells an fp16 run to raise.
     assert train_from_config(small_cfg(tmp_path), resume=True)["best_top1"] == straight[1]["best_top1"]
+    again = train_from_config(small_cfg(tmp_path, "SOLVER.MAX_SKIPPED_STEPS", "500"), resume=True)
+    assert again["best_top1"] == straight[1]["best_top1"]
 
 
 # --- 6. two runs of one name ------------------------------------------------------------------------------------

@@ -159,7 +159,8 @@ class FiniteGuard:
 
     @staticmethod
     def _hint(rec):
-        more = "raise SOLVER.MAX_SKIPPED_STEPS or use SPEED.AMP bf16/off, or " if rec["limit"] > 0 else ""
+        more = ("raise SOLVER.MAX_SKIPPED_STEPS (--resume accepts a new value) or use SPEED.AMP bf16/off, or "
+                if rec["limit"] > 0 else "")
         return (f"{more}lower SOLVER.LR, the loss weights or the temperature and start a new run (another "
                 f"EXPERIMENT.TAG); --resume with the same config diverges again")
 

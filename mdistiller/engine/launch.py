@@ -54,8 +54,10 @@ def run_dir_for(cfg):
     return os.path.join(cfg.LOG.PREFIX, run_name(cfg))
 
 
-# Keys that say where a run lives, not what it computes: a run directory moved under another LOG.PREFIX resumes.
-NOT_COMPARED_ON_RESUME = ("LOG.PREFIX",)
+# Keys that do not change what the trained epochs computed: where the run lives (a run directory moved under another
+# LOG.PREFIX resumes), and how many fp16-skipped steps in a row stop it (raising it is the fix the divergence error
+# offers for an fp16 run).
+NOT_COMPARED_ON_RESUME = ("LOG.PREFIX", "SOLVER.MAX_SKIPPED_STEPS")
 
 # Files only a run that trained at least one epoch writes: their presence without latest.pth is not a fresh start.
 RESULT_FILES = ("summary.json", "best.pth", "student_best.pth", "student_last.pth")
@@ -106,7 +108,7 @@ def _flat_configs(saved_text, cfg, where="the saved config"):
 
 def _config_changes(saved_text, cfg, where="the saved config"):
     """{key: (saved value, new value)} for the keys whose values differ between a run's saved config and `cfg`
-    (LOG.PREFIX excluded: see NOT_COMPARED_ON_RESUME)."""
+    (NOT_COMPARED_ON_RESUME excluded)."""
     saved, now = _flat_configs(saved_text, cfg, where)
     return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k) and k not in NOT_COMPARED_ON_RESUME}

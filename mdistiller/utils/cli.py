@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (config, paths, checkpoints, a refused --resume); 3 the run directory cannot be
 written (disk full, read-only, a path that is a file: RunDirError); 4 the run directory is in use by another
-live run (RunLockedError); 130 interrupted (Ctrl-C), continue with --resume. Anything else is a bug and keeps
+live run (RunLockedError); 5 the training diverged: a non-finite loss, gradient or weight stopped it before the
+epoch's checkpoints (TrainingDivergedError); 130 interrupted (Ctrl-C), continue with --resume. Anything else is a bug and keeps
 its traceback.
 """
 
