@@ -72,7 +72,7 @@ def test_plot_tool_draws_the_figures_from_the_run_logs(three_runs, tmp_path):
     runs = three_runs
     out = tmp_path / "fig"
     _plot_main()([runs["alone"], runs["kd"], runs["dot"], "--out", str(out), "--logit-corr"])
-    for name in ("losses.png", "cosines.png", "logit_corr.png"):
+    for name in ("accuracy.png", "losses.png", "cosines.png", "logit_corr.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     data = json.loads((out / "plot_data.json").read_text())
     labels = ["student alone", "KD", "KD+DOT (delta 0.075)"]
@@ -82,6 +82,7 @@ def test_plot_tool_draws_the_figures_from_the_run_logs(three_runs, tmp_path):
         curve = data["losses"][label]
         assert curve["task"] == [rec["monitor/ce"]] and curve["distill"] == [rec["monitor/kl"]]
         assert curve["weighted"] is False
+        assert data["accuracy"][label] == {"epochs": [1], "test_top1": [rec["test_top1"]]}
     # cosines: only the DOT run logged them, one point per step (320 images / batch 32 = 10 steps)
     assert list(data["cosines"]) == ["KD+DOT (delta 0.075)"]
     cos = data["cosines"]["KD+DOT (delta 0.075)"]
@@ -99,3 +100,68 @@ def test_plot_tool_errors_are_one_line(three_runs, tmp_path):
         _plot_main()([three_runs["kd"], three_runs["dot"], "--labels", "x"])
     with pytest.raises(UserError, match="share a legend label"):
         _plot_main()([three_runs["kd"], three_runs["kd"], "--out", str(tmp_path)])
+
+
+
+def _blank_border(path):
+    """Rows/columns of pure white at the top, bottom, left and right of a PNG (an empty margin)."""
+    import matplotlib.image as mpimg
+
+    white = (mpimg.imread(path)[..., :3] > 0.99).all(-1)
+
+    def leading(flags):
+        return next((i for i, f in enumerate(flags) if not f), len(flags))
+
+    rows, cols = white.all(1), white.all(0)
+    return leading(rows), leading(rows[::-1]), leading(cols), leading(cols[::-1])
+
+
+def _fake_run(run_dir, method, test_top1):
+    """A run directory as tools/train.py leaves it, as far as the figures read it: config.yaml and metrics.jsonl,
+    here with a resumed run's repeated epoch 2 (its later record counts)."""
+    from mdistiller.config import get_cfg_defaults
+
+    run_dir.mkdir(parents=True)
+    cfg = get_cfg_defaults()
+    cfg.DISTILLER.TYPE = method
+    (run_dir / "config.yaml").write_text(cfg.dump())
+    lines = [{"epoch": e + 1, "test_top1": v, "monitor/ce": 1.0 / (e + 1)} for e, v in enumerate(test_top1)]
+    lines.insert(1, {"epoch": 2, "test_top1": 1.0, "monitor/ce": 9.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _pixels_near(path, hex_colour, tol=0.06):
+    import matplotlib.image as mpimg
+    from matplotlib.colors import to_rgb
+
+    img = mpimg.imread(path)[..., :3]
+    return int((np.abs(img - np.array(to_rgb(hex_colour))).max(-1) < tol).sum())
+
+
+def test_accuracy_figure_is_test_top1_per_epoch(tmp_path, capsys):
+    _fake_run(tmp_path / "a", "NONE", [40.0, 55.5, 61.25])
+    _fake_run(tmp_path / "k", "KD", [45.0, 60.0, 58.0])
+    out = tmp_path / "fig"
+    _plot_main()([str(tmp_path / "a"), str(tmp_path / "k"), "--out", str(out)])
+    png = out / "accuracy.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    data = json.loads((out / "plot_data.json").read_text())
+    assert data["accuracy"] == {"student alone": {"epochs": [1, 2, 3], "test_top1": [40.0, 55.5, 61.25]},
+                                "KD": {"epochs": [1, 2, 3], "test_top1": [45.0, 60.0, 58.0]}}
+    printed = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(printed) if "best test top-1" in line)
+    assert [line.split()[-2:] for line in printed[header + 1:header + 3]] == [["61.25", "61.25"], ["60.00", "58.00"]]
+    # two curves in matplotlib's first two colours (one per run) and nothing left blank around the axes
+    assert _pixels_near(png, "#1f77b4") > 200 and _pixels_near(png, "#ff7f0e") > 200
+    assert max(_blank_border(png)) <= 12
+
+
+def test_logit_corr_figure_has_no_empty_margins(tmp_path):
+    plot_logit_corr = _plot_main().__globals__["plot_logit_corr"]  # tools/plot.py, loaded as the CLI runs it
+    torch.manual_seed(0)
+    for n in (1, 2, 3):
+        diffs = {f"run {i}": torch.rand(10, 10, dtype=torch.float64) for i in range(n)}
+        path = tmp_path / f"lc{n}.png"
+        plot_logit_corr(diffs, str(path))
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        assert max(_blank_border(path)) <= 12, (n, _blank_border(path))

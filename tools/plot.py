@@ -2,6 +2,8 @@
 
     python tools/plot.py RUN_DIR... [--out DIR] [--labels L...] [--logit-corr]
 
+- accuracy.png: test top-1 per epoch of every run (metrics.jsonl's test_top1), one line each: the figure to look
+  at first, since the others explain it.
 - losses.png (DOT fig. 3 and 6): the training task loss and distillation loss per epoch of every run. These are
   the trainer's monitor/ce and monitor/kl: unweighted, so a KD run (CE weight 0.1) and the student alone compare;
   the student alone has monitor/kl when it ran with LOG.MONITOR_TEACHER. Runs from before the monitor fall back
@@ -56,6 +58,30 @@ def loss_curves(runs):
     return out
 
 
+def accuracy_curves(runs):
+    """{label: {"epochs", "test_top1"}} from metrics.jsonl."""
+    out = {}
+    for label, run_dir in runs:
+        recs = [r for r in epoch_records(run_dir) if "test_top1" in r]
+        out[label] = {"epochs": [r["epoch"] for r in recs], "test_top1": [r["test_top1"] for r in recs]}
+    return out
+
+
+def plot_accuracy(curves, path):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for label, c in curves.items():
+        ax.plot(c["epochs"], c["test_top1"], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("test accuracy")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _two_panels(path, panels, draw):
     """One figure of two side-by-side panels: draw(ax, key) for each (key, title) in panels, then a grid, the
     legend and the PNG at `path`."""
@@ -65,7 +91,8 @@ def _two_panels(path, panels, draw):
         draw(ax, key)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel no run has data for stays without a legend
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -137,7 +164,9 @@ def logit_corr(runs, device):
 def plot_logit_corr(diffs, path):
     plt = _pyplot()
     n = len(diffs)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4), squeeze=False)
+    # constrained layout places the shared colour bar beside the panels, and the tight bounding box drops the
+    # blank border a fixed figure size leaves around square heat maps.
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1, 4), squeeze=False, layout="constrained")
     vmax = max(float(d.max()) for d in diffs.values())
     for ax, (label, d) in zip(axes[0], diffs.items()):
         im = ax.imshow(d.numpy(), cmap="viridis", vmin=0, vmax=vmax)
@@ -145,7 +174,7 @@ def plot_logit_corr(diffs, path):
         ax.set_xlabel("class")
         ax.set_ylabel("class")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
 
 
@@ -168,14 +197,24 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     data = {}
 
+    acc = accuracy_curves(runs)
+    plot_accuracy(acc, os.path.join(args.out, "accuracy.png"))
+    data["accuracy"] = acc
+    print(f"{'run':<28} {'best test top-1':>15} {'last test top-1':>15}")
+    for label, c in acc.items():
+        best = max(c["test_top1"], default=None)
+        last = c["test_top1"][-1] if c["test_top1"] else None
+        print(f"{label:<28} {'-' if best is None else format(best, '.2f'):>15} "
+              f"{'-' if last is None else format(last, '.2f'):>15}")
+
     losses = loss_curves(runs)
     plot_losses(losses, os.path.join(args.out, "losses.png"))
     data["losses"] = losses
     print(f"{'run':<28} {'last task loss':>14} {'last distill loss':>17}")
     for label, c in losses.items():
-        d = c["distill"][-1]
-        print(f"{label:<28} {c['task'][-1]:>14.4f} {'-' if d is None else format(d, '.4f'):>17}")
-    written = ["losses.png"]
+        t, d = (c["task"][-1], c["distill"][-1]) if c["epochs"] else (None, None)
+        print(f"{label:<28} {'-' if t is None else format(t, '.4f'):>14} {'-' if d is None else format(d, '.4f'):>17}")
+    written = ["accuracy.png", "losses.png"]
 
     cos = cosine_curves(runs)
     if cos:
