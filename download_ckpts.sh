@@ -2,14 +2,16 @@
 # Download the published teacher checkpoints, verify them and unpack them where mdistiller looks for them.
 #
 #   bash download_ckpts.sh            # CIFAR-100 teacher zoo (cifar_teachers.tar) -> download_ckpts/cifar_teachers/
-#   bash download_ckpts.sh imagenet   # torchvision ImageNet weights of the ImageNet teachers -> torch hub cache
+#   bash download_ckpts.sh imagenet   # torchvision's ImageNet weights of resnet18/34/50 -> torch hub cache
 #   bash download_ckpts.sh all        # both
+#   bash download_ckpts.sh --help     # this text
 #
-# Idempotent: what is already in place and verified is not fetched again. Environment:
+# Idempotent: what is already in place and verified is not fetched again. Offline, it ends with one line naming
+# the file to fetch elsewhere and where to put it. Environment:
 #   MDISTILLER_CKPT_BASE_URL     where cifar_teachers.tar lives (default: the mdistiller release "checkpoints";
 #                                any curl URL works, file:///path/to/mirror included)
 #   MDISTILLER_CKPT_DIR          destination (default: download_ckpts/ next to this script)
-#   MDISTILLER_CKPT_SHA256       expected SHA-256 of cifar_teachers.tar (overrides the pinned value below)
+#   MDISTILLER_CKPT_SHA256       expected SHA-256 of cifar_teachers.tar (overrides the value pinned in this script)
 #   MDISTILLER_TORCHVISION_BASE_URL  where torchvision's weight files live (default download.pytorch.org/models)
 #   TORCH_HOME                   torch's cache root (weights go to $TORCH_HOME/hub/checkpoints, as torch.hub does)
 set -euo pipefail
@@ -28,13 +30,21 @@ TV_FILES="resnet34-b627a593.pth resnet50-0676ba61.pth resnet18-f37072fd.pth"
 
 die() { echo "error: $*" >&2; exit 1; }
 
+usage() {  # the comment block at the top of this file
+    sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed -n 's/^# \{0,1\}//p'
+}
+
 fetch() {  # fetch URL FILE: download to FILE.part, then rename; curl handles http(s) and file:// alike
     local url="$1" out="$2"
     command -v curl >/dev/null 2>&1 || die "curl is needed to download $url (apt-get install curl)"
     rm -f "$out.part"
-    if ! curl -fL --retry 2 --connect-timeout 20 -sS -o "$out.part" "$url" 2>"$out.err"; then
-        local why; why="$(tr '\n' ' ' <"$out.err")"; rm -f "$out.part" "$out.err"
-        die "could not download $url (${why% }); are you offline? Fetch the file on a machine with internet and put it at $out, then run this again"
+    # --speed-limit/--speed-time: a stalled transfer ends (and is retried) instead of hanging for ever.
+    if ! curl -fL --retry 2 --connect-timeout 20 --speed-limit 1024 --speed-time 60 -sS -o "$out.part" "$url" \
+            2>"$out.err"; then
+        # each try writes its own "curl: (N) ..." line and retry warnings: the last error is the one to show
+        local why; why="$(grep '^curl: ' "$out.err" | tail -n 1)"; [ -n "$why" ] || why="$(tail -n 1 "$out.err")"
+        rm -f "$out.part" "$out.err"
+        die "could not download $url (${why:-curl failed}); if this machine is offline, fetch that file on one with internet and put it at $out, then run this again"
     fi
     rm -f "$out.err"
     mv "$out.part" "$out"
@@ -102,8 +112,9 @@ imagenet() {
 }
 
 case "${1:-cifar}" in
+    -h|--help|help) usage ;;
     cifar) cifar ;;
     imagenet) imagenet ;;
     all) cifar; imagenet ;;
-    *) die "unknown target '$1'; use cifar, imagenet or all" ;;
+    *) die "unknown target '$1'; use cifar, imagenet or all (bash download_ckpts.sh --help)" ;;
 esac

@@ -91,6 +91,65 @@ def test_offline_fails_clearly(tmp_path):
     assert proc.stderr.count("\n") == 1
 
 
+def test_help_says_what_it_downloads_and_exits_0(tmp_path):
+    for flag in ("--help", "-h"):
+        proc = run_script({"MDISTILLER_CKPT_DIR": str(tmp_path / "d"), "MDISTILLER_CKPT_BASE_URL": "file:///none"},
+                          flag)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        for word in ("cifar_teachers.tar", "imagenet", "MDISTILLER_CKPT_BASE_URL", "MDISTILLER_CKPT_SHA256",
+                     "MDISTILLER_CKPT_DIR", "TORCH_HOME"):
+            assert word in proc.stdout, word
+        assert not proc.stdout.startswith("#") and "set -euo" not in proc.stdout
+        assert not (tmp_path / "d").exists()  # nothing fetched, nothing created
+    proc = run_script({}, "cifarr")
+    assert proc.returncode != 0 and "--help" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_offline_is_one_line_naming_the_file_and_where_it_goes(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    proc = run_script({"MDISTILLER_CKPT_BASE_URL": url, "MDISTILLER_CKPT_DIR": str(tmp_path)})
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"could not download {url}/cifar_teachers.tar" in proc.stderr
+    assert f"put it at {tmp_path}/cifar_teachers.tar" in proc.stderr
+    assert os.listdir(tmp_path) == []  # no .part or .err left behind
+
+
+def test_a_retried_failure_is_reported_once(tmp_path):
+    """curl retries a 503 twice; the user sees its last error once, not one per try plus the retry warnings."""
+    import http.server
+    import threading
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.server.hits += 1
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Busy)
+    server.hits = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = run_script({"MDISTILLER_CKPT_BASE_URL": f"http://127.0.0.1:{server.server_port}",
+                           "MDISTILLER_CKPT_DIR": str(tmp_path)})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.hits == 3  # the first try and two retries
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.count("503") == 1 and "Warning" not in proc.stderr and "retry" not in proc.stderr.lower()
+
+
 def test_not_a_teacher_archive(tmp_path):
     mirror = tmp_path / "m"
     (mirror / "junk").mkdir(parents=True)
