@@ -11,10 +11,12 @@ DISTILLER.TEACHER_CKPT empty means "the usual place":
 
 import json
 import os
+import shlex
 import warnings
 
 import torch
 
+from ..config import get_cfg_defaults
 from ..models import build_model
 from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
@@ -56,19 +58,47 @@ def default_teacher_ckpt(cfg):
         return os.path.join(ckpt_dir(), "tiny_imagenet_teachers", f"{name}_vanilla", "ti_res18")
     if dataset == "imagenet" and name in TORCHVISION_WEIGHTS:
         return torchvision_weights_path(name)
-    run = f"{dataset}_none_{name}_vanilla_seed0"
+    return teacher_run_ckpt(cfg)
+
+
+def teacher_train_command(cfg):
+    """The tools/train.py command that trains DISTILLER.TEACHER alone where this run looks for it: the teacher's
+    vanilla config under this run's LOG.PREFIX (and DATASET.ROOT), so following the hint from the directory the
+    run was started in writes `<LOG.PREFIX>/<dataset>_none_<teacher>_vanilla_seed0/student_best.pth`."""
+    name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
+    here = os.path.abspath(os.getcwd()) == os.path.abspath(REPO_ROOT)
+    script, config = os.path.join("tools", "train.py"), os.path.join("configs", dataset, "vanilla", f"{name}.yaml")
+    if not here:  # paths the command needs wherever it is typed
+        script, config = os.path.join(REPO_ROOT, script), os.path.join(REPO_ROOT, config)
+    words = ["python", script, "--cfg", config]
+    if not os.path.isfile(os.path.join(REPO_ROOT, "configs", dataset, "vanilla", f"{name}.yaml")):
+        # no config file for this model: the dataset's vanilla recipe with the model and tag its files set
+        words[-1] = os.path.join(os.path.dirname(config), "_recipe.yaml")
+        words += ["DISTILLER.STUDENT", name, "EXPERIMENT.TAG", "vanilla"]
+    words += ["LOG.PREFIX", cfg.LOG.PREFIX]
+    if cfg.DATASET.ROOT != get_cfg_defaults().DATASET.ROOT:  # the teacher trains on the same copy of the data
+        words += ["DATASET.ROOT", cfg.DATASET.ROOT]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def teacher_run_ckpt(cfg):
+    """Where teacher_train_command's run leaves the teacher's best weights."""
+    run = f"{cfg.DATASET.TYPE}_none_{cfg.DISTILLER.TEACHER}_vanilla_seed0"
     return os.path.join(cfg.LOG.PREFIX, run, "student_best.pth")
 
 
 def how_to_get(cfg):
     name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
-    train = f"train it with `python tools/train.py --cfg configs/{dataset}/vanilla/{name}.yaml`"
+    train = f"train it with `{teacher_train_command(cfg)}`"
+    then_set = f" and set DISTILLER.TEACHER_CKPT {teacher_run_ckpt(cfg)}"
     if dataset == "cifar100":
-        return f"run `bash download_ckpts.sh` for the published teachers, or {train} and set DISTILLER.TEACHER_CKPT"
+        return f"run `bash download_ckpts.sh` for the published teachers, or {train}{then_set}"
     if dataset == "imagenet" and name in TORCHVISION_WEIGHTS:
         return (f"download {TORCHVISION_WEIGHTS[name]} to {torchvision_weights_path(name)} "
                 f"(`bash download_ckpts.sh imagenet` does), or set DISTILLER.TEACHER_CKPT")
-    return f"{train}, or set DISTILLER.TEACHER_CKPT to its checkpoint"
+    if cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg) != teacher_run_ckpt(cfg):
+        return f"{train}{then_set}, or set DISTILLER.TEACHER_CKPT to a checkpoint you have"
+    return f"{train} (it lands at {teacher_run_ckpt(cfg)}, where this run looks), or set DISTILLER.TEACHER_CKPT"
 
 
 def _fetch_torchvision(name, path):
