@@ -1,11 +1,11 @@
 """Evaluate a checkpoint on a dataset's test split: ours (student_*.pth, latest.pth, best.pth) or published ones.
 
     python tools/eval.py -m resnet8 -c output/<run>/student_best.pth -d fashion_mnist [--json]
-    python tools/eval.py -m resnet8 -c output/<run>/student_best.pth --run-config output/<run>/config.yaml
+    python tools/eval.py -c output/<run>/student_best.pth --run-config output/<run>/config.yaml
 
---run-config takes the dataset settings (root, test subset, test batch size) and the evaluation fast paths
-(SPEED: channels-last layout, autocast, as resolved on this device) of the run that wrote the checkpoint, so the
-number printed is the one the run reported. Without it the model is evaluated in plain float32.
+--run-config takes the model (the run's DISTILLER.STUDENT; -m may name another), the dataset settings (root, test
+subset, test batch size) and the evaluation fast paths (SPEED: channels-last layout, autocast, as resolved on this
+device) of the run that wrote the checkpoint, so the number printed is the one the run reported. Without it the model is evaluated in plain float32.
 
 --int8 (CPU) also evaluates the model as the int8 graph SPEED.TEACHER_INT8 would make of it (calibrated on the
 first SPEED.TEACHER_INT8_CALIBRATION un-augmented training images, so the training split must be there), and
@@ -33,7 +33,7 @@ from mdistiller.utils.errors import UserError
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, help="model name, e.g. resnet32x4")
+    p.add_argument("-m", "--model", help="model name, e.g. resnet32x4 (default: the run config's DISTILLER.STUDENT)")
     p.add_argument("-c", "--ckpt", required=True, help="checkpoint file")
     p.add_argument("-d", "--dataset", help="DATASET.TYPE (default: the run config's, else fashion_mnist)")
     p.add_argument("--run-config", help="config.yaml of the run that wrote the checkpoint")
@@ -44,6 +44,11 @@ def main(argv=None):
     p.add_argument("--int8", action="store_true", help="also evaluate the model as an int8 teacher (CPU)")
     p.add_argument("--json", action="store_true", help="end with one JSON line {top1, top5, loss, num}")
     args = p.parse_args(argv)
+    if args.model is None:
+        if not args.run_config:
+            raise UserError("name the model with -m MODEL (e.g. -m resnet8), or give --run-config "
+                            "<run>/config.yaml, whose DISTILLER.STUDENT is the model")
+        args.model = load_config(args.run_config, validate=False).DISTILLER.STUDENT
 
     overrides = ["DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", args.model, "EXPERIMENT.DEVICE", args.device]
     for key, value in (("DATASET.TYPE", args.dataset), ("DATASET.ROOT", args.root),

@@ -57,13 +57,33 @@ def _download(root, directory):
                         + _how_to_get(directory)) from None
 
 
+def _check_keys(entry, path):
+    """The published pickles are dicts with bytes keys (b"data", b"fine_labels"); anything else is one line."""
+    redo = f"delete {os.path.dirname(path) or '.'} and download or unpack cifar-100-python.tar.gz again"
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} holds a {type(entry).__name__}, not the dict of a CIFAR-100 python pickle; {redo}")
+    for key in (b"data", b"fine_labels"):
+        if key in entry:
+            continue
+        if key.decode() in entry:
+            raise DataError(f"{path} has str keys ('{key.decode()}') where the CIFAR-100 python files have bytes keys "
+                            f"(b'{key.decode()}'): it was re-saved by another program, not the original file; {redo}")
+        found = ", ".join(sorted(repr(k) for k in entry)[:8]) or "none"
+        raise DataError(f"{path} has no {key!r} entry (its keys: {found}): not a CIFAR-100 python pickle; {redo}")
+
+
 def read_split(path):
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise DataError(f"{path} is not a CIFAR-100 python pickle ({type(e).__name__}: {e}); "
+                        "delete the folder and download it again") from None
+    _check_keys(entry, path)
+    try:
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[b"fine_labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise DataError(f"{path} is not a CIFAR-100 python pickle ({type(e).__name__}: {e}); "
                         "delete the folder and download it again") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
