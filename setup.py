@@ -1,7 +1,24 @@
+import re
+
 from setuptools import find_packages, setup
 
+# requirements.txt pins the exact torch/torchvision builds the README's set-up installs and the tests ran on.
+# A package install (`pip install -e .` into a researcher's own CUDA environment) must not replace their torch,
+# so it asks only for the oldest releases with every API the code calls:
+# - torch 2.6: torch.nn.utils.get_total_norm (engine/finite_guard.py) is new in 2.6; the rest is older
+#   (torch.amp.GradScaler(device) 2.3, torch.utils.flop_counter 2.1, torch.compile 2.0, ao.quantization FX 1.13).
+# - torchvision 0.21: the release built for torch 2.6 (only its datasets and download helpers are used).
+# The tests run on the pinned versions, which these ranges include (tests/test_tools_ux.py checks that).
+MINIMUM = {"torch": "torch>=2.6", "torchvision": "torchvision>=0.21"}
+
+
+def _name(requirement):
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+
+
 with open("requirements.txt") as f:
-    requirements = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    pinned = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+requirements = [MINIMUM.get(_name(r), r) for r in pinned]
 
 setup(
     name="mdistiller",
@@ -12,5 +29,6 @@ setup(
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7"]},
+    # wandb: the optional Weights & Biases logger (LOG.WANDB True), beside TensorBoard
+    extras_require={"test": ["pytest>=7"], "wandb": ["wandb>=0.16"]},
 )

@@ -131,3 +131,47 @@ def test_cifar_pickle_that_is_not_a_dict_or_lacks_labels_is_one_line(tmp_path):
         pickle.dump({b"data": [[0] * 3072]}, f)
     with pytest.raises(DataError, match=r"has no b'fine_labels' entry \(its keys: b'data'\)"):
         read_split(str(path))
+
+
+# 11 ----------------------------------------------------------------------------------------------------------
+
+def _setup_kwargs(monkeypatch):
+    """The keyword arguments setup.py passes to setuptools.setup, read by running it with setup() captured."""
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="__main__")
+    return captured
+
+
+def test_setup_py_asks_for_ranges_the_pinned_builds_satisfy(monkeypatch):
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    kwargs = _setup_kwargs(monkeypatch)
+    requires = {r.name: r for r in map(Requirement, kwargs["install_requires"])}
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        pins = {r.name: r for r in (Requirement(x.strip()) for x in f if x.strip() and not x.startswith("#"))}
+    assert set(requires) == set(pins)  # the same packages; only torch and torchvision are loosened
+    for name in ("torch", "torchvision"):
+        (pin,) = pins[name].specifier
+        assert pin.operator == "==", f"requirements.txt keeps the exact {name} build"
+        spec = requires[name].specifier
+        assert all(s.operator == ">=" for s in spec) and len(spec) == 1, f"{name}: {spec} is not a minimum"
+        installed = Version(metadata.version(name))  # e.g. 2.14.1+cu130: a local build of the pinned release
+        assert spec.contains(installed) and spec.contains(pin.version), (name, spec, installed)
+    # the minimums: torch.nn.utils.get_total_norm (engine/finite_guard.py) is new in torch 2.6, and
+    # torchvision 0.21 is the release built for torch 2.6
+    assert str(requires["torch"].specifier) == ">=2.6" and str(requires["torchvision"].specifier) == ">=0.21"
+    import torch
+
+    assert callable(torch.nn.utils.get_total_norm)
+    for name in set(requires) - {"torch", "torchvision"}:
+        assert requires[name].specifier == pins[name].specifier, name
+    assert [str(Requirement(r)) for r in kwargs["extras_require"]["wandb"]] == ["wandb>=0.16"]

@@ -4,6 +4,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash tools/setup_env.sh
+bash tools/setup_env.sh --test  # the pinned set-up plus the test extras (wandb)
 bash tools/fetch_data.sh
 exec .venv/bin/python -m pytest -q "$@" tests
