@@ -102,6 +102,10 @@ _C.LOG.TENSORBOARD_FREQ = 50  # iterations between TensorBoard training scalars 
 # (T^2 KL(teacher || student) at LOG.MONITOR_T, unweighted): losses comparable across methods and weights (DOT fig. 3).
 _C.LOG.MONITOR_T = 4.0
 _C.LOG.MONITOR_TEACHER = False  # student alone (DISTILLER.TYPE NONE): also run DISTILLER.TEACHER to log monitor/kl
+# Weights & Biases beside TensorBoard (needs `pip install .[wandb]`): the same scalars and the config, one wandb run
+# per run directory (its id is kept there, so --resume continues it); WANDB_MODE=offline etc. work as usual.
+_C.LOG.WANDB = False
+_C.LOG.WANDB_PROJECT = "mdistiller"
 
 _SECTIONS = {}
 

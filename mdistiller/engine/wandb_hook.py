@@ -1,0 +1,96 @@
+"""Optional Weights & Biases logging (LOG.WANDB True), beside TensorBoard, which stays the default.
+
+The same scalars as the TensorBoard hook, under the same names and against the same x axis: train/<loss> and
+train/lr every LOG.TENSORBOARD_FREQ iterations, epoch/<key> once per epoch, plotted against
+`trainer/global_step` (logged with each row). wandb's own step only ever grows, so the rows a resumed run logs
+again for iterations a crashed run had already logged are kept, not dropped. The resolved config is the wandb
+run's config. One wandb run per run directory: its id is kept in <run>/wandb_run_id, so `--resume` continues the
+same wandb run. The main process logs for the job (the hook is added on rank 0 only, as the TensorBoard one).
+WANDB_MODE, WANDB_DIR, WANDB_ENTITY and the other wandb variables work as usual; without WANDB_DIR, wandb's files
+go to <run>/wandb/.
+"""
+
+import os
+import secrets
+
+import yaml
+
+from ..utils.errors import ConfigError
+from ..utils.run_dir_io import writing
+from .hooks import HookBase
+
+#: the file in the run directory that holds the wandb run id
+RUN_ID_FILE = "wandb_run_id"
+#: the per-epoch record keys TensorBoardHook logs as epoch/<key>
+EPOCH_KEYS = ("test_top1", "test_top5", "test_loss", "train_loss", "train_top1", "lr", "images_per_s")
+STEP_KEY = "trainer/global_step"
+
+
+def require_wandb():
+    """The wandb module; LOG.WANDB True without the package is one ConfigError line naming the install."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("config key LOG.WANDB: True needs the wandb package, which is not installed; "
+                          "run `pip install .[wandb]` (or `pip install wandb`), or set LOG.WANDB False") from None
+    return wandb
+
+
+def check_wandb_config(cfg):
+    """For config validation: fail before anything is written when LOG.WANDB cannot work."""
+    if cfg.LOG.WANDB:
+        require_wandb()
+        if not str(cfg.LOG.WANDB_PROJECT).strip():
+            raise ConfigError("config key LOG.WANDB_PROJECT: empty; name the wandb project, e.g. mdistiller")
+
+
+def run_id(run_dir):
+    """The wandb run id of this run directory: the one kept there, else a new one, written before first use."""
+    path = os.path.join(run_dir, RUN_ID_FILE)
+    if os.path.isfile(path):
+        with writing("read", path), open(path) as f:
+            kept = f.read().strip()
+        if kept:
+            return kept
+    new = secrets.token_hex(6)  # lower-case letters and digits, as wandb run ids are
+    with writing("write", path):
+        with open(path + ".tmp", "w") as f:
+            f.write(new + "\n")
+        os.replace(path + ".tmp", path)
+    return new
+
+
+class WandbHook(HookBase):
+    def __init__(self, cfg, run_dir):
+        self.wandb = require_wandb()
+        self.cfg, self.run_dir, self.freq, self.run = cfg, run_dir, cfg.LOG.TENSORBOARD_FREQ, None
+
+    def before_train(self):
+        if getattr(self.trainer, "rank", 0) != 0:
+            return
+        self.run = self.wandb.init(
+            project=self.cfg.LOG.WANDB_PROJECT, name=os.path.basename(os.path.normpath(self.run_dir)),
+            id=run_id(self.run_dir), resume="allow",
+            dir=os.environ.get("WANDB_DIR") or self.run_dir,
+            config=yaml.safe_load(self.cfg.dump()), allow_val_change=True)
+        self.run.define_metric(STEP_KEY)
+        for pattern in ("train/*", "epoch/*"):
+            self.run.define_metric(pattern, step_metric=STEP_KEY)
+
+    def after_step(self, losses):
+        step = self.trainer.global_step
+        if self.run is not None and self.freq and step % self.freq == 0:
+            row = {f"train/{name}": float(value) for name, value in losses.items()}
+            row["train/lr"] = self.trainer.lr
+            self.run.log({**row, STEP_KEY: step})
+
+    def after_epoch(self, record):
+        if self.run is None:
+            return
+        row = {f"epoch/{key}": record[key] for key in EPOCH_KEYS if key in record}
+        self.run.log({**row, STEP_KEY: self.trainer.global_step})
+
+    def after_train(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
