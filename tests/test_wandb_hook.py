@@ -104,12 +104,12 @@ def tensorboard_scalars(log_dir):
 
 
 def _train(prefix, *extra, resume=False):
-    from mdistiller.engine.launch import run_dir_for, train_from_config
-    from mdistiller.engine.wandb_hook import WandbHook
+    """A run with LOG.WANDB True: launch.py adds the WandbHook itself."""
+    from mdistiller.engine.launch import train_from_config
 
     cfg = load_config(STUDENT_CFG, ["LOG.PREFIX", str(prefix), "EXPERIMENT.NAME", "wb", *SMALL,
                                     "LOG.TENSORBOARD_FREQ", "3", "LOG.WANDB", "True", *extra])
-    return train_from_config(cfg, resume=resume, extra_hooks=[WandbHook(cfg, run_dir_for(cfg))])
+    return train_from_config(cfg, resume=resume)
 
 
 def test_wandb_logs_what_tensorboard_logs_and_resume_continues_the_run(tmp_path, offline):
@@ -160,8 +160,10 @@ def test_missing_wandb_is_one_config_error(monkeypatch):
     from mdistiller.engine.wandb_hook import WandbHook, check_wandb_config
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
-    cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True"])
-    for attempt in (lambda: check_wandb_config(cfg), lambda: WandbHook(cfg, "unused")):
+    cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True"], validate=False)
+    attempts = (lambda: load_config(STUDENT_CFG, ["LOG.WANDB", "True"]),  # validation: before anything is written
+                lambda: check_wandb_config(cfg), lambda: WandbHook(cfg, "unused"))
+    for attempt in attempts:
         with pytest.raises(ConfigError) as e:
             attempt()
         assert "LOG.WANDB" in str(e.value) and "pip install .[wandb]" in str(e.value) and "\n" not in str(e.value)

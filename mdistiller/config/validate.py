@@ -118,6 +118,11 @@ def validate_config(cfg):
     _check(sp.TEACHER_INT8_CALIBRATION > 0, "SPEED.TEACHER_INT8_CALIBRATION",
            f"must be > 0 images, got {sp.TEACHER_INT8_CALIBRATION}")
 
+    if cfg.LOG.WANDB:  # a missing package fails here, before anything is written
+        from ..engine.wandb_hook import check_wandb_config
+
+        check_wandb_config(cfg)
+
     from ..distillers.loss_ramp import validate_loss_ramp
 
     method = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE)

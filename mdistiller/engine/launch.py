@@ -28,6 +28,7 @@ from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
 from .registry import TRAINER_REGISTRY
 from .teacher import teacher_ckpt_path, teacher_record
+from .wandb_hook import WandbHook
 
 
 def package_versions():
@@ -56,8 +57,8 @@ def run_dir_for(cfg):
 
 # Keys that do not change what the trained epochs computed: where the run lives (a run directory moved under another
 # LOG.PREFIX resumes), and how many fp16-skipped steps in a row stop it (raising it is the fix the divergence error
-# offers for an fp16 run).
-NOT_COMPARED_ON_RESUME = ("LOG.PREFIX", "SOLVER.MAX_SKIPPED_STEPS")
+# offers for an fp16 run), and where the run is logged to besides the run directory (wandb).
+NOT_COMPARED_ON_RESUME = ("LOG.PREFIX", "SOLVER.MAX_SKIPPED_STEPS", "LOG.WANDB", "LOG.WANDB_PROJECT")
 
 # Files only a run that trained at least one epoch writes: their presence without latest.pth is not a fresh start.
 RESULT_FILES = ("summary.json", "best.pth", "student_best.pth", "student_last.pth")
@@ -295,6 +296,7 @@ def _train_locked(cfg, resume, extra_hooks, ctx):
         hooks = [
             MetricsHook(os.path.join(path, "metrics.jsonl")),
             TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
+            *([WandbHook(cfg, path)] if cfg.LOG.WANDB else []),
             CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ),
             SummaryHook(summary_file, extra),
             *hooks,
