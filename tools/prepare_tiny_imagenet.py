@@ -11,6 +11,10 @@ import argparse
 import os
 import sys
 
+import _path  # noqa: F401
+
+from mdistiller.utils.progress import preparation_bar
+
 
 class PrepareError(Exception):
     pass
@@ -44,7 +48,7 @@ def prepare(root):
     if not os.path.isfile(ann):
         raise PrepareError(f"{ann} not found; re-extract tiny-imagenet-200.zip")
     moved = 0
-    for filename, wnid in read_annotations(ann):
+    for filename, wnid in preparation_bar(read_annotations(ann), desc="sorting val images"):
         src = os.path.join(images, filename)
         dst_dir = os.path.join(val, wnid)
         dst = os.path.join(dst_dir, filename)

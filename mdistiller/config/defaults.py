@@ -98,6 +98,7 @@ _C.LOG = CN()
 _C.LOG.PREFIX = "output"
 _C.LOG.SAVE_CHECKPOINT_FREQ = 40  # also keep ckpt_epoch_<N>.pth every N epochs (0 = only the last epoch)
 _C.LOG.TENSORBOARD_FREQ = 50  # iterations between TensorBoard training scalars (0 = off)
+_C.LOG.PRINT_FREQ = 100  # without a terminal: a progress line (loss, lr, img/s, eta) every N iterations (0 = off)
 # Every run logs monitor/ce (the unweighted training cross-entropy) and, when a teacher runs, monitor/kl
 # (T^2 KL(teacher || student) at LOG.MONITOR_T, unweighted): losses comparable across methods and weights (DOT fig. 3).
 _C.LOG.MONITOR_T = 4.0

@@ -95,6 +95,7 @@ def validate_config(cfg):
 
     _check(cfg.LOG.SAVE_CHECKPOINT_FREQ >= 0, "LOG.SAVE_CHECKPOINT_FREQ", "must be >= 0 (0 = last epoch only)")
     _check(cfg.LOG.TENSORBOARD_FREQ >= 0, "LOG.TENSORBOARD_FREQ", "must be >= 0 (0 = off)")
+    _check(cfg.LOG.PRINT_FREQ >= 0, "LOG.PRINT_FREQ", "must be >= 0 (0 = off)")
     _check(cfg.LOG.MONITOR_T > 0, "LOG.MONITOR_T", f"must be > 0, got {cfg.LOG.MONITOR_T}")
     dev = cfg.EXPERIMENT.DEVICE
     _check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "EXPERIMENT.DEVICE",

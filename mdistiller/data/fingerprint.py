@@ -13,6 +13,8 @@ import hashlib
 import os
 import time
 
+from ..utils.progress import byte_bar, preparation_bar
+
 # (path, size, mtime) -> digest: the main job reads the same files for every run, and a run hashes its teacher
 # checkpoint twice (KD++'s class-means cache key, the summary.json ledger): each file is read once per process.
 _CACHE = {}
@@ -30,9 +32,10 @@ def file_sha256(path, chunk=1 << 20):
     if key in _CACHE:
         return _CACHE[key]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, byte_bar(st.st_size, f"sha256 {os.path.basename(path)}") as progress:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
+            progress.update(len(block))
     if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
         _CACHE[key] = h.hexdigest()
     return h.hexdigest()
@@ -40,11 +43,13 @@ def file_sha256(path, chunk=1 << 20):
 
 def _folder_digest(path):
     entries = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            entries.append(f"{os.path.relpath(full, path)}\t{os.path.getsize(full)}")
+    with preparation_bar(desc=f"listing {os.path.basename(os.path.normpath(path))}") as progress:
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                entries.append(f"{os.path.relpath(full, path)}\t{os.path.getsize(full)}")
+            progress.update(len(filenames))
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 

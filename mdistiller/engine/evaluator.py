@@ -5,18 +5,21 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..utils.progress import bar
+
 
 @torch.inference_mode()
-def evaluate(model, loader, reduce_fn=None, speed=None):
+def evaluate(model, loader, reduce_fn=None, speed=None, show=None):
     """Return {"top1", "top5", "loss", "num"}; `model(images)` returns logits or (logits, features).
 
     Counts are accumulated as tensors and only converted at the end, so there is one device sync per call.
     `reduce_fn`, if given, sums a tensor across processes (distributed evaluation). `speed`, the training run's
-    SpeedPlan (engine/speed.py), if given: batches in its memory format, the forward under its autocast."""
+    SpeedPlan (engine/speed.py), if given: batches in its memory format, the forward under its autocast.
+    `show`: draw an "eval" bar (None: on a terminal, rank 0; utils/progress.py)."""
     was_training = model.training
     model.eval()
     stats = None
-    for images, labels, _ in loader:
+    for images, labels, _ in bar(loader, desc="eval", unit="batch", show=show):
         if speed is not None:
             images = speed.batch(images)
         with speed.autocast() if speed is not None else contextlib.nullcontext():

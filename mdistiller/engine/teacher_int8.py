@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..utils.errors import ConfigError
+from ..utils.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def quantize_int8(model, batches, max_images, name="teacher"):
                               f"into a graph for int8 quantization ({type(e).__name__}: {e}); set "
                               "SPEED.TEACHER_INT8 False") from None
         with torch.no_grad():
-            for batch in images:
+            for batch in bar(images, desc=f"int8 {name} calibration", unit="batch"):
                 prepared(batch)
         quantized = Int8Model(convert_fx(prepared))
     count = sum(batch.shape[0] for batch in images)

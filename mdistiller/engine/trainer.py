@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data import build_dataloaders
 from ..data.unaugmented import unaugmented_train_loader
@@ -28,6 +27,7 @@ from ..utils.errors import CheckpointError, TrainingDivergedError
 from ..utils import distributed
 from .build import build_distiller
 from .ddp_wrap import wrap_for_training
+from .epoch_progress import EpochProgress
 from .evaluator import evaluate
 from .finite_guard import CHECK_EVERY, FiniteGuard, largest_abs
 from .lr_schedule import learning_rate
@@ -209,11 +209,11 @@ class Trainer:
         self.guard.limit = self.cfg.SOLVER.MAX_SKIPPED_STEPS if self.scaler is not None else 0
         self.guard.start_epoch(epoch, self.global_step, iters)
         sums, stat_sums, seen, correct = {}, {}, 0, None
-        # A bar on a terminal; in logs (CI, redirected output) the per-epoch log line is the progress report.
-        bar = tqdm(self.train_loader, total=iters, desc=f"epoch {epoch}/{self.max_epochs}", leave=False,
-                   dynamic_ncols=True, disable=self.rank != 0 or not os.isatty(2))
+        # A bar on a terminal; in logs (CI, redirected output) a line every LOG.PRINT_FREQ steps (epoch_progress.py).
+        progress = EpochProgress(self.train_loader, epoch, self.max_epochs, iters, self.cfg.LOG.PRINT_FREQ,
+                                 self.rank, self.world_size, self.device)
         start = time.perf_counter()
-        for it, (images, labels, index) in enumerate(bar):
+        for it, (images, labels, index) in enumerate(progress):
             self.set_lr(learning_rate(self.cfg.SOLVER, epoch, it, iters))
             self.distiller.last_teacher_logits = None
             losses, logits = self.run_step(images, labels, index, epoch)
@@ -230,8 +230,7 @@ class Trainer:
             correct = hits if correct is None else correct + hits
             for hook in self.hooks:
                 hook.after_step({**losses, **stats} if stats else losses)
-            if it % 50 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{float(losses['total']):.3f}", lr=f"{self.lr:.4f}", refresh=False)
+            progress.step(it, losses["total"], self.lr, seen, sums["total"])
             if (it + 1) % CHECK_EVERY == 0 and it + 1 < iters:
                 self.check_finite()
         # Before the epoch's numbers are reduced and long before the checkpoint hooks: what they would save.
@@ -246,7 +245,7 @@ class Trainer:
         stat_sums = dict(zip(stat_names, totals[len(names):-2]))
         correct, seen = totals[-2], int(totals[-1])  # all ranks: the epoch's global figures
         elapsed = time.perf_counter() - start
-        bar.close()
+        progress.close()
         self.counters["train_images"] += seen
         self.counters["train_time_s"] += elapsed
         stats = {"lr": self.lr, "train_loss": float(sums.pop("total")) / seen,
