@@ -20,21 +20,22 @@ data tag, other hash) are removed.
 """
 
 import os
-import sys
 import time
 
 import torch
 
 from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import atomic_save
+from ..utils.logger import info as log_info
+from ..utils.progress import bar
 
 CACHE_FORMAT = "mdistiller-class-means-v1"
 
 
 def _info(message):
-    """Progress on stderr, not the `mdistiller` logger: this runs in Trainer.__init__, before the run's logger is
-    set up, when that logger may still point at the train.log of an earlier run of the same process."""
-    print(message, file=sys.stderr, flush=True)
+    """To the run's log (console and train.log, in order with the run's other lines) during a run; to stderr from
+    tools/compute_class_means.py, which has no run log."""
+    log_info(message)
 
 
 def cache_path(ckpt_path, sha256, tag):
@@ -51,7 +52,7 @@ def compute_class_means(teacher, batches, num_classes, decimals=-1):
     was_training = teacher.training
     teacher.eval()
     sums, counts = None, None
-    for batch in batches:
+    for batch in bar(batches, desc="teacher class means", unit="batch"):
         images, labels = batch[0], batch[1]
         feats = teacher(images)[1]["pooled_feat"].double()
         if decimals >= 0:

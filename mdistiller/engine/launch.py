@@ -7,6 +7,7 @@ old one.
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -19,10 +20,10 @@ import yaml
 from ..data.fingerprint import file_sha256, fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.checkpoint import load_file
-from ..utils.errors import UserError
-from ..utils.logger import open_deferred_log, setup_logger
+from ..utils.errors import TrainingDivergedError, UserError
+from ..utils.logger import close_logger, open_deferred_log, setup_logger, to_file
 from ..utils import distributed
-from ..utils.run_dir_io import remove_leftovers, writing
+from ..utils.run_dir_io import RunDirError, remove_leftovers, writing
 from ..utils.run_lock import RunLock
 from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
@@ -236,9 +237,23 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
     lock = distributed.agree(lambda: RunLock(run_dir_for(cfg)).acquire() if ctx.is_main else None)
     try:
         return _train_locked(cfg, resume, extra_hooks, ctx)
+    except (UserError, KeyboardInterrupt) as e:
+        _log_the_end(e)
+        raise
     finally:
+        close_logger()  # train.log closed, warnings shown as before: nothing later lands in this run's log
         if lock is not None:
             lock.release()  # also removes a directory it created if the run stopped before writing anything
+
+
+def _log_the_end(e):
+    """What tools/train.py prints when a run stops (utils/cli.py), in train.log too (already on the console).
+    A run that never started writing has its log held in memory: it is dropped with the rest. Not for a run
+    directory that cannot be written (RunDirError: train.log is in it) or a divergence (the trainer logged it)."""
+    if isinstance(e, KeyboardInterrupt):
+        to_file(logging.WARNING, "interrupted; a run can be continued with --resume")
+    elif not isinstance(e, (RunDirError, TrainingDivergedError)):
+        to_file(logging.ERROR, "error: %s", e)
 
 
 def _train_locked(cfg, resume, extra_hooks, ctx):
