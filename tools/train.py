@@ -1,6 +1,6 @@
 """Train a student (alone, or distilled from a teacher) from a config.
 
-    python tools/train.py --cfg configs/fashion_mnist/vanilla/resnet8.yaml [--resume] [KEY VALUE ...]
+    python tools/train.py --cfg configs/fashion_mnist/vanilla/resnet8.yaml [--resume] [KEY VALUE ...] [--resume]
     torchrun --nproc_per_node=4 tools/train.py --cfg ...      # DistributedDataParallel, SOLVER.BATCH_SIZE global
 
 Writes <LOG.PREFIX>/<run name>/ with config.yaml, train.log, metrics.jsonl, summary.json, TensorBoard events and
@@ -19,7 +19,7 @@ import _path  # noqa: F401
 from mdistiller.config import load_config
 from mdistiller.utils import distributed
 from mdistiller.engine.launch import train_from_config
-from mdistiller.utils.cli import run_cli
+from mdistiller.utils.cli import parse_args_anywhere, run_cli
 
 
 def main(argv=None):
@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--cfg", required=True, help="config file (YAML) over the package defaults")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest.pth (with a larger SOLVER.EPOCHS: extend it)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
-    args = parser.parse_args(argv)
+    args = parse_args_anywhere(parser, argv)  # --resume also after the KEY VALUE pairs
     cfg = load_config(args.cfg, args.opts)
     try:
         summary = train_from_config(cfg, resume=args.resume)

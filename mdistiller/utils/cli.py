@@ -33,3 +33,31 @@ def run_cli(main, argv=None):
         print("interrupted; a run can be continued with --resume", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def parse_args_anywhere(parser, argv=None, opts="opts"):
+    """`parser.parse_args(argv)` for a tool whose last positional, `opts`, takes the `KEY VALUE` pairs
+    (nargs=argparse.REMAINDER): the parser's flags without a value (e.g. --resume) are also accepted after or
+    between the pairs. argparse alone hands such a flag to the pairs, where it stops the run as a key without a
+    value. An option that takes a value there, or an unknown `--x` where a key belongs, is one clear error
+    instead of a confusing config-key one; the pairs themselves are left to the config loader's checks."""
+    args = parser.parse_args(argv)
+    rest = []
+    for token in getattr(args, opts):
+        action = parser._option_string_actions.get(token)  # argparse's own table of option strings
+        if action is None:
+            rest.append(token)
+        elif action.dest == "help":
+            parser.print_help()
+            parser.exit()
+        elif action.nargs != 0:
+            raise UserError(f"{token} takes a value: put it before the KEY VALUE pairs")
+        else:
+            setattr(args, action.dest, action.const)
+    for key in rest[0::2]:
+        if key.startswith("--"):
+            known = ", ".join(a.option_strings[-1] for a in parser._actions if a.option_strings)
+            raise UserError(f"unknown option {key} (the options are {known}); config keys have no leading "
+                            f"dashes, e.g. SOLVER.EPOCHS 8")
+    setattr(args, opts, rest)
+    return args
