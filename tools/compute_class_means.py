@@ -16,7 +16,7 @@ from mdistiller.config import load_config
 from mdistiller.data import build_dataloaders
 from mdistiller.distillers.class_means import class_means_for_run
 from mdistiller.engine.teacher import build_teacher
-from mdistiller.utils.cli import run_cli
+from mdistiller.utils.cli import parse_args_anywhere, run_cli
 from mdistiller.utils.env import resolve_device
 
 
@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--cfg", required=True, help="config file (YAML); its teacher, dataset and subset count")
     parser.add_argument("--force", action="store_true", help="recompute even when a matching cache exists")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
-    args = parser.parse_args(argv)
+    args = parse_args_anywhere(parser, argv)  # --force also after the KEY VALUE pairs
     cfg = load_config(args.cfg, args.opts)
     device = resolve_device(cfg.EXPERIMENT.DEVICE)
     _, _, meta = build_dataloaders(cfg, device)

@@ -58,8 +58,9 @@ def run_dir_for(cfg):
 
 # Keys that do not change what the trained epochs computed: where the run lives (a run directory moved under another
 # LOG.PREFIX resumes), and how many fp16-skipped steps in a row stop it (raising it is the fix the divergence error
-# offers for an fp16 run), and where the run is logged to besides the run directory (wandb).
-NOT_COMPARED_ON_RESUME = ("LOG.PREFIX", "SOLVER.MAX_SKIPPED_STEPS", "LOG.WANDB", "LOG.WANDB_PROJECT")
+# offers for an fp16 run), and how often and where it reports (progress lines, TensorBoard, extra checkpoints, wandb).
+NOT_COMPARED_ON_RESUME = ("LOG.PREFIX", "SOLVER.MAX_SKIPPED_STEPS", "LOG.WANDB", "LOG.WANDB_PROJECT",
+                          "LOG.PRINT_FREQ", "LOG.TENSORBOARD_FREQ", "LOG.SAVE_CHECKPOINT_FREQ")
 
 # Files only a run that trained at least one epoch writes: their presence without latest.pth is not a fresh start.
 RESULT_FILES = ("summary.json", "best.pth", "student_best.pth", "student_last.pth")
