@@ -1,6 +1,6 @@
 """Print the model zoo as a Markdown table: parameters, FLOPs at the dataset's input size, published teacher top-1.
 
-    python tools/model_table.py [--datasets cifar100 tiny_imagenet imagenet] [--out docs/models.md]
+    python tools/model_table.py [--datasets cifar100 tiny_imagenet imagenet] [--out model_table.md]   (paste into docs/models.md)
 
 FLOPs are counted by torch.utils.flop_counter (2 per multiply-add) for one image, forward only, in eval mode.
 """

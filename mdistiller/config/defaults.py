@@ -5,7 +5,7 @@ command line override both. A key that is not here is an error, so this file is 
 config can say. Components (distillers) may add their own section through `register_config_section`, which keeps
 "a new method is one file" true.
 
-The SOLVER defaults are the CIFAR-100 recipe of CRD/DKD/DOT (../shared/reference/protocols.md); the DATASET
+The SOLVER defaults are the CIFAR-100 recipe of CRD/DKD/DOT (RepDistiller's and mdistiller's configs); the DATASET
 default is Fashion-MNIST because it is the dataset that exists offline.
 """
 

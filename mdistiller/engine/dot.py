@@ -12,7 +12,7 @@ The two gradients (SOLVER.DOT.GRAD_MODE):
   - batched: one call to autograd with both losses stacked and an identity of cotangents
     (`is_grads_batched`), which vmaps the backward over the two losses. Which parameters each loss reaches is
     read from the autograd graph.
-Both give the same gradients; see the README for which is faster where.
+Both give the same gradients; docs/dot.md says which is faster where.
 
 With SPEED.AMP fp16 both losses are scaled, both gradient sets unscaled and checked together, and an overflow
 skips the whole update (loss_scaler.py); SPEED's autocast covers the forward and the losses only. Both losses

@@ -23,7 +23,7 @@ from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
 from ..utils.env import REPO_ROOT
 from ..utils.errors import CheckpointError
 
-# Published top-1 of the teachers the papers use (../shared/reference; protocols.md for resnet110).
+# Published top-1 of the teachers the papers use (the DOT, DKD and KD++ papers; RepDistiller for resnet110).
 PUBLISHED_TOP1 = {
     ("cifar100", "resnet56"): 72.34, ("cifar100", "resnet110"): 74.31, ("cifar100", "resnet32x4"): 79.42,
     ("cifar100", "ResNet50"): 79.34, ("cifar100", "wrn_40_2"): 75.61, ("cifar100", "vgg13"): 74.64,
