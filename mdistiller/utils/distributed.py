@@ -89,22 +89,23 @@ def _dtypes(tensors):
     return sorted({t.dtype for t in tensors}, key=str)
 
 
-def all_reduce_sum(tensor):
-    """Sum across ranks (a new tensor; the input is left alone); identity in one process."""
+def _all_reduce(tensor, op):
+    """`op` across ranks (a new tensor; the input is left alone); identity in one process."""
     if not active():
         return tensor
     out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(tensor):
+    """Sum across ranks (a new tensor; the input is left alone); identity in one process."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(tensor):
     """Elementwise minimum across ranks (a new tensor); identity in one process."""
-    if not active():
-        return tensor
-    out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
 
 
 def all_gather_objects(obj):
