@@ -75,7 +75,7 @@ def steps(out, n, argv):
     if trainer.rank == 0:
         final = {k: v.detach().cpu() for k, v in trainer.distiller.learnable_state_dict().items()}
         torch.save({"initial": initial, "final": final}, out)
-    distributed.teardown()
+    distributed.teardown(synchronize=True)
 
 
 def fail_on_rank(bad_rank, argv):

@@ -29,13 +29,15 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = parse_args_anywhere(parser, argv)  # --resume also after the KEY VALUE pairs
     cfg = load_config(args.cfg, args.opts)
+    finished = False
     try:
         summary = train_from_config(cfg, resume=args.resume)
         if distributed.rank() == 0:
             print(f"best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']})  "
                   f"last top-1 {summary['last_top1']:.2f}  run {summary['run_dir']}")
+        finished = True
     finally:
-        distributed.teardown()
+        distributed.teardown(synchronize=finished)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ process group also gets a timeout (DISTRIBUTED.TIMEOUT_MIN), the last resort aga
 """
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -66,8 +67,18 @@ def setup(device, timeout_min=30.0):
     return DistContext(rank, world, local_rank, backend), device
 
 
-def teardown():
+def teardown(synchronize=False):
+    """Leave the process group. `synchronize` (after a run every rank finished): a barrier first, so that no rank
+    destroys its group while a peer is still using the connection; gloo can then abort the early rank at exit
+    ("terminate called without an active exception"). Never after a failure: a rank that failed alone would wait
+    in the barrier for peers that are somewhere else."""
     if dist.is_available() and dist.is_initialized():
+        # A finished trainer lives on in reference cycles (hooks <-> trainer) with its DDP reducer and the gloo
+        # work it last ran; freed only at interpreter shutdown, that work's tensors take the GIL mid-finalisation
+        # and abort the process. Collect them now, while the interpreter and the group are alive.
+        gc.collect()
+        if synchronize and active():
+            dist.barrier()
         dist.destroy_process_group()
 
 
