@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 import yaml
 
+from ..config.flat import default_values, flatten
 from ..data.fingerprint import file_sha256, fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.checkpoint import load_file
@@ -96,17 +97,8 @@ def _flat_configs(saved_text, cfg, where="the saved config"):
     """(saved, now): both configs as flat {"SECTION.KEY": value}. A key the saved config lacks (added to
     mdistiller after the run started) takes its default there: the run used the behaviour the default describes,
     so it can be resumed by a newer version."""
-    from ..config import get_cfg_defaults
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    defaults = flat(yaml.safe_load(get_cfg_defaults().dump()))
-    saved = {**defaults, **flat(_load_saved_config(saved_text, where))}
-    return saved, flat(yaml.safe_load(cfg.dump()))
+    saved = {**default_values(), **flatten(_load_saved_config(saved_text, where))}
+    return saved, flatten(yaml.safe_load(cfg.dump()))
 
 
 def _config_changes(saved_text, cfg, where="the saved config"):

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import yaml
 
 from ..config import load_config
+from ..config.flat import default_values
 from ..engine.launch import run_name
 from ..utils.errors import UserError
 from .plan import tag_suffix
-from .runkey import TEACHER_CKPT, default_values, differences, keyed, run_key, same_config, semantic, teacher_sha256
+from .runkey import TEACHER_CKPT, differences, keyed, run_key, same_config, semantic, teacher_sha256
 
 
 def mean_std(values):

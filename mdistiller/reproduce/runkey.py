@@ -19,6 +19,8 @@ import json
 
 import yaml
 
+from ..config.flat import default_values, flatten
+
 NON_SEMANTIC = {
     "EXPERIMENT.NAME", "EXPERIMENT.TAG", "EXPERIMENT.SEED", "EXPERIMENT.DEVICE", "EXPERIMENT.DETERMINISTIC",
     "DATASET.ROOT", "DATASET.DOWNLOAD", "DATASET.NUM_WORKERS", "DATASET.TEST.BATCH_SIZE",
@@ -30,22 +32,6 @@ NON_SEMANTIC_SECTIONS = ("LOG.",)  # prefix, checkpoint and TensorBoard frequenc
 WORLD_SIZE = "world_size"  # the key of the process count, from summary.json
 TEACHER = "teacher_sha256"  # the key of the teacher's identity, from summary.json
 TEACHER_CKPT = "DISTILLER.TEACHER_CKPT"
-
-
-def flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def default_values():
-    from ..config import get_cfg_defaults
-
-    return flatten(yaml.safe_load(get_cfg_defaults().dump()))
 
 
 def semantic(config_text, defaults=None, ignore=()):
