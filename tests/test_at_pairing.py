@@ -22,6 +22,7 @@ from mdistiller.config import load_config
 from mdistiller.distillers import DISTILLER_REGISTRY
 from mdistiller.models import build_model, num_classes_for
 from mdistiller.utils.errors import ConfigError
+from test_wrn_taps import hand_hcl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT = {"cifar100": 32, "fashion_mnist": 32, "tiny_imagenet": 64, "imagenet": 224}
@@ -287,16 +288,6 @@ def test_reviewkd_r50_mv1_feeds_the_published_levels(name):
 
 
 def published_hcl(student, teacher):
-    """ReviewKD's hierarchical context loss from its definition (MSE at full size and pooled to 4, 2, 1 where
-    smaller than the map, weights halving, normalised by their sum), summed over levels."""
-    total = 0.0
-    for fs, ft in zip(student, teacher):
-        loss, weight, weights = F.mse_loss(fs, ft), 1.0, 1.0
-        for size in (4, 2, 1):
-            if size >= fs.shape[2]:
-                continue
-            weight /= 2
-            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size))
-            weights += weight
-        total = total + loss / weights
-    return total
+    """ReviewKD's hierarchical context loss from its definition, summed over levels (test_wrn_taps.hand_hcl: one
+    level, written from the published code)."""
+    return sum(hand_hcl(fs, ft) for fs, ft in zip(student, teacher))
