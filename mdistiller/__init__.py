@@ -1,6 +1,10 @@
 """mdistiller: a config-driven knowledge-distillation benchmark.
 
-Subpackages: config (the YACS tree), data, models (the zoo), distillers (methods), engine (trainers and hooks).
+Layers, each importing only those before it: utils, config (the YACS tree, registries), data, models (the zoo),
+distillers (methods), engine (builder, loop, hooks, update rules), then bench / reproduce / analysis. Importing
+the package imports every component once, which registers each one and its config section.
 """
 
 __version__ = "0.1.0"
+
+from . import data, models, distillers, engine  # noqa: E402,F401  (registration)

@@ -12,7 +12,7 @@ import yaml
 
 from mdistiller.config import load_config
 from mdistiller.engine.launch import train_from_config
-from mdistiller.engine.teacher import teacher_record
+from mdistiller.models.teacher_ckpt import teacher_record
 from mdistiller.models import build_model
 from mdistiller.utils import env
 from mdistiller.utils.checkpoint import checkpoint_top1
@@ -168,7 +168,7 @@ def test_a_teacher_from_an_unfinished_run_is_warned_about_and_recorded(tmp_path)
     written summary.json (after its last epoch) says so, and the ledger records whether that run had finished."""
     import warnings
 
-    from mdistiller.engine.teacher import build_teacher, teacher_run_finished
+    from mdistiller.models.teacher_ckpt import build_teacher, teacher_run_finished
     from mdistiller.models import build_model
 
     run = tmp_path / "teacher_run"

@@ -127,7 +127,7 @@ def test_list_shows_every_implemented_cell_with_a_config():
 
 # ---------------------------------------------------------------- scripts
 
-# The proxy table's students read the resnet20 teacher's run by default (mdistiller/engine/teacher.py docstring:
+# The proxy table's students read the resnet20 teacher's run by default (mdistiller/models/teacher_ckpt.py docstring:
 # <LOG.PREFIX>/<dataset>_none_<teacher>_vanilla_seed0/student_best.pth).
 TEACHER_RUN = "fashion_mnist_none_resnet20_vanilla_seed0"
 TEACHER_CFG = "configs/fashion_mnist/vanilla/resnet20.yaml"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mdistiller.config import load_config
-from mdistiller.engine import teacher as teacher_mod
-from mdistiller.engine.teacher import build_teacher
+from mdistiller.models import teacher_ckpt as teacher_mod
+from mdistiller.models.teacher_ckpt import build_teacher
 from mdistiller.utils.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

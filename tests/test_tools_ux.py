@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from mdistiller.config import load_config
-from mdistiller.engine.teacher import build_teacher, teacher_ckpt_path
+from mdistiller.models.teacher_ckpt import build_teacher, teacher_ckpt_path
 from mdistiller.utils.cli import run_cli
 from mdistiller.utils.errors import CheckpointError, DataError, UserError
 

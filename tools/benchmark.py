@@ -99,7 +99,7 @@ def build_baseline(args, variant, synthetic, tmp):
     from mdistiller.bench.baseline import TorchvisionKD
     from mdistiller.bench.cifar_format import write_cifar100
 
-    cfg, meta = variant.cfg, variant.trainer.meta
+    cfg, meta = variant.cfg, variant.run.data
     workers = cfg.DATASET.NUM_WORKERS if args.baseline_workers is None else args.baseline_workers
     common = dict(cfg=cfg, device=variant.device, workers=workers, mean=meta.mean, std=meta.std)
     if synthetic is not None:
@@ -136,11 +136,11 @@ def time_epochs(args, variants, baseline):
 
 
 def run(args):
-    variants = [parse_variant(args, c) for c in args.compare] or [("config", args.cfg, list(args.opts))]
+    variants_spec = [parse_variant(args, c) for c in args.compare] or [("config", args.cfg, list(args.opts))]
     base = load_config(args.cfg, args.opts, validate=False)
     check_args(args, base)
-    unvalidated = [load_config(cfg_file, opts, validate=False) for _, cfg_file, opts in variants]
-    for (label, _, _), cfg in zip(variants, unvalidated):
+    unvalidated = [load_config(cfg_file, opts, validate=False) for _, cfg_file, opts in variants_spec]
+    for (label, _, _), cfg in zip(variants_spec, unvalidated):
         if cfg.DATASET.TYPE != base.DATASET.TYPE:
             raise UserError(f"--compare variant '{label}' trains on DATASET.TYPE '{cfg.DATASET.TYPE}', --cfg on "
                             f"'{base.DATASET.TYPE}': compared variants share one dataset")
@@ -148,11 +148,10 @@ def run(args):
     baseline_summary = None
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["LOG.PREFIX", tmp]
-        teachers = {}  # random teacher checkpoints, one per architecture the variants name
+        teachers = {}  # random teacher weights, one per architecture the variants name
         if args.random_teacher:
             for name in dict.fromkeys(cfg.DISTILLER.TEACHER for cfg in unvalidated):
-                teachers[name] = write_random_teacher(os.path.join(tmp, f"random_{name}.pth"), name,
-                                                      base.DATASET.TYPE)
+                teachers[name] = random_teacher_state(name, base.DATASET.TYPE)
         synthetic = None
         if args.synthetic:
             num_train = (args.epoch_images or SHAPES[base.DATASET.TYPE][2]) if args.baseline else needed
@@ -160,10 +159,12 @@ def run(args):
             extra += ["DATASET.TRAIN_SUBSET", "0", "DATASET.TEST_SUBSET", "0"]
         elif args.baseline and args.epoch_images:
             extra += ["DATASET.TRAIN_SUBSET", str(args.epoch_images)]
-        ctx = DATASET_REGISTRY.override(base.DATASET.TYPE, synthetic) if synthetic else contextlib.nullcontext()
-        with ctx:
-            variants = [Variant(label, load_config(cfg_file, opts + extra + teacher_opts(teachers, cfg)))
-                        for (label, cfg_file, opts), cfg in zip(variants, unvalidated)]
+        if True:
+            variants = []
+            for (label, cfg_file, opts), unchecked in zip(variants_spec, unvalidated):
+                cfg = load_config(cfg_file, opts + extra)
+                variants.append(Variant(label, cfg, bundle=synthetic(cfg) if synthetic else None,
+                                        teacher_state=teachers.get(cfg.DISTILLER.TEACHER)))
             baseline = build_baseline(args, variants[0], synthetic, tmp) if args.baseline else None
             for v in variants:  # warm-up: allocator, caches, lazily created optimizer state
                 if args.warmup:

@@ -51,7 +51,7 @@ def main(argv=None):
     for label, rel in RUNS:
         overrides = list(args.opts)
         cfg = load_config(os.path.join(CONFIG_DIR, rel), overrides, validate=False)
-        if DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).wants_teacher(cfg):
+        if DISTILLER_REGISTRY.loads_teacher(cfg):
             overrides += ["DISTILLER.TEACHER_CKPT", teacher_ckpt]
         cfg = load_config(os.path.join(CONFIG_DIR, rel), overrides)
         print(f"=== {label}: {rel} ===", flush=True)

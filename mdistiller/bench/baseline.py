@@ -19,7 +19,7 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR100
 
 from ..data.subset import balanced_subset
-from ..engine.teacher import build_teacher
+from ..models.teacher_ckpt import build_teacher
 from ..models import build_model
 from .cifar_format import UncheckedCIFAR100
 from .device import sync

@@ -7,12 +7,12 @@ sync and a timestamp at each boundary, through
 
   - forward pre/post hooks on `trainer.model` (the training forward, i.e. `distiller.forward_train`),
   - forward pre/post hooks on `distiller.student` (every call of the student in a step is summed),
-  - a wrapper around `distiller.teacher_forward` on the instance (every call summed),
-  - a wrapper around the optimizer's `step` / `step_with_grads` on the instance,
+  - forward pre/post hooks on `distiller.teacher`, the FrozenTeacher (every call summed),
+  - a wrapper around the optimizer's `step` / `step_with_grads` on the instance (the update rule's optimizer),
 
 and derives, per step:
 
-  teacher   = time in distiller.teacher_forward
+  teacher   = time in the teacher's forward (FrozenTeacher: with its conversions of the outputs)
   student   = time in the student's forward
   loss      = forward_train - teacher - student, clamped at 0: the loss math and whatever else forward_train
               does (connectors, projectors, memory banks)
@@ -65,17 +65,6 @@ class PhaseClock:
         setattr(obj, name, make_wrapper(getattr(obj, name)))
         self._patched.append((obj, name, had, old))
 
-    def _timed(self, phase):
-        def make(method):
-            def wrapper(*args, **kwargs):
-                start = self._now()
-                try:
-                    return method(*args, **kwargs)
-                finally:
-                    self._spent[phase] += self._now() - start
-            return wrapper
-        return make
-
     def _optimizer_wrapper(self, method):
         def wrapper(*args, **kwargs):
             self._marks["optimizer_start"] = self._now()
@@ -96,6 +85,12 @@ class PhaseClock:
     def _student_start(self, module, args):
         self._marks["student_start"] = self._now()
 
+    def _teacher_start(self, module, args):
+        self._marks["teacher_start"] = self._now()
+
+    def _teacher_end(self, module, args, output):
+        self._spent["teacher"] += self._now() - self._marks.pop("teacher_start")
+
     def _student_end(self, module, args, output):
         self._spent["student"] += self._now() - self._marks.pop("student_start")
 
@@ -108,7 +103,8 @@ class PhaseClock:
             distiller.student.register_forward_hook(self._student_end),
         ]
         if distiller.teacher is not None:
-            self._patch(distiller, "teacher_forward", self._timed("teacher"))
+            self._handles += [distiller.teacher.register_forward_pre_hook(self._teacher_start),
+                              distiller.teacher.register_forward_hook(self._teacher_end)]
         for name in OPTIMIZER_METHODS:
             if hasattr(optimizer, name):
                 self._patch(optimizer, name, self._optimizer_wrapper)

@@ -1,8 +1,9 @@
 """Stand-in datasets: random uint8 images of a real dataset's shape and class count, served under its name.
 
 For machines without the dataset (timings do not depend on pixel values). The splits are generated once per
-`SyntheticDataset` and shared by every Trainer built from it, so the variants of one benchmark and the
-torchvision baseline (which gets them written as CIFAR-100 files) all train on the very same images.
+`SyntheticDataset` and shared by every run built from it (engine.build_run's `bundle`), so the variants of one
+benchmark and the torchvision baseline (which gets them written as CIFAR-100 files) all train on the very same
+images.
 """
 
 import functools
@@ -25,7 +26,7 @@ def synthetic_split(n, num_classes, size, seed):
 
 
 class SyntheticDataset:
-    """A DATASET_REGISTRY loader (call it with a cfg) serving synthetic splits under `dataset`'s name."""
+    """A dataset loader (call it with a cfg for the DatasetBundle) serving synthetic splits under `dataset`'s name."""
 
     def __init__(self, dataset, num_train, num_test=64):
         self.name = dataset

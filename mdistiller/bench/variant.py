@@ -1,4 +1,4 @@
-"""One benchmark variant: a config built as the real Trainer (what tools/train.py builds) and the timings of it.
+"""One benchmark variant: a config built by the real builder (what tools/train.py builds) and the timings of it.
 
 "step" times repeat one batch already on the device (the update alone); "with data" times iterate the real
 training loader (augmentation and copies included); the phase breakdown times the same update split into its
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..engine import TRAINER_REGISTRY
+from ..engine import build_run
 from .device import peak_mb, reset_peak, sync
 from .phases import PHASES, shares, time_phases
 
@@ -23,10 +23,12 @@ def epoch_result(epochs):
 
 
 class Variant:
-    def __init__(self, label, cfg):
+    def __init__(self, label, cfg, bundle=None, teacher_state=None):
+        """`bundle`, `teacher_state`: in-memory data and teacher weights instead of files (engine.build_run)."""
         self.label, self.cfg = label, cfg
-        self.trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg)
-        self.device = self.trainer.device
+        self.run = build_run(cfg, bundle=bundle, teacher_state=teacher_state)
+        self.trainer = self.run.trainer
+        self.device = self.run.device
         self.trainer.distiller.train()
         self.trainer.set_lr(cfg.SOLVER.LR)
         loader = self.trainer.train_loader

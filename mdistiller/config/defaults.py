@@ -2,8 +2,8 @@
 
 Config files (configs/<dataset>/<method>/<teacher>_<student>.yaml) override these, and `KEY VALUE` pairs on the
 command line override both. A key that is not here is an error, so this file is the complete list of what a
-config can say. Components (distillers) may add their own section through `register_config_section`, which keeps
-"a new method is one file" true.
+config can say. Components add their own section when they register (config/registry.py: a method's
+hyper-parameters), which keeps "a new method is one file" true; importing `mdistiller` registers them all.
 
 The SOLVER defaults are the CIFAR-100 recipe of CRD/DKD/DOT (RepDistiller's and mdistiller's configs); the DATASET
 default is Fashion-MNIST because it is the dataset that exists offline.
@@ -70,27 +70,22 @@ _C.DISTRIBUTED.TIMEOUT_MIN = 30.0  # a collective waiting longer than this ends 
 # Training fast paths (mdistiller/engine/speed.py). "auto" is resolved once, when the trainer is built, from the
 # device; the resolved choice is logged ("fast paths: ...") and recorded in summary.json under "speed".
 _C.SPEED = CN()
-# Mixed precision: autocast around the training forward + losses and the evaluation forward.
-# auto: bf16 on a CUDA GPU that supports it, else off. Off on the CPU: without AMX / AVX512-BF16 (here a 2-core AMD
-# EPYC) bf16 convolutions fall back to slow kernels; a KD step (resnet32x4 -> resnet8x4, batch 64,
-# tools/benchmark.py --synthetic) measured 9.5x slower with bf16 than in float32.
-# fp16 (CUDA only) adds a dynamic loss scale (GradScaler; the DOT trainer scales both losses).
+# Mixed precision: autocast around the training forward + losses and the evaluation forward. auto: bf16 on a CUDA
+# GPU that supports it, else off (docs/speed.md has what each choice measured on the CPUs we have).
+# fp16 (CUDA only) adds a dynamic loss scale (GradScaler; the DOT update scales both losses).
 _C.SPEED.AMP = "auto"  # auto, off, bf16, fp16
-# Student, teacher and distiller modules and every batch in channels-last memory format (NHWC).
-# auto: on for CUDA (tensor-core convolutions want NHWC), and on for the CPU too: the same KD step measured 1.14x
-# faster with oneDNN's NHWC convolutions (ratio 0.880; the NCHW variant repeated in the same run: 1.014).
+# Student, teacher and distiller modules and every batch in channels-last memory format (NHWC). auto: on (CUDA
+# tensor cores want NHWC; oneDNN's NHWC convolutions were faster on the CPU too, docs/speed.md).
 _C.SPEED.CHANNELS_LAST = "auto"  # auto, on, off
 _C.SPEED.COMPILE = False  # torch.compile the student's and teacher's forward (first steps compile: minutes on a CPU)
-# Teacher forward under torch.inference_mode instead of no_grad; the same numbers. On the CPU no measurable change
-# (the KD step above: ratio 1.03, within the 4% two float32 variants differed by).
+# Teacher forward under torch.inference_mode instead of no_grad; the same numbers.
 _C.SPEED.TEACHER_INFERENCE_MODE = True
 # Teacher weights and forward in half precision, its outputs cast back to float32 for the losses: bf16 on the CPU;
-# on CUDA the AMP dtype (bf16 when AMP is off, fp16 on GPUs without bf16). auto: on when AMP is on, else off
-# (on the CPU a bf16 teacher made the KD step above 5.7x slower).
+# on CUDA the AMP dtype (bf16 when AMP is off, fp16 on GPUs without bf16). auto: on when AMP is on, else off.
 _C.SPEED.TEACHER_HALF = "auto"  # auto, on, off
 # CPU only: the teacher as a post-training int8 model (engine/teacher_int8.py), calibrated on the first
 # TEACHER_INT8_CALIBRATION un-augmented training images. Off by default: it changes the teacher's logits by the
-# quantization error (README, "Speed", has the measured cost in accuracy and the gain in images/s).
+# quantization error (docs/speed.md has the measured cost in accuracy and the gain in images/s).
 _C.SPEED.TEACHER_INT8 = False
 _C.SPEED.TEACHER_INT8_CALIBRATION = 512
 
@@ -119,9 +114,7 @@ def register_config_section(name, node):
 
 
 def get_cfg_defaults():
-    """A fresh, mutable copy of the full default tree, component sections included."""
-    from .. import distillers  # noqa: F401  (importing registers the methods' sections)
-
+    """A fresh, mutable copy of the default tree with every registered component's section."""
     cfg = _C.clone()
     for name, node in _SECTIONS.items():
         cfg[name] = node.clone()

@@ -3,6 +3,8 @@ run grouping), where a key the saved file lacks takes its default."""
 
 import yaml
 
+from .defaults import get_cfg_defaults
+
 
 def flatten(tree, prefix=""):
     """{"A.B.C": value} of a nested mapping (a loaded YAML or a dumped CfgNode)."""
@@ -17,6 +19,4 @@ def flatten(tree, prefix=""):
 
 def default_values():
     """Every key of the defaults (component sections included), flat."""
-    from .defaults import get_cfg_defaults
-
     return flatten(yaml.safe_load(get_cfg_defaults().dump()))

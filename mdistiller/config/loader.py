@@ -14,6 +14,7 @@ from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
 from .defaults import get_cfg_defaults
+from .validate import validate_config
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -179,8 +180,6 @@ def load_config(cfg_file=None, overrides=(), validate=True):
             merge_mapping(cfg, data, path)
     merge_list(cfg, list(overrides))
     if validate:
-        from .validate import validate_config
-
         validate_config(cfg)
     cfg.freeze()
     return cfg

@@ -13,6 +13,7 @@ import math
 from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
+from .registry import REGISTRIES
 
 # Loss-term weights whose names do not end in WEIGHT: DKD's alpha (TCKD) and beta (NCKD), DIST's beta (inter-class)
 # and gamma (intra-class).
@@ -49,32 +50,35 @@ def validate_tree(cfg):
             raise ConfigError(f"config key {key}: a loss weight must be >= 0 (0 turns the term off), got {value}")
 
 
-def validate_config(cfg):
-    # Imported here: the registries fill up as the component packages are imported.
-    from ..data import DATASET_REGISTRY
-    from ..distillers import DISTILLER_REGISTRY
-    from ..engine import TRAINER_REGISTRY
-    from ..models import model_names
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+SWITCH_MODES = ("auto", "on", "off")
 
+#: checks components add (`register_check`): each takes the cfg and raises ConfigError
+_EXTRA_CHECKS = []
+
+
+def register_check(fn):
+    """Add a check of settings a component owns but that live in a core section (e.g. LOG.WANDB's package)."""
+    if fn not in _EXTRA_CHECKS:
+        _EXTRA_CHECKS.append(fn)
+    return fn
+
+
+def _selecting_registries():
+    return [r for r in REGISTRIES.values() if r.key is not None]
+
+
+def validate_config(cfg):
+    """Every check, in order: the whole tree, the names the registries select (dataset, method and its models,
+    update rule), the core sections, then each chosen component's own checks."""
     validate_tree(cfg)
+    for registry in _selecting_registries():
+        registry.check_name(cfg)
     s, d = cfg.SOLVER, cfg.DATASET
-    _check(d.TYPE in DATASET_REGISTRY, "DATASET.TYPE",
-           f"unknown dataset '{d.TYPE}'; allowed: {', '.join(DATASET_REGISTRY.names())}")
     _check(d.NUM_WORKERS >= 0, "DATASET.NUM_WORKERS", f"must be >= 0, got {d.NUM_WORKERS}")
     _check(d.TRAIN_SUBSET >= 0, "DATASET.TRAIN_SUBSET", f"must be >= 0 (0 = all), got {d.TRAIN_SUBSET}")
     _check(d.TEST_SUBSET >= 0, "DATASET.TEST_SUBSET", f"must be >= 0 (0 = all), got {d.TEST_SUBSET}")
     _check(d.TEST.BATCH_SIZE > 0, "DATASET.TEST.BATCH_SIZE", f"must be > 0, got {d.TEST.BATCH_SIZE}")
-
-    _check(cfg.DISTILLER.TYPE in DISTILLER_REGISTRY, "DISTILLER.TYPE",
-           f"unknown distiller '{cfg.DISTILLER.TYPE}'; allowed: {', '.join(DISTILLER_REGISTRY.names())}")
-    roles = ["STUDENT"] + (["TEACHER"] if DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).wants_teacher(cfg) else [])
-    for role in roles:
-        name, allowed = cfg.DISTILLER[role], model_names(d.TYPE)
-        _check(name in allowed, f"DISTILLER.{role}",
-               f"unknown model '{name}' for dataset {d.TYPE}; allowed: {', '.join(allowed)}")
-
-    _check(s.TRAINER in TRAINER_REGISTRY, "SOLVER.TRAINER",
-           f"unknown trainer '{s.TRAINER}'; allowed: {', '.join(TRAINER_REGISTRY.names())}")
     _check(s.BATCH_SIZE > 0, "SOLVER.BATCH_SIZE", f"must be > 0, got {s.BATCH_SIZE}")
     _check(s.EPOCHS > 0, "SOLVER.EPOCHS", f"must be > 0, got {s.EPOCHS}")
     _check(s.LR > 0, "SOLVER.LR", f"must be > 0, got {s.LR}")
@@ -103,8 +107,6 @@ def validate_config(cfg):
     _check(cfg.EXPERIMENT.SEED >= 0, "EXPERIMENT.SEED", f"must be >= 0, got {cfg.EXPERIMENT.SEED}")
     _check("/" not in cfg.EXPERIMENT.NAME, "EXPERIMENT.NAME", "must be a plain directory name without '/'")
 
-    from ..engine.speed import AMP_MODES, SWITCH_MODES
-
     sp = cfg.SPEED
     _check(sp.AMP in AMP_MODES, "SPEED.AMP", f"must be one of {', '.join(AMP_MODES)}, got '{sp.AMP}'")
     _check(not (sp.AMP == "fp16" and dev == "cpu"), "SPEED.AMP",
@@ -119,15 +121,7 @@ def validate_config(cfg):
     _check(sp.TEACHER_INT8_CALIBRATION > 0, "SPEED.TEACHER_INT8_CALIBRATION",
            f"must be > 0 images, got {sp.TEACHER_INT8_CALIBRATION}")
 
-    if cfg.LOG.WANDB:  # a missing package fails here, before anything is written
-        from ..engine.wandb_hook import check_wandb_config
-
-        check_wandb_config(cfg)
-
-    from ..distillers.loss_ramp import validate_loss_ramp
-
-    method = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE)
-    validate_loss_ramp(cfg, method)
-    # Each component may check its own section.
-    method.validate_config(cfg)
-    TRAINER_REGISTRY.get(s.TRAINER).validate_config(cfg)
+    for check in _EXTRA_CHECKS:
+        check(cfg)
+    for registry in _selecting_registries():
+        registry.validate(cfg)

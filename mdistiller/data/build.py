@@ -24,17 +24,19 @@ def _loader(split, bundle, device, batch_size, train, cfg, rank, world_size):
                         rank, world_size)
 
 
-def build_dataloaders(cfg, device, rank=0, world_size=1, only_test=False):
+def build_dataloaders(cfg, device, rank=0, world_size=1, only_test=False, bundle=None):
     """Loaders for this rank and the dataset's meta; the batch contract is in schedule.py.
 
-    only_test=True (evaluation tools) skips the training split: train loader None, num_train 0."""
+    only_test=True (evaluation tools) skips the training split: train loader None, num_train 0. `bundle`: a
+    DatasetBundle to load instead of DATASET.TYPE's (in-memory data of benchmarks and tests)."""
     device = torch.device(device)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if cfg.SOLVER.BATCH_SIZE <= 0 or cfg.SOLVER.BATCH_SIZE % world_size:
         raise ConfigError(f"SOLVER.BATCH_SIZE={cfg.SOLVER.BATCH_SIZE} must be a positive multiple of the "
                           f"number of processes ({world_size})")
-    bundle = DATASET_REGISTRY.get(cfg.DATASET.TYPE, "DATASET.TYPE")(cfg)
+    if bundle is None:
+        bundle = DATASET_REGISTRY.get(cfg.DATASET.TYPE, "DATASET.TYPE")(cfg)
     name, c = bundle.name, bundle.num_classes
 
     test = _subset(bundle.test(), cfg.DATASET.TEST_SUBSET, c, "DATASET.TEST_SUBSET", f"{name} test")

@@ -1,4 +1,4 @@
-from ..utils.registry import Registry
+from ..config.registry import Registry
 
 # name (DATASET.TYPE) -> loader function `load(cfg) -> DatasetBundle`
-DATASET_REGISTRY = Registry("dataset")
+DATASET_REGISTRY = Registry("dataset", key="DATASET.TYPE")

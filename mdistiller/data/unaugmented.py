@@ -35,11 +35,16 @@ def _with_eval_transform(train, test):
     return FolderSplit(dataset, train.targets, train.indices)
 
 
-def unaugmented_train_loader(cfg, device, batch_size=None):
+def _bundle(cfg, bundle):
+    return bundle if bundle is not None else DATASET_REGISTRY.get(cfg.DATASET.TYPE, "DATASET.TYPE")(cfg)
+
+
+def unaugmented_train_loader(cfg, device, batch_size=None, bundle=None):
     """Batches (images, labels, index) of the whole (subset) training split in index order, un-augmented.
 
-    batch_size defaults to DATASET.TEST.BATCH_SIZE (a forward-only pass)."""
-    bundle = DATASET_REGISTRY.get(cfg.DATASET.TYPE, "DATASET.TYPE")(cfg)
+    batch_size defaults to DATASET.TEST.BATCH_SIZE (a forward-only pass); `bundle`: in-memory data instead of
+    DATASET.TYPE's (data/build.py)."""
+    bundle = _bundle(cfg, bundle)
     name, c = bundle.name, bundle.num_classes
     train = _subset(bundle.train(), cfg.DATASET.TRAIN_SUBSET, c, "DATASET.TRAIN_SUBSET", f"{name} train")
     if isinstance(train, FolderSplit):
@@ -48,13 +53,13 @@ def unaugmented_train_loader(cfg, device, batch_size=None):
                    0, 1)
 
 
-def augmented_train_loader(cfg, device, batch_size=None):
+def augmented_train_loader(cfg, device, batch_size=None, bundle=None):
     """Batches (images, labels, index) covering the whole (subset) training split once, each image through the
     training augmentation (crop/flip, or ImageNet's random-resized crop), drawn from AUGMENTED_PASS_SEED.
 
     It is the training loader of that seed's epoch 0 with one change: its batches cover every position of the
     permutation (training drops a final batch of one sample), so every image is seen exactly once."""
-    bundle = DATASET_REGISTRY.get(cfg.DATASET.TYPE, "DATASET.TYPE")(cfg)
+    bundle = _bundle(cfg, bundle)
     train = _subset(bundle.train(), cfg.DATASET.TRAIN_SUBSET, bundle.num_classes, "DATASET.TRAIN_SUBSET",
                     f"{bundle.name} train")
     fixed = cfg.clone()

@@ -23,10 +23,9 @@ Exactly the published code's loss (mdistiller's AT.py):
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..config.defaults import register_config_section
 from ..utils.errors import ConfigError
 from .base import Distiller
-from .losses import distill_loss, task_loss
+from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
 PAIRINGS = ("shallowest", "deepest")
@@ -37,7 +36,6 @@ _cfg.PAIRING = "shallowest"  # the published pairing; "deepest" aligns the deepe
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 1000.0
-register_config_section("AT", _cfg)
 
 
 def attention_map(feat, p=2.0):
@@ -91,10 +89,18 @@ def check_defined(pairs, p):
                     f"activations, where feat.pow(p) is NaN; use an integer AT.P (2 is the published setting)")
 
 
-@DISTILLER_REGISTRY.register("AT")
+@DISTILLER_REGISTRY.register("AT", config=_cfg)
 class AT(Distiller):
-    config_section = "AT"
     ramped_terms = ("at",)
+
+    def __init__(self, student, teacher, p=2.0, pairing="shallowest", ce_weight=1.0, feat_weight=1000.0):
+        super().__init__(student, teacher)
+        self.p, self.pairing, self.ce_weight, self.feat_weight = p, pairing, ce_weight, feat_weight
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data):
+        c = cfg.AT
+        return cls(student, teacher, c.P, c.PAIRING, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
 
     @classmethod
     def validate_config(cls, cfg):
@@ -109,12 +115,11 @@ class AT(Distiller):
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)
-        _, features_t = self.teacher_forward(images)
-        c = self.cfg.AT
-        pairs = paired_stages(features["feats"], features_t["feats"], c.PAIRING)
-        check_defined(pairs, c.P)
-        loss = at_loss([s for s, _ in pairs], [t for _, t in pairs], c.P)
-        return logits, {
-            "ce": task_loss(c.LOSS.CE_WEIGHT * F.cross_entropy(logits, labels)),
-            "at": distill_loss(c.LOSS.FEAT_WEIGHT * loss),
-        }
+        logits_t, features_t = self.teacher(images)
+        pairs = paired_stages(features["feats"], features_t["feats"], self.pairing)
+        check_defined(pairs, self.p)
+        loss = at_loss([s for s, _ in pairs], [t for _, t in pairs], self.p)
+        return StepOutput(logits, {
+            "ce": ce_term(logits, labels, self.ce_weight),
+            "at": distill_loss(self.feat_weight * loss),
+        }, features, logits_t, features_t)

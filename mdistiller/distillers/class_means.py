@@ -25,7 +25,9 @@ import time
 import torch
 
 from ..data.fingerprint import file_sha256
-from ..utils.checkpoint import atomic_save
+from ..data.unaugmented import augmented_train_loader, unaugmented_train_loader
+from ..models.teacher_ckpt import teacher_ckpt_path
+from ..utils.checkpoint import atomic_save, load_file
 from ..utils.logger import info as log_info
 from ..utils.progress import bar
 
@@ -100,9 +102,11 @@ def _remove_stale(path, ckpt_path, tag):
 def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag, num_train=None,
                                 force=False, decimals=-1, what="no augmentation"):
     """Class means for the teacher loaded from `ckpt_path`: from the cache when it matches, else computed from
-    `batches_fn()` (an iterable of (images, labels, ...)) and cached. Returns (means, counts, cache path)."""
-    from ..utils.checkpoint import load_file
-
+    `batches_fn()` (an iterable of (images, labels, ...)) and cached. Returns (means, counts, cache path).
+    `ckpt_path` None (a teacher held in memory): computed, not cached (cache path None)."""
+    if ckpt_path is None:
+        means, counts = compute_class_means(teacher, batches_fn(), num_classes, decimals)
+        return means, counts, None
     sha = file_sha256(ckpt_path)
     path = cache_path(ckpt_path, sha, tag)
     dim = teacher.feat_dim
@@ -135,12 +139,11 @@ def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag
     return means, counts, path
 
 
-def class_means_for_run(cfg, teacher, meta, device, force=False):
-    """The class means of this run's teacher over this run's (subset) training set, cached by checkpoint hash."""
-    from ..data.unaugmented import augmented_train_loader, unaugmented_train_loader
-    from ..engine.teacher import teacher_ckpt_path
-
-    ckpt = teacher_ckpt_path(cfg)
+def class_means_for_run(cfg, teacher, meta, device, force=False, bundle=None, cache=True):
+    """The class means of this run's teacher over this run's (subset) training set, cached by checkpoint hash.
+    `bundle`: the in-memory DatasetBundle the run trains on instead of DATASET.TYPE's files; `cache` False: the
+    teacher's weights are not DISTILLER.TEACHER's checkpoint (held in memory), nothing is read or written."""
+    ckpt = teacher_ckpt_path(cfg) if cache else None
     augment, decimals = cfg.DINO.CLASS_MEANS_AUGMENT, cfg.DINO.CLASS_MEANS_DECIMALS
     tag = class_means_tag(meta, augment, decimals)
     loader = augmented_train_loader if augment else unaugmented_train_loader
@@ -152,7 +155,7 @@ def class_means_for_run(cfg, teacher, meta, device, force=False):
     device = torch.device(device)
     cuda = [] if device.type != "cuda" else [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda):
-        return load_or_compute_class_means(ckpt, teacher, meta.num_classes, lambda: loader(cfg, device), tag,
+        return load_or_compute_class_means(ckpt, teacher, meta.num_classes, lambda: loader(cfg, device, bundle=bundle), tag,
                                            num_train=meta.num_train, force=force, decimals=decimals, what=what)
 
 

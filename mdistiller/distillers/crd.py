@@ -15,11 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..config.defaults import register_config_section
 from ..utils.errors import ConfigError
 from .base import Distiller
 from .crd_memory import MODES, ContrastMemory
-from .losses import distill_loss, task_loss
+from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -34,7 +33,6 @@ _cfg.NEG_REPLACE = False
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 0.8
-register_config_section("CRD", _cfg)
 
 
 class Embed(nn.Module):
@@ -48,9 +46,8 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), dim=1)
 
 
-@DISTILLER_REGISTRY.register("CRD")
+@DISTILLER_REGISTRY.register("CRD", config=_cfg)
 class CRD(Distiller):
-    config_section = "CRD"
     ramped_terms = ("crd",)
 
     @classmethod
@@ -67,31 +64,34 @@ class CRD(Distiller):
         if c.FEAT_DIM <= 0:
             raise ConfigError(f"config key CRD.FEAT_DIM: embedding size must be > 0, got {c.FEAT_DIM}")
 
-    def __init__(self, student, teacher, cfg, meta=None):
-        super().__init__(student, teacher, cfg, meta)
-        if meta is None:
-            raise ValueError("CRD needs the training set's meta (num_train, train_targets) for its memory bank")
-        if len(meta.train_targets) != meta.num_train:
-            raise ValueError(f"meta.train_targets has {len(meta.train_targets)} labels, meta.num_train is "
-                             f"{meta.num_train}")
-        c = cfg.CRD
-        self.embed_s = Embed(student.feat_dim, c.FEAT_DIM)
-        self.embed_t = Embed(teacher.feat_dim, c.FEAT_DIM)
-        self.memory = ContrastMemory(c.FEAT_DIM, meta.train_targets, c.NCE_K, c.NCE_T, c.NCE_MOMENTUM, c.MODE,
-                                    c.NEG_REPLACE)
+    def __init__(self, student, teacher, train_targets, feat_dim=128, nce_k=16384, nce_t=0.07, nce_momentum=0.5,
+                 mode="exact", neg_replace=False, ce_weight=1.0, feat_weight=0.8):
+        """`train_targets`: the labels of the training set in dataset-index order (the memory bank's rows)."""
+        super().__init__(student, teacher)
+        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+        self.embed_s = Embed(student.feat_dim, feat_dim)
+        self.embed_t = Embed(self.teacher.feat_dim, feat_dim)
+        self.memory = ContrastMemory(feat_dim, train_targets, nce_k, nce_t, nce_momentum, mode, neg_replace)
 
-    def embeddings(self, images):
-        """(student logits, student embedding, teacher embedding); the teacher's head sees constant features."""
-        logits, feats = self.student(images)
-        _, feats_t = self.teacher_forward(images)
-        return logits, self.embed_s(feats["pooled_feat"]), self.embed_t(feats_t["pooled_feat"])
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data):
+        if len(data.train_targets) != data.num_train:
+            raise ValueError(f"train_targets has {len(data.train_targets)} labels, num_train is {data.num_train}")
+        c = cfg.CRD
+        return cls(student, teacher, data.train_targets, c.FEAT_DIM, c.NCE_K, c.NCE_T, c.NCE_MOMENTUM, c.MODE,
+                   c.NEG_REPLACE, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+
+    def embeddings(self, feats, feats_t):
+        """(student embedding, teacher embedding); the teacher's head sees constant features."""
+        return self.embed_s(feats["pooled_feat"]), self.embed_t(feats_t["pooled_feat"])
 
     def forward_train(self, images, labels, epoch, index=None):
         if index is None:
             raise ValueError("CRD needs the batch's dataset indices (index=) to address its memory bank")
-        logits, v_s, v_t = self.embeddings(images)
-        c = self.cfg.CRD.LOSS
-        return logits, {
-            "ce": task_loss(c.CE_WEIGHT * F.cross_entropy(logits, labels)),
-            "crd": distill_loss(c.FEAT_WEIGHT * self.memory(v_s, v_t, index)),
-        }
+        logits, feats = self.student(images)
+        logits_t, feats_t = self.teacher(images)
+        v_s, v_t = self.embeddings(feats, feats_t)
+        return StepOutput(logits, {
+            "ce": ce_term(logits, labels, self.ce_weight),
+            "crd": distill_loss(self.feat_weight * self.memory(v_s, v_t, index)),
+        }, feats, logits_t, feats_t)

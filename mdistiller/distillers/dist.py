@@ -12,10 +12,9 @@ Defaults are the paper's CIFAR-100 settings (beta 2, gamma 2, tau 4); ImageNet u
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..config.defaults import register_config_section
 from ..utils.errors import ConfigError
 from .base import Distiller
-from .losses import distill_loss, task_loss
+from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -23,7 +22,6 @@ _cfg.CE_WEIGHT = 1.0
 _cfg.BETA = 2.0  # inter-class weight
 _cfg.GAMMA = 2.0  # intra-class weight
 _cfg.TAU = 4.0
-register_config_section("DIST", _cfg)
 
 _EPS = 1e-8  # keeps a constant row/column (zero variance) at correlation 0 instead of NaN
 
@@ -51,10 +49,18 @@ def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
     return tau**2 * (beta * inter_class_relation(p_s, p_t) + gamma * intra_class_relation(p_s, p_t))
 
 
-@DISTILLER_REGISTRY.register("DIST")
+@DISTILLER_REGISTRY.register("DIST", config=_cfg)
 class DIST(Distiller):
-    config_section = "DIST"
     ramped_terms = ("dist",)
+
+    def __init__(self, student, teacher, ce_weight=1.0, beta=2.0, gamma=2.0, tau=4.0):
+        super().__init__(student, teacher)
+        self.ce_weight, self.beta, self.gamma, self.tau = ce_weight, beta, gamma, tau
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data):
+        c = cfg.DIST
+        return cls(student, teacher, c.CE_WEIGHT, c.BETA, c.GAMMA, c.TAU)
 
     @classmethod
     def validate_config(cls, cfg):
@@ -66,10 +72,9 @@ class DIST(Distiller):
                 raise ConfigError(f"config key DIST.{key}: must be >= 0, got {c[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
-        logits, _ = self.student(images)
-        logits_t, _ = self.teacher_forward(images)
-        c = self.cfg.DIST
-        return logits, {
-            "ce": task_loss(c.CE_WEIGHT * F.cross_entropy(logits, labels)),
-            "dist": distill_loss(dist_loss(logits, logits_t, c.BETA, c.GAMMA, c.TAU)),
-        }
+        logits, feats = self.student(images)
+        logits_t, feats_t = self.teacher(images)
+        return StepOutput(logits, {
+            "ce": ce_term(logits, labels, self.ce_weight),
+            "dist": distill_loss(dist_loss(logits, logits_t, self.beta, self.gamma, self.tau)),
+        }, feats, logits_t, feats_t)

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..config.defaults import register_config_section
 from ..utils.errors import ConfigError
 from .base import Distiller
-from .losses import distill_loss, task_loss
+from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -27,7 +26,6 @@ _cfg.ALPHA = 1.0
 _cfg.BETA = 8.0  # by teacher on CIFAR-100: resnet56/110 2, wrn_40_2/vgg13 6, ResNet50/resnet32x4 8
 _cfg.T = 4.0
 _cfg.WARMUP = 20  # epochs of linear ramp of the DKD term
-register_config_section("DKD", _cfg)
 
 
 def _binary_log_probs(logits, target_mask):
@@ -60,11 +58,19 @@ def dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature):
     return (alpha * tckd.mean() + beta * nckd.mean()) * temperature**2
 
 
-@DISTILLER_REGISTRY.register("DKD")
+@DISTILLER_REGISTRY.register("DKD", config=_cfg)
 class DKD(Distiller):
-    config_section = "DKD"
     ramped_terms = ("dkd",)
     own_ramp_keys = {"DKD.WARMUP": "dkd"}
+
+    def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup=20):
+        super().__init__(student, teacher)
+        self.ce_weight, self.alpha, self.beta, self.temperature, self.warmup = ce_weight, alpha, beta, temperature, warmup
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data):
+        c = cfg.DKD
+        return cls(student, teacher, c.CE_WEIGHT, c.ALPHA, c.BETA, c.T, c.WARMUP)
 
     @classmethod
     def validate_config(cls, cfg):
@@ -74,11 +80,10 @@ class DKD(Distiller):
             raise ConfigError(f"config key DKD.WARMUP: must be >= 0 epochs, got {cfg.DKD.WARMUP}")
 
     def forward_train(self, images, labels, epoch, index=None):
-        logits, _ = self.student(images)
-        logits_t, _ = self.teacher_forward(images)
-        c = self.cfg.DKD
-        ramp = min(epoch / c.WARMUP, 1.0) if c.WARMUP > 0 else 1.0
-        return logits, {
-            "ce": task_loss(c.CE_WEIGHT * F.cross_entropy(logits, labels)),
-            "dkd": distill_loss(ramp * dkd_loss(logits, logits_t, labels, c.ALPHA, c.BETA, c.T)),
-        }
+        logits, feats = self.student(images)
+        logits_t, feats_t = self.teacher(images)
+        ramp = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        return StepOutput(logits, {
+            "ce": ce_term(logits, labels, self.ce_weight),
+            "dkd": distill_loss(ramp * dkd_loss(logits, logits_t, labels, self.alpha, self.beta, self.temperature)),
+        }, feats, logits_t, feats_t)

@@ -61,3 +61,20 @@ def apply_loss_ramp(terms, names, factor):
     for n in names:
         out[n] = LossTerm(factor * terms[n].value, terms[n].kind)
     return out
+
+
+class LossRamp:
+    """The ramp of one run: `ramp(terms, epoch)` applies it for the 1-based `epoch`."""
+
+    def __init__(self, epochs, names):
+        self.epochs, self.names = int(epochs), tuple(names)
+
+    @classmethod
+    def from_config(cls, cfg, method):
+        """The run's ramp for `method` (a Distiller class), or None when LOSS_RAMP is off."""
+        if cfg.LOSS_RAMP.EPOCHS <= 0:
+            return None
+        return cls(cfg.LOSS_RAMP.EPOCHS, ramped_term_names(cfg, method))
+
+    def __call__(self, terms, epoch):
+        return apply_loss_ramp(terms, self.names, ramp_factor(self.epochs, epoch))

@@ -13,16 +13,15 @@ constant 1 that eq. 7 drops is kept so the logged term reads as a distance (0 wh
 gradients are the same. The total is eq. 8: X's own loss + DINO.WEIGHT * dino, X's CE/KD weights staying in
 X's own section.
 
-Why a class factory and forward hooks: the term needs the student's and teacher's penultimate features of the
-current batch, which every method computes but returns in its own way. Hooks on `self.student` /
-`self.teacher` see those outputs whatever X's forward_train does, so X++ needs no edit of X and no second
-forward (the teacher is run here only if X never ran it). `make_plus_plus(X)` returns `class XPlusPlus(
-PlusPlus, X)`; the registry (registry.py) builds it on demand for "X++".
+How it is added: the builder adds a `DinoTerm` to X's distiller (`Distiller.add_term`); the base class calls it
+after X's forward with X's step output (losses.StepOutput), which carries the student's and the teacher's
+penultimate features of that very forward. So X++ needs no edit of X and no second forward (the teacher is run
+here only if X never ran it).
 
-Class means come from `prepare()` (Trainer.__init__ calls it: one cached teacher pass, class_means.py) and live
-in buffers, so checkpoints carry them and evaluation/resume use exactly the means training used. A distiller
-built by hand and never prepared has zero means: its dino term is then a constant 1 with no gradient (and a
-warning), which keeps smoke tests of any X++ runnable without data.
+Class means come from `prepare()` (the builder calls it: one cached teacher pass, class_means.py) and live
+in buffers, so checkpoints carry them and evaluation/resume use exactly the means training used. A term built by
+hand and never prepared has zero means: its value is then a constant 1 with no gradient (and a warning), which
+keeps smoke tests of any X++ runnable without data.
 
 A student whose feature size differs from the teacher's gets a learnable projector to the teacher's size; the
 student's own classifier still reads the unprojected feature. The default is the authors' code, which produced
@@ -41,6 +40,7 @@ from yacs.config import CfgNode as CN
 from ..config.defaults import register_config_section
 from ..utils import distributed
 from ..utils.errors import ConfigError
+from .class_means import class_means_for_run
 from .losses import distill_loss
 
 _cfg = CN()
@@ -126,58 +126,31 @@ def init_linears(modules, kind):
                     nn.init.zeros_(m.bias)
 
 
-class _FirstOutput:
-    """Within a with-block, keeps the output of `module`'s first call on `images` (else its first call)."""
+class DinoTerm(nn.Module):
+    """DINO.WEIGHT * dino, a distillation term added to any teacher-based method; see the module docstring."""
 
-    def __init__(self, module, images):
-        self.module, self.images = module, images
-        self.match = self.first = None
-
-    def _hook(self, module, args, output):
-        if self.match is None and args and args[0] is self.images:
-            self.match = output
-        if self.first is None:
-            self.first = output
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        return False
-
-    @property
-    def output(self):
-        return self.match if self.match is not None else self.first
-
-
-class PlusPlus:
-    """Mixin placed before a Distiller subclass X in the MRO; see the module docstring."""
-
-    is_plus_plus = True
-    base_method = None  # X, set by make_plus_plus
-
-    def __init__(self, student, teacher, cfg, meta=None):
-        super().__init__(student, teacher, cfg, meta)
-        if teacher is None:
-            raise ConfigError(f"{type(self).__name__}: the dino term needs a teacher")
-        if meta is not None and getattr(meta, "num_classes", None):
-            num_classes = meta.num_classes
-        else:
-            from ..models import num_classes_for
-
-            num_classes = num_classes_for(cfg.DATASET.TYPE)
-        self.dino_projector = build_projector(student.feat_dim, teacher.feat_dim, cfg.DINO.PROJECTOR)
-        init_linears((student, self.dino_projector), cfg.DINO.LINEAR_INIT)
-        self.register_buffer("dino_class_means", torch.zeros(num_classes, teacher.feat_dim))
-        self.register_buffer("dino_class_weights", torch.ones(num_classes))
-        self.register_buffer("dino_ready", torch.zeros((), dtype=torch.bool))
+    def __init__(self, student_dim, teacher_dim, num_classes, weight=2.0, projector="bn_dropout_linear",
+                 norm_margin=0.0, class_balanced=False):
+        super().__init__()
+        self.weight, self.norm_margin, self.class_balanced = weight, norm_margin, class_balanced
+        self.projector = build_projector(student_dim, teacher_dim, projector)
+        self.register_buffer("class_means", torch.zeros(num_classes, teacher_dim))
+        self.register_buffer("class_weights", torch.ones(num_classes))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
         self._ready_checked = False
 
     @classmethod
-    def validate_config(cls, cfg):
-        super().validate_config(cfg)
+    def from_config(cls, cfg, student, teacher, num_classes):
+        """The term for this student/teacher pair; re-initialises the student's Linear layers as DINO.LINEAR_INIT
+        says (the authors' student wrapper does it when it adds the projector)."""
+        d = cfg.DINO
+        term = cls(student.feat_dim, teacher.feat_dim, num_classes, weight=d.WEIGHT, projector=d.PROJECTOR,
+                   norm_margin=d.NORM_MARGIN, class_balanced=d.CLASS_BALANCED)
+        init_linears((student, term.projector), d.LINEAR_INIT)
+        return term
+
+    @staticmethod
+    def validate_config(cfg):
         d = cfg.DINO
         if d.WEIGHT < 0:
             raise ConfigError(f"config key DINO.WEIGHT: must be >= 0, got {d.WEIGHT}")
@@ -195,26 +168,24 @@ class PlusPlus:
                               f"{d.NORM_MARGIN}")
 
     def set_class_means(self, means, counts):
-        """Install teacher class means (C, D) and per-class image counts (C,) for the dino term."""
-        if tuple(means.shape) != tuple(self.dino_class_means.shape):
-            raise ValueError(f"class means of shape {tuple(means.shape)} do not fit this distiller "
-                             f"({tuple(self.dino_class_means.shape)}: classes x teacher feature size)")
-        self.dino_class_means.copy_(means)
-        self.dino_class_weights.copy_(class_weights(counts.to(self.dino_class_weights.device)))
-        self.dino_ready.fill_(True)
+        """Install teacher class means (C, D) and per-class image counts (C,)."""
+        if tuple(means.shape) != tuple(self.class_means.shape):
+            raise ValueError(f"class means of shape {tuple(means.shape)} do not fit this term "
+                             f"({tuple(self.class_means.shape)}: classes x teacher feature size)")
+        self.class_means.copy_(means)
+        self.class_weights.copy_(class_weights(counts.to(self.class_weights.device)))
+        self.ready.fill_(True)
 
-    def prepare(self, trainer):
-        """Class means from one teacher pass (or its cache). With several processes rank 0 alone reads or
-        computes them (and writes the cache) and the others receive them, so all ranks use the same means."""
-        super().prepare(trainer)
-        from .class_means import class_means_for_run
-
-        means = self.dino_class_means.new_zeros(self.dino_class_means.shape)
+    def prepare(self, cfg, teacher, data, device, bundle=None, cache=True):
+        """Class means from one pass of the float32 `teacher` model (or its cache). With several processes rank 0
+        alone reads or computes them (and writes the cache) and the others receive them. `bundle`, `cache`: see
+        class_means.class_means_for_run."""
+        means = self.class_means.new_zeros(self.class_means.shape)
         counts = torch.zeros(means.shape[0], dtype=torch.int64, device=means.device)
 
         def on_rank_0():
-            if getattr(trainer, "rank", 0) == 0:
-                m, c, _ = class_means_for_run(trainer.cfg, self.teacher, trainer.meta, trainer.device)
+            if distributed.rank() == 0:
+                m, c, _ = class_means_for_run(cfg, teacher, data, device, bundle=bundle, cache=cache)
                 means.copy_(m)
                 counts.copy_(c)
 
@@ -222,36 +193,21 @@ class PlusPlus:
         distributed.broadcast_([means, counts])
         self.set_class_means(means, counts)
 
-    def forward_train(self, images, labels, epoch, index=None):
-        with _FirstOutput(self.student, images) as s, _FirstOutput(self.teacher, images) as t:
-            logits, terms = super().forward_train(images, labels, epoch, index)
-        if "dino" in terms:
-            raise RuntimeError(f"{self.base_method.__name__} already returns a loss term named 'dino'")
-        if s.output is None:
-            raise RuntimeError(f"{self.base_method.__name__}.forward_train never called self.student, so "
-                               "the dino term has no student feature")
-        if t.output is not None:  # the raw module output: half precision / inference tensors made loss-ready
-            feat_t = self.teacher_output_for_loss(t.output[1]["pooled_feat"])
-        else:
-            feat_t = self.teacher_forward(images)[1]["pooled_feat"]
+    def forward(self, out, images, labels, teacher):
+        """The term for one step, from X's StepOutput `out` (its teacher fields are filled here if X never ran
+        the teacher)."""
+        if out.student_features is None:
+            raise RuntimeError("the method's forward_train returned no student features (return a StepOutput with "
+                               "student_features), so the dino term has none")
+        if out.teacher_features is None:
+            out.teacher_logits, out.teacher_features = teacher(images)
         if not self._ready_checked:  # once: reading the flag is a device sync, not for every step
             self._ready_checked = True
-            if not bool(self.dino_ready):
-                warnings.warn(f"{type(self).__name__}: teacher class means were never computed (prepare() not "
-                              "called); the dino term is constant until they are")
-        c = self.cfg.DINO
-        feat_s = self.dino_projector(s.output[1]["pooled_feat"])
-        weight = self.dino_class_weights[labels] if c.CLASS_BALANCED else None
-        loss = dino_loss(feat_s, feat_t, self.dino_class_means, labels, weight, c.NORM_MARGIN)
-        terms = dict(terms)
-        terms["dino"] = distill_loss(c.WEIGHT * loss)
-        return logits, terms
-
-
-def make_plus_plus(base):
-    """class <X>PlusPlus(PlusPlus, X): X's losses plus DINO.WEIGHT * dino."""
-    return type(f"{base.__name__}PlusPlus", (PlusPlus, base), {
-        "__module__": __name__,
-        "__doc__": f"{base.__name__} plus the dino term of KD++ (see {__name__}).",
-        "base_method": base,
-    })
+            if not bool(self.ready):
+                warnings.warn("the dino term's teacher class means were never computed (prepare() not called); "
+                              "the term is constant until they are")
+        feat_s = self.projector(out.student_features["pooled_feat"])
+        weight = self.class_weights[labels] if self.class_balanced else None
+        loss = dino_loss(feat_s, out.teacher_features["pooled_feat"], self.class_means, labels, weight,
+                         self.norm_margin)
+        return distill_loss(self.weight * loss)

@@ -1,29 +1,28 @@
 """DISTILLER.TYPE -> Distiller subclass, where every teacher-based method X also answers to "X++".
 
-"X++" is X plus the dino term of KD++ (plus_plus.py). Writing one ++ file per method would have to be repeated
-for every method anyone adds, so the registry derives the class on first request instead: a method file only
-registers X, and `get("X++")` builds (once, then cached) a subclass of X that adds the term. A name registered
-explicitly always wins over a derived one, so a method that needs a hand-written ++ variant can still have it.
+"X++" is X with the dino term of KD++ (plus_plus.py) added by the builder: `resolve("X++")` is (X, True) and
+`get("X++")` is X itself. No class is derived: the term reads the student and teacher features from X's step
+output, so X needs no edit and no hook. A name registered explicitly always wins, so a method that needs a
+hand-written ++ variant can still have one.
 """
 
+from ..config.registry import Registry
+from ..models import model_names
 from ..utils.errors import ConfigError
-from ..utils.registry import Registry
+from .loss_ramp import validate_loss_ramp
+from .plus_plus import DinoTerm
 
 SUFFIX = "++"
 
 
 class DistillerRegistry(Registry):
-    def __init__(self, kind):
-        super().__init__(kind)
-        self._derived = {}
-
     @staticmethod
     def supports_plus_plus(cls):
         """The dino term needs teacher class means, so methods without a teacher (NONE) have no ++ variant."""
-        return bool(getattr(cls, "needs_teacher", False)) and not getattr(cls, "is_plus_plus", False)
+        return bool(getattr(cls, "needs_teacher", False))
 
-    def _derived_base(self, name):
-        """The registered name X that "X++" derives from, or None."""
+    def _plus_plus_base(self, name):
+        """The registered name X that "X++" adds the dino term to, or None."""
         if not isinstance(name, str) or not name.endswith(SUFFIX) or name in self._items:
             return None
         base = name[: -len(SUFFIX)]
@@ -31,25 +30,24 @@ class DistillerRegistry(Registry):
             return base
         return None
 
-    def get(self, name, key_hint=None):
+    def resolve(self, name, key_hint=None):
+        """(method class, whether the dino term is added) for a DISTILLER.TYPE."""
         if name in self._items:
-            return self._items[name]
-        base = self._derived_base(name)
+            return self._items[name], False
+        base = self._plus_plus_base(name)
         if base is None:
             where = f"{key_hint} " if key_hint else ""
             why = ""
             if isinstance(name, str) and name.endswith(SUFFIX) and name[: -len(SUFFIX)] in self._items:
                 why = f" ({name[:-len(SUFFIX)]} trains without a teacher, so it has no ++ variant)"
             raise ConfigError(f"{where}unknown {self.kind} '{name}'{why}; available: {', '.join(self.names())}")
-        cls = self._derived.get(name)
-        if cls is None or cls.base_method is not self._items[base]:
-            from .plus_plus import make_plus_plus  # here: plus_plus imports this module
+        return self._items[base], True
 
-            cls = self._derived[name] = make_plus_plus(self._items[base])
-        return cls
+    def get(self, name, key_hint=None):
+        return self.resolve(name, key_hint)[0]
 
     def meta(self, name):
-        base = self._derived_base(name)
+        base = self._plus_plus_base(name)
         return super().meta(base if base is not None else name)
 
     def names(self):
@@ -58,7 +56,31 @@ class DistillerRegistry(Registry):
         return sorted(list(self._items) + derived)
 
     def __contains__(self, name):
-        return name in self._items or self._derived_base(name) is not None
+        return name in self._items or self._plus_plus_base(name) is not None
+
+    def loads_teacher(self, cfg):
+        """Whether the run loads DISTILLER.TEACHER: the methods that distil, and the student alone when the loss
+        monitor is asked for its distance to a teacher (LOG.MONITOR_TEACHER)."""
+        return bool(self.get(cfg.DISTILLER.TYPE).needs_teacher or cfg.LOG.MONITOR_TEACHER)
+
+    def check_name(self, cfg):
+        """The method must exist, and so must the models it builds for the dataset."""
+        super().check_name(cfg)
+        d, dataset = cfg.DISTILLER, cfg.DATASET.TYPE
+        roles = ["STUDENT"] + (["TEACHER"] if self.loads_teacher(cfg) else [])
+        allowed = model_names(dataset)
+        for role in roles:
+            if d[role] not in allowed:
+                raise ConfigError(f"config key DISTILLER.{role}: unknown model '{d[role]}' for dataset {dataset}; "
+                                  f"allowed: {', '.join(allowed)}")
+
+    def validate(self, cfg):
+        """LOSS_RAMP against the method, the method's own section, and the dino term's for "X++"."""
+        method, plus_plus = self.resolve(cfg.DISTILLER.TYPE, "DISTILLER.TYPE")
+        validate_loss_ramp(cfg, method)
+        method.validate_config(cfg)
+        if plus_plus:
+            DinoTerm.validate_config(cfg)
 
 
-DISTILLER_REGISTRY = DistillerRegistry("distiller")
+DISTILLER_REGISTRY = DistillerRegistry("distiller", key="DISTILLER.TYPE")

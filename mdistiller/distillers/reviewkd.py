@@ -34,10 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..config.defaults import register_config_section
 from ..utils.errors import ConfigError
 from .base import Distiller
-from .losses import distill_loss, task_loss
+from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -47,7 +46,6 @@ _cfg.LOSS.REVIEWKD_WEIGHT = 1.0  # DKD's CIFAR tables; mdistiller's CIFAR config
 _cfg.WARMUP_EPOCHS = 20  # linear ramp of the ReviewKD term
 _cfg.MAX_MID_CHANNEL = 512
 _cfg.STU_PREACT = False  # student stages before their last ReLU (the published ImageNet setting)
-register_config_section("REVIEWKD", _cfg)
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -126,19 +124,27 @@ class ReviewFusion(nn.Module):
         return outputs
 
 
-@DISTILLER_REGISTRY.register("REVIEWKD")
+@DISTILLER_REGISTRY.register("REVIEWKD", config=_cfg)
 class ReviewKD(Distiller):
-    config_section = "REVIEWKD"
     ramped_terms = ("reviewkd",)
     own_ramp_keys = {"REVIEWKD.WARMUP_EPOCHS": "reviewkd"}
 
-    def __init__(self, student, teacher, cfg, meta=None):
-        super().__init__(student, teacher, cfg, meta)
-        c_s, c_t = review_channels(student, stem=True), review_channels(teacher, stem=False)
+    def __init__(self, student, teacher, ce_weight=1.0, reviewkd_weight=1.0, warmup_epochs=20, max_mid_channel=512,
+                 stu_preact=False):
+        super().__init__(student, teacher)
+        self.ce_weight, self.reviewkd_weight, self.warmup_epochs = ce_weight, reviewkd_weight, warmup_epochs
+        self.stu_preact = stu_preact
+        c_s, c_t = review_channels(student, stem=True), review_channels(self.teacher, stem=False)
         self.num_levels = min(len(c_s), len(c_t))
         c_s, c_t = c_s[-self.num_levels:], c_t[-self.num_levels:]
-        mid = min(cfg.REVIEWKD.MAX_MID_CHANNEL, c_s[-1])
+        mid = min(max_mid_channel, c_s[-1])
         self.fusion = ReviewFusion(c_s, c_t, mid)
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data):
+        c = cfg.REVIEWKD
+        return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.REVIEWKD_WEIGHT, c.WARMUP_EPOCHS, c.MAX_MID_CHANNEL,
+                   c.STU_PREACT)
 
     @classmethod
     def validate_config(cls, cfg):
@@ -154,17 +160,16 @@ class ReviewKD(Distiller):
     def fused_and_targets(self, features, features_t):
         """(fused student maps, teacher maps) for the K paired levels, shallowest first."""
         k = self.num_levels
-        student = review_levels(features, self.cfg.REVIEWKD.STU_PREACT, stem=True)[-k:]
+        student = review_levels(features, self.stu_preact, stem=True)[-k:]
         teacher = review_levels(features_t, preact=True, stem=False)[-k:]
         return self.fusion(student, [t.shape[-2:] for t in teacher]), teacher
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)
-        _, features_t = self.teacher_forward(images)
-        c = self.cfg.REVIEWKD
+        logits_t, features_t = self.teacher(images)
         fused, targets = self.fused_and_targets(features, features_t)
-        ramp = min(epoch / c.WARMUP_EPOCHS, 1.0) if c.WARMUP_EPOCHS > 0 else 1.0
-        return logits, {
-            "ce": task_loss(c.LOSS.CE_WEIGHT * F.cross_entropy(logits, labels)),
-            "reviewkd": distill_loss(ramp * c.LOSS.REVIEWKD_WEIGHT * hcl_loss(fused, targets)),
-        }
+        ramp = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        return StepOutput(logits, {
+            "ce": ce_term(logits, labels, self.ce_weight),
+            "reviewkd": distill_loss(ramp * self.reviewkd_weight * hcl_loss(fused, targets)),
+        }, features, logits_t, features_t)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..utils import distributed
 from ..utils.errors import ConfigError
 
 
@@ -42,16 +43,17 @@ def _ignored_state(wrapper):
     return names
 
 
-def wrap_for_training(distiller, cfg, ctx, device):
-    """TrainForward(distiller), in DDP when `ctx` (a DistContext) has several processes."""
-    if cfg.DISTRIBUTED.SYNC_BN and ctx.enabled:
+def wrap_for_training(distiller, device, sync_bn=False, find_unused_parameters=False):
+    """TrainForward(distiller), in DDP when several processes train (utils/distributed.py)."""
+    several = distributed.active()
+    if sync_bn and several:
         if device.type != "cuda":
             raise ConfigError("config key DISTRIBUTED.SYNC_BN: torch's SyncBatchNorm runs on CUDA only; set it "
                               "False for CPU training (each rank then normalises with its own batch statistics)")
         distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
     wrapper = TrainForward(distiller)
-    if not ctx.enabled:
+    if not several:
         return wrapper
     DDP._set_params_and_buffers_to_ignore_for_model(wrapper, _ignored_state(wrapper))
     return DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
+               find_unused_parameters=find_unused_parameters)

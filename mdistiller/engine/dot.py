@@ -1,9 +1,10 @@
-"""SOLVER.TRAINER dot: the Distillation-Oriented Trainer (Zhao et al., ICCV 2023), for every distiller.
+"""SOLVER.TRAINER dot: the Distillation-Oriented Trainer (Zhao et al., ICCV 2023) as an update rule, for every
+distiller.
 
 DOT keeps one momentum buffer for the task-loss gradient (momentum mu - Delta) and one for the distillation-loss
 gradient (mu + Delta), so distillation dominates the optimisation while the task loss still steers it
 (dot_optimizer.py has the update). The loop needs the two gradients separately from one forward pass; the
-distillers already mark every loss term as task or distill, which is all this trainer needs to know about a
+distillers already mark every loss term as task or distill, which is all this rule needs to know about a
 method, so it works for KD, DKD, CRD, ReviewKD, DIST, AT and every "++" variant alike.
 
 The two gradients (SOLVER.DOT.GRAD_MODE):
@@ -24,14 +25,13 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..distillers import DISTILL, TASK, total_loss
+from ..distillers.losses import DISTILL, TASK, total_loss
 from ..utils.errors import ConfigError
 from ..utils import distributed
 from .dot_optimizer import DOTOptimizer
 from .finite_guard import largest_abs
 from .loss_scaler import LossScaler
-from .registry import TRAINER_REGISTRY
-from .trainer import Trainer
+from .update_rule import UPDATE_RULE_REGISTRY, UpdateRule
 
 GRAD_MODES = ("two_pass", "batched")
 
@@ -76,8 +76,21 @@ def batched_grads(task, distill, params):
     return task_grads, distill_grads
 
 
-@TRAINER_REGISTRY.register("dot")
-class DOTTrainer(Trainer):
+@UPDATE_RULE_REGISTRY.register("dot")
+class DOTRule(UpdateRule):
+    def __init__(self, params, lr, momentum, delta, weight_decay, grad_mode="two_pass", log_cosine=False,
+                 scaler=None):
+        self.optimizer = DOTOptimizer(params, lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay)
+        self._grads = two_pass_grads if grad_mode == "two_pass" else batched_grads
+        self._track_cosine = log_cosine
+        self.scaler = scaler
+
+    @classmethod
+    def from_config(cls, cfg, params, device, fp16):
+        s = cfg.SOLVER
+        return cls(params, s.LR, s.MOMENTUM, s.DOT.DELTA, s.WEIGHT_DECAY, s.DOT.GRAD_MODE, s.DOT.LOG_COSINE,
+                   LossScaler(device) if fp16 else None)
+
     @classmethod
     def validate_config(cls, cfg):
         s = cfg.SOLVER
@@ -95,42 +108,33 @@ class DOTTrainer(Trainer):
             raise ConfigError(f"config key SOLVER.DOT.GRAD_MODE: must be one of {', '.join(GRAD_MODES)}, "
                               f"got '{s.DOT.GRAD_MODE}'")
 
-    def build_optimizer(self):
-        s = self.cfg.SOLVER
-        self._grads = two_pass_grads if s.DOT.GRAD_MODE == "two_pass" else batched_grads
-        self._track_cosine = s.DOT.LOG_COSINE
-        return DOTOptimizer(self.distiller.learnable_parameters(), lr=s.LR, momentum=s.MOMENTUM,
-                            delta=s.DOT.DELTA, weight_decay=s.WEIGHT_DECAY)
+    def forward_context(self, model):
+        # DDP's reducer averages .grad during .backward(), but the two gradients here come from autograd.grad, so
+        # the forward runs in no_sync() and they are averaged over the ranks explicitly instead.
+        return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
 
-    def build_scaler(self):
-        return LossScaler(self.device) if self.speed.needs_scaler else None
+    def losses(self, terms):
+        return {"task": total_loss(terms, TASK), "distill": total_loss(terms, DISTILL), "total": total_loss(terms)}
 
-    def run_step(self, images, labels, index, epoch):
-        # Under DDP the forward runs in no_sync(): DDP's reducer averages .grad during .backward(), but the two
-        # gradients here come from autograd.grad, so they are averaged over the ranks explicitly instead.
-        images = self.speed.batch(images)
-        with self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext():
-            with self.speed.autocast():
-                logits, terms = self.model(images, labels, epoch, index)
-                task, distill = total_loss(terms, TASK), total_loss(terms, DISTILL)
-                loss = total_loss(terms)
+    def apply(self, losses):
+        task, distill = losses["task"], losses["distill"]
         if self.scaler is not None:
             task, distill = self.scaler.scale(task), self.scaler.scale(distill)
         task_grads, distill_grads = self._grads(task, distill, self.optimizer.params())
         distributed.mean_grads_(task_grads + distill_grads)  # both gradients in one message
         if self.scaler is None:
-            self.grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
+            grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
             self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
         else:
             # Averaged before the check, so every rank sees the same overflow and skips the same steps.
             found_inf = self.scaler.unscale_(task_grads + distill_grads)
-            self.grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
+            grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
             if not found_inf.item():  # a sync, as in GradScaler.step
                 self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
             self.scaler.update(found_inf)
-        return self.loss_record(terms, loss), logits.detach()
+        return grad_max
 
-    def step_stats(self):
+    def stats(self):
         cosines = self.optimizer.cosines
         if cosines is None:
             return {}

@@ -1,7 +1,9 @@
-"""Hooks: everything around the optimisation loop (logs, checkpoints, summaries) as small pluggable objects.
+"""Hooks: everything around the optimisation loop as small pluggable objects, called at fixed points.
 
-The trainer calls them at fixed points; a trainer variant (DOT) or a user adds behaviour by adding a hook rather
-than forking the loop. Only the main process (rank 0) writes files.
+The loop (trainer.py) only steps; the learning-rate schedule, evaluation, the loss monitor and the finite guard
+(train_hooks.py), and the run directory's files (here: metrics, TensorBoard, checkpoints, summary) are hooks the
+builder wires. A hook with state saves it through `state_dict()`, whose keys go into the training checkpoint, so
+a resumed run continues exactly. Only the main process (rank 0) gets the hooks that write files.
 """
 
 import json
@@ -42,19 +44,38 @@ def read_metrics(path):
 
 
 class HookBase:
+    """Every point is optional. In order: before_train, then per epoch before_epoch, per step before_step and
+    after_step, then end_of_epoch (measure: fill the epoch's record) and after_epoch (report: write it)."""
+
     trainer = None
 
     def before_train(self):
         pass
 
-    def after_step(self, losses):
-        """`losses`: {name: detached scalar tensor} of the step just taken (plus "total")."""
+    def before_epoch(self, epoch, iters):
+        """Before the first step of `epoch` (1-based), which has `iters` steps."""
+
+    def before_step(self, epoch, it, iters):
+        """Before step `it` (0-based) of `epoch`."""
+
+    def after_step(self, step):
+        """`step`: the trainer.Step just taken (losses, stats, output, labels, grad_max); hooks may add stats."""
+
+    def end_of_epoch(self, record):
+        """The epoch's steps are done; add measurements (test accuracy) to `record`, the epoch's metrics dict."""
 
     def after_epoch(self, record):
         """`record`: the epoch's metrics dict, as written to metrics.jsonl."""
 
     def after_train(self):
         pass
+
+    def state_dict(self):
+        """Top-level entries of the training checkpoint this hook owns (none by default)."""
+        return {}
+
+    def load_state_dict(self, state):
+        """`state`: the whole training checkpoint."""
 
 
 class MetricsHook(HookBase):
@@ -103,12 +124,12 @@ class TensorBoardHook(HookBase):
         with writing("write TensorBoard events in", self.log_dir):
             self.writer = SummaryWriter(self.log_dir, purge_step=self.trainer.global_step + 1)
 
-    def after_step(self, losses):
-        step = self.trainer.global_step
-        if self.freq and step % self.freq == 0:
-            for name, value in losses.items():
-                self.writer.add_scalar(f"train/{name}", float(value), step)
-            self.writer.add_scalar("train/lr", self.trainer.lr, step)
+    def after_step(self, step):
+        n = self.trainer.global_step
+        if self.freq and n % self.freq == 0:
+            for name, value in step.scalars().items():
+                self.writer.add_scalar(f"train/{name}", float(value), n)
+            self.writer.add_scalar("train/lr", self.trainer.lr, n)
 
     def after_epoch(self, record):
         step = self.trainer.global_step
@@ -129,18 +150,20 @@ class CheckpointHook(HookBase):
     DISTILLER.TEACHER_CKPT or be read by tools/eval.py. latest.pth is written last, so a resume never points
     past files that are missing."""
 
-    def __init__(self, run_dir, freq):
-        self.run_dir, self.freq = run_dir, freq
+    def __init__(self, run_dir, freq, evaluation, config_text):
+        """`evaluation`: the EvalHook that knows the best epoch; `config_text`: the run's config, kept in
+        every training checkpoint."""
+        self.run_dir, self.freq, self.evaluation, self.config_text = run_dir, freq, evaluation, config_text
 
     def _path(self, name):
         return os.path.join(self.run_dir, name)
 
     def after_epoch(self, record):
         t = self.trainer
-        state = t.state_dict()
+        state = {**t.state_dict(), "config": self.config_text}
         student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, "test_top1": record["test_top1"]}
         atomic_save(student, self._path("student_last.pth"))
-        if t.best["epoch"] == t.epoch:
+        if self.evaluation.best["epoch"] == t.epoch:
             atomic_save(state, self._path("best.pth"))
             atomic_save(student, self._path("student_best.pth"))
         if t.epoch == t.max_epochs or (self.freq and t.epoch % self.freq == 0):
@@ -151,24 +174,25 @@ class CheckpointHook(HookBase):
 class SummaryHook(HookBase):
     """summary.json, written once the last epoch is done: its presence means the run is complete."""
 
-    def __init__(self, path, extra):
-        self.path, self.extra = path, extra
+    def __init__(self, path, evaluation, extra):
+        """`evaluation`: the EvalHook (best and last accuracy); `extra`: what else summary.json records."""
+        self.path, self.evaluation, self.extra = path, evaluation, extra
+        self.summary = None
 
     def after_train(self):
-        t = self.trainer
+        t, best, last = self.trainer, self.evaluation.best, self.evaluation.last
         if t.epoch < t.max_epochs:
             return
         summary = {
-            "best_top1": t.best["top1"],
-            "best_top5": t.best["top5"],
-            "best_epoch": t.best["epoch"],
-            "last_top1": t.last["top1"],
-            "last_top5": t.last["top5"],
+            "best_top1": best["top1"],
+            "best_top5": best["top5"],
+            "best_epoch": best["epoch"],
+            "last_top1": last["top1"],
+            "last_top5": last["top5"],
             "epochs": t.epoch,
             "images_per_s": t.images_per_s(),
             "train_time_s": t.counters["train_time_s"],
             "wall_time_s": t.counters["wall_time_s"],
-            "seed": t.cfg.EXPERIMENT.SEED,
             **self.extra,
         }
         tmp = self.path + ".tmp"
@@ -176,4 +200,4 @@ class SummaryHook(HookBase):
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
             os.replace(tmp, self.path)
-        t.summary = summary
+        self.summary = summary

@@ -28,8 +28,8 @@ from ..utils.run_dir_io import RunDirError, remove_leftovers, writing
 from ..utils.run_lock import RunLock
 from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
-from .registry import TRAINER_REGISTRY
-from .teacher import teacher_ckpt_path, teacher_record
+from .build import build_run
+from ..models.teacher_ckpt import teacher_ckpt_path, teacher_record
 from .wandb_hook import WandbHook
 
 
@@ -225,11 +225,11 @@ def train_from_config(cfg, resume=False, extra_hooks=()):
     Under torchrun every rank calls this; rank 0 holds the run directory's lock, decides about the directory and
     writes every file (logs, TensorBoard, metrics, checkpoints, summary), the others train and get the same
     summary back. `extra_hooks` run on every rank."""
-    ctx, _ = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
+    ctx, device = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
     # Rank 0 alone looks at the run directory (other nodes may not share the disk); all ranks follow its answer.
     lock = distributed.agree(lambda: RunLock(run_dir_for(cfg)).acquire() if ctx.is_main else None)
     try:
-        return _train_locked(cfg, resume, extra_hooks, ctx)
+        return _train_locked(cfg, resume, extra_hooks, ctx, device)
     except (UserError, KeyboardInterrupt) as e:
         _log_the_end(e)
         raise
@@ -249,7 +249,7 @@ def _log_the_end(e):
         to_file(logging.ERROR, "error: %s", e)
 
 
-def _train_locked(cfg, resume, extra_hooks, ctx):
+def _train_locked(cfg, resume, extra_hooks, ctx, device):
     plan = distributed.broadcast_object(
         distributed.agree(lambda: check_run_dir(cfg, resume) if ctx.is_main else None))
     path = plan.path
@@ -263,7 +263,8 @@ def _train_locked(cfg, resume, extra_hooks, ctx):
                           defer_file=True)  # one voice: rank 0 logs for the job
     logger.info("run directory %s%s", path, f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
-    trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER")(cfg, path)
+    run = build_run(cfg, device=device, run_dir=path)
+    trainer = run.trainer
     if plan.checkpoint:
         trainer.resume(plan.checkpoint)
     elif resume:
@@ -285,32 +286,38 @@ def _train_locked(cfg, resume, extra_hooks, ctx):
         if ctx.is_main and os.path.exists(summary_file):
             with writing("remove", summary_file):
                 os.remove(summary_file)  # its presence means "complete": true again once the extension is
-    hooks = list(extra_hooks)
+    hooks, summary_hook = list(extra_hooks), None
     if ctx.is_main:
-        teacher = teacher_record(cfg) if getattr(trainer.distiller, "teacher", None) is not None else None
+        teacher = teacher_record(cfg) if run.distiller.teacher is not None else None
         if teacher:
             top1 = "unknown" if teacher["top1"] is None else f"{teacher['top1']:.2f} ({teacher['top1_source']})"
             logger.info("teacher %s: checkpoint %s, sha256 %s, test top-1 %s", teacher["name"],
                         teacher["checkpoint"], teacher["sha256"], top1)
         sha, dirty = git_info()
-        extra = {"git_sha": sha, "git_dirty": dirty, "teacher": teacher, "torch_version": torch.__version__,
+        extra = {"seed": cfg.EXPERIMENT.SEED, "git_sha": sha, "git_dirty": dirty, "teacher": teacher,
+                 "torch_version": torch.__version__,
                  "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),
-                 "versions": package_versions(), "dataset_sources": list(trainer.meta.sources),
-                 "dataset_fingerprint": fingerprint(trainer.meta.sources),
-                 "device": describe_device(trainer.device), "world_size": trainer.world_size,
-                 "num_train": trainer.meta.num_train, "num_test": trainer.meta.num_test,
+                 "versions": package_versions(), "dataset_sources": list(run.data.sources),
+                 "dataset_fingerprint": fingerprint(run.data.sources),
+                 "device": describe_device(run.device), "world_size": ctx.world_size,
+                 "num_train": run.data.num_train, "num_test": run.data.num_test,
                  "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
-                 "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": trainer.speed.as_dict()}
+                 "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": run.speed.as_dict()}
+        summary_hook = SummaryHook(summary_file, run.evaluation, extra)
         hooks = [
             MetricsHook(os.path.join(path, "metrics.jsonl")),
             TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
             *([WandbHook(cfg, path)] if cfg.LOG.WANDB else []),
-            CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ),
-            SummaryHook(summary_file, extra),
+            CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ, run.evaluation, cfg.dump()),
+            summary_hook,
             *hooks,
         ]
     trainer.register_hooks(hooks)
-    summary = distributed.broadcast_object(trainer.train())
+    logger.info("training %s on %s, %d train / %d test images, device %s", cfg.DISTILLER.STUDENT, run.data.name,
+                run.data.num_train, run.data.num_test, describe_device(run.device))
+    logger.info("fast paths: %s", run.speed.describe())
+    trainer.train()
+    summary = distributed.broadcast_object(summary_hook.summary if summary_hook is not None else None)
     logger.info("done: best top-1 %.2f (epoch %d), last top-1 %.2f, %.0f img/s", summary["best_top1"],
                 summary["best_epoch"], summary["last_top1"], summary["images_per_s"])
     return summary

@@ -1,15 +1,32 @@
 """The learning rate as a pure function of the position in training, so that resuming needs no scheduler state."""
 
 
-def learning_rate(solver, epoch, iteration, iters_per_epoch):
-    """LR for `iteration` (0-based) of `epoch` (1-based).
+class LRSchedule:
+    """Step decay with an optional linear warm-up; `schedule(epoch, iteration, iters_per_epoch)` is the LR of
+    `iteration` (0-based) of `epoch` (1-based).
 
-    Step decay: multiplied by LR_DECAY_RATE once for every stage the epoch is past (epoch 151 is the first
-    decayed epoch for stage 150, as in the CRD/DKD recipe). Warm-up: linear per iteration from LR/steps to LR
-    over WARMUP_EPOCHS epochs.
-    """
-    lr = solver.LR * solver.LR_DECAY_RATE ** sum(epoch > stage for stage in solver.LR_DECAY_STAGES)
-    if solver.WARMUP_EPOCHS > 0:
-        done = (epoch - 1) * iters_per_epoch + iteration + 1
-        lr *= min(1.0, done / (solver.WARMUP_EPOCHS * iters_per_epoch))
-    return lr
+    Step decay: multiplied by `decay_rate` once for every stage the epoch is past (epoch 151 is the first decayed
+    epoch for stage 150, as in the CRD/DKD recipe). Warm-up: linear per iteration from lr/steps to lr over
+    `warmup_epochs` epochs."""
+
+    def __init__(self, lr, decay_stages, decay_rate, warmup_epochs=0):
+        self.lr, self.decay_stages, self.decay_rate = lr, tuple(decay_stages), decay_rate
+        self.warmup_epochs = warmup_epochs
+
+    @classmethod
+    def from_config(cls, cfg):
+        s = cfg.SOLVER
+        return cls(s.LR, s.LR_DECAY_STAGES, s.LR_DECAY_RATE, s.WARMUP_EPOCHS)
+
+    def __call__(self, epoch, iteration, iters_per_epoch):
+        lr = self.lr * self.decay_rate ** sum(epoch > stage for stage in self.decay_stages)
+        if self.warmup_epochs > 0:
+            done = (epoch - 1) * iters_per_epoch + iteration + 1
+            lr *= min(1.0, done / (self.warmup_epochs * iters_per_epoch))
+        return lr
+
+
+def learning_rate(solver, epoch, iteration, iters_per_epoch):
+    """The LR the SOLVER section `solver` gives `iteration` of `epoch` (LRSchedule)."""
+    return LRSchedule(solver.LR, solver.LR_DECAY_STAGES, solver.LR_DECAY_RATE, solver.WARMUP_EPOCHS)(
+        epoch, iteration, iters_per_epoch)

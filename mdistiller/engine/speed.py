@@ -9,11 +9,11 @@ Every switch is optional and each keeps the numbers within a known distance of t
   - COMPILE: torch.compile of the student's and teacher's `forward` (not of the module or its `__call__`): the
     module object, its state_dict keys (no "_orig_mod.") and its forward hooks (KD++ registers some per step)
     stay as they are, eager, around the compiled forward.
-  - TEACHER_INFERENCE_MODE / TEACHER_HALF: how Distiller.teacher_forward runs the frozen teacher (see there).
+  - TEACHER_INFERENCE_MODE / TEACHER_HALF: how the FrozenTeacher (models/frozen.py) runs.
   - TEACHER_INT8 (CPU): the teacher's forward replaced by a calibrated int8 graph (teacher_int8.py).
 
-`resolve_speed` turns "auto" into a decision (SpeedPlan) and `apply_speed` converts the models; the trainer
-does both once, after the distiller's prepare() (KD++'s class means are computed by the plain float32 teacher,
+`resolve_speed` turns "auto" into a decision (SpeedPlan) and `apply_speed` converts the models; the builder
+does both once, after the added terms are prepared (KD++'s class means are computed by the plain float32 teacher,
 so their cache never depends on these switches) and before DDP wraps the model.
 """
 
@@ -24,12 +24,11 @@ from typing import Optional
 import torch
 
 from ..utils.errors import ConfigError
+from .teacher_int8 import install_int8_forward
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-SWITCH_MODES = ("auto", "on", "off")
 #: the torch.compile backend; tests swap in a cheap one to check the wiring without inductor's compile time
 COMPILE_BACKEND = "inductor"
-# CHANNELS_LAST auto on the CPU: measured, see the SPEED section of config/defaults.py.
+# CHANNELS_LAST auto on the CPU: measured faster (docs/speed.md).
 CPU_CHANNELS_LAST = True
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -91,7 +90,7 @@ def resolve_speed(cfg, device):
                           f"{device.type}; on a GPU use SPEED.TEACHER_HALF")
     amp = s.AMP
     if amp == "auto":
-        # The CPU stays in float32: bf16 autocast was slower there (no AMX here; see config/defaults.py).
+        # The CPU stays in float32: bf16 autocast was slower on the CPUs measured (docs/speed.md).
         amp = "bf16" if _cuda_bf16(device) else "off"
     if amp == "fp16" and not cuda:
         raise ConfigError("config key SPEED.AMP: fp16 autocast is for CUDA GPUs; on the CPU use bf16 or off")
@@ -119,26 +118,27 @@ def compile_forward(module):
     return module
 
 
-def apply_speed(plan, distiller, calibration_batches=None):
-    """Convert the distiller's models for `plan`, in place (parameters keep their identity).
+def apply_speed(plan, distiller, extra_teachers=(), calibration_batches=None):
+    """Convert the distiller's models, and any other FrozenTeacher the run uses (the loss monitor's), for `plan`,
+    in place (parameters keep their identity).
 
     calibration_batches: a callable returning an iterable of (images, ...) training batches, needed for
-    plan.teacher_int8 (called once, before any other conversion, on the float32 teacher)."""
-    if plan.teacher_int8 and distiller.teacher is not None:
-        from .teacher_int8 import install_int8_forward
-
+    plan.teacher_int8 (called once per teacher, before any other conversion, on the float32 teacher)."""
+    teachers = [t for t in (distiller.teacher, *extra_teachers) if t is not None]
+    if plan.teacher_int8 and teachers:
         if calibration_batches is None:
             raise ValueError("apply_speed: SPEED.TEACHER_INT8 needs calibration_batches")
-        install_int8_forward(distiller.teacher, calibration_batches(), plan.int8_calibration)
+        for teacher in teachers:
+            install_int8_forward(teacher.model, calibration_batches(), plan.int8_calibration)
     if plan.channels_last:
         distiller.to(memory_format=torch.channels_last)
-    distiller.teacher_inference_mode = plan.teacher_inference_mode
-    distiller.teacher_dtype = None
-    if distiller.teacher is not None and plan.teacher_dtype is not None:
-        distiller.teacher.to(plan.teacher_dtype)
-        distiller.teacher_dtype = plan.teacher_dtype
+        for teacher in extra_teachers:
+            teacher.to(memory_format=torch.channels_last)
+    for teacher in teachers:
+        teacher.run_in(plan.teacher_inference_mode, plan.teacher_dtype)
     if plan.compile:
         compile_forward(distiller.student)
-        if distiller.teacher is not None and not plan.teacher_int8:
-            compile_forward(distiller.teacher)
+        for teacher in teachers:
+            if not plan.teacher_int8:
+                compile_forward(teacher.model)
     return distiller

@@ -15,7 +15,9 @@ import secrets
 
 import yaml
 
+from ..config.validate import register_check
 from ..utils.errors import ConfigError
+from ..utils import distributed
 from ..utils.run_dir_io import writing
 from .hooks import HookBase
 
@@ -36,6 +38,7 @@ def require_wandb():
     return wandb
 
 
+@register_check
 def check_wandb_config(cfg):
     """For config validation: fail before anything is written when LOG.WANDB cannot work."""
     if cfg.LOG.WANDB:
@@ -66,7 +69,7 @@ class WandbHook(HookBase):
         self.cfg, self.run_dir, self.freq, self.run = cfg, run_dir, cfg.LOG.TENSORBOARD_FREQ, None
 
     def before_train(self):
-        if getattr(self.trainer, "rank", 0) != 0:
+        if distributed.rank() != 0:
             return
         self.run = self.wandb.init(
             project=self.cfg.LOG.WANDB_PROJECT, name=os.path.basename(os.path.normpath(self.run_dir)),
@@ -77,12 +80,12 @@ class WandbHook(HookBase):
         for pattern in ("train/*", "epoch/*"):
             self.run.define_metric(pattern, step_metric=STEP_KEY)
 
-    def after_step(self, losses):
-        step = self.trainer.global_step
-        if self.run is not None and self.freq and step % self.freq == 0:
-            row = {f"train/{name}": float(value) for name, value in losses.items()}
+    def after_step(self, step):
+        n = self.trainer.global_step
+        if self.run is not None and self.freq and n % self.freq == 0:
+            row = {f"train/{name}": float(value) for name, value in step.scalars().items()}
             row["train/lr"] = self.trainer.lr
-            self.run.log({**row, STEP_KEY: step})
+            self.run.log({**row, STEP_KEY: n})
 
     def after_epoch(self, record):
         if self.run is None:

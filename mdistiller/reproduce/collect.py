@@ -147,7 +147,7 @@ def judge(chosen, planned):
 
 def _teacher_used(run):
     """The checkpoint a distillation run loaded: its config's TEACHER_CKPT or the default location."""
-    from ..engine.teacher import default_teacher_ckpt
+    from ..models.teacher_ckpt import default_teacher_ckpt
 
     cfg = load_config(os.path.join(run.dir, "config.yaml"), validate=False)
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)

@@ -32,9 +32,9 @@ def resolve(run, prefix, repo_root):
 def teacher_checkpoint(cfg):
     """The teacher checkpoint `cfg` loads, or None when it loads none. Never downloads (unlike teacher_ckpt_path)."""
     from ..distillers import DISTILLER_REGISTRY
-    from ..engine.teacher import default_teacher_ckpt
+    from ..models.teacher_ckpt import default_teacher_ckpt
 
-    if not DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE, "DISTILLER.TYPE").wants_teacher(cfg):
+    if not DISTILLER_REGISTRY.loads_teacher(cfg):
         return None
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)
 

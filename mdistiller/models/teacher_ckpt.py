@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from ..config import get_cfg_defaults
-from ..models import build_model
+from . import build_model
 from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
 from ..utils.env import REPO_ROOT

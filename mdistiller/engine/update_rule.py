@@ -1,0 +1,100 @@
+"""Update rules (SOLVER.TRAINER): how a step's loss terms become a parameter update.
+
+The loop (trainer.py) runs the training forward inside `forward_context`, asks the rule for the losses it needs
+(`losses`, computed under the run's autocast), then hands them to `apply`, which computes the gradients and
+updates the parameters. A rule owns its optimizer and its fp16 loss scaler and saves both in `state_dict`, so a
+resumed run continues exactly. "vanilla" is plain SGD with momentum on the sum of all terms; DOT (dot.py) keeps
+one momentum buffer per kind of term. A new rule is one file with `@UPDATE_RULE_REGISTRY.register("name")`.
+"""
+
+import contextlib
+
+import torch
+
+from ..config.registry import Registry
+from ..distillers.losses import total_loss
+from .finite_guard import largest_abs
+
+# SOLVER.TRAINER -> UpdateRule subclass
+UPDATE_RULE_REGISTRY = Registry("trainer", key="SOLVER.TRAINER")
+
+
+class UpdateRule:
+    """Base class. Subclasses build `self.optimizer` (and `self.scaler` for fp16) and implement `apply`."""
+
+    optimizer = None
+    scaler = None
+
+    @classmethod
+    def from_config(cls, cfg, params, device, fp16):
+        raise NotImplementedError
+
+    @classmethod
+    def validate_config(cls, cfg):
+        """Raise ConfigError for settings this rule cannot run; nothing to check by default."""
+
+    def forward_context(self, model):
+        """Context for the training forward (DOT: DDP's no_sync, since it averages its own gradients)."""
+        return contextlib.nullcontext()
+
+    def losses(self, terms):
+        """{name: scalar tensor} the rule needs from the terms; "total" always (computed under autocast)."""
+        return {"total": total_loss(terms)}
+
+    def apply(self, losses):
+        """Gradients and update; returns {gradient set: largest |g| applied} (0-dim tensors, no sync)."""
+        raise NotImplementedError
+
+    def stats(self):
+        """Per-step diagnostics of the update (DOT's gradient cosines): {name: scalar tensor}."""
+        return {}
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self):
+        """The checkpoint's "optimizer", "scaler" and "trainer" (rule-specific extra state) entries."""
+        return {"optimizer": self.optimizer.state_dict(), "trainer": {},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+@UPDATE_RULE_REGISTRY.register("vanilla")
+class SGDRule(UpdateRule):
+    """SGD with momentum (optionally Nesterov) on the sum of all loss terms; fp16 through torch's GradScaler. Under
+    DDP the backward averages the gradients over the ranks."""
+
+    def __init__(self, params, lr, momentum, weight_decay, nesterov=False, scaler=None):
+        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                         nesterov=nesterov)
+        self.scaler = scaler
+
+    @classmethod
+    def from_config(cls, cfg, params, device, fp16):
+        s = cfg.SOLVER
+        scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
+        return cls(params, s.LR, s.MOMENTUM, s.WEIGHT_DECAY, s.NESTEROV, scaler)
+
+    def apply(self, losses):
+        loss = losses["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        params = self.params()
+        if self.scaler is None:
+            loss.backward()
+            grad_max = {"all": largest_abs(p.grad for p in params)}
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # what scaler.step would do first; the check sees true gradients
+            grad_max = {"all": largest_abs(p.grad for p in params)}
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return grad_max
