@@ -12,7 +12,8 @@ import contextlib
 from ..utils.errors import ConfigError
 from .defaults import register_config_section
 
-#: kind -> Registry, every registry ever made (config/validate.py walks the ones with a config key)
+#: config key -> the Registry that selects from it (config/validate.py walks them). Keyed by the config key, not
+#: the kind: a registry made elsewhere (a test's own DistillerRegistry("distiller")) must not replace the real one.
 REGISTRIES = {}
 
 
@@ -22,7 +23,10 @@ class Registry:
         self.kind, self.key = kind, key
         self._items = {}
         self._meta = {}
-        REGISTRIES[kind] = self
+        if key is not None:
+            if key in REGISTRIES:
+                raise ValueError(f"config key {key} already has a {REGISTRIES[key].kind} registry")
+            REGISTRIES[key] = self
 
     def register(self, name=None, config=None, section=None, **meta):
         """Decorator: `@REG.register()` uses the object's __name__; `@REG.register("x", key=v)` stores metadata.
