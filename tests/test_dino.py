@@ -3,25 +3,28 @@ against a direct computation, their checkpoint-hash cache, the projector, the re
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
 from data_fixtures import write_cifar100
-from mdistiller.bench.random_teacher import write_random_teacher
+from mdistiller.bench.random_teacher import random_teacher_state, write_random_teacher
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
-from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, Distiller, task_loss
+from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, Distiller, distill_loss, task_loss
 from mdistiller.distillers import class_means as cm
 from mdistiller.distillers.dkd import DKD
 from mdistiller.distillers.kd import KD
-from mdistiller.distillers.plus_plus import class_weights, dino_loss
+from mdistiller.distillers.losses import StepOutput
+from mdistiller.distillers.plus_plus import DinoTerm, class_weights, dino_loss
 from mdistiller.distillers.registry import DistillerRegistry
+from mdistiller.engine import build_run
+from mdistiller.engine.build import build_distiller
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
 
@@ -148,21 +151,39 @@ def test_class_means_cache_keyed_by_checkpoint_hash(tmp_path):
 
 
 # --- the distillers -----------------------------------------------------------------------------------------
+def toy_meta(num_train=8):
+    """A CIFAR-100 DatasetMeta without files: what the builder needs (classes; CRD: the training labels)."""
+    return DatasetMeta(name="cifar100", num_classes=100, image_size=32, num_train=num_train, num_test=0,
+                       mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(num_train) % 100)
+
+
 def make(distiller_type, teacher="resnet20", student="resnet8", *overrides):
+    """The distiller exactly as a run builds it (engine.build.build_distiller), with a random teacher."""
     cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
                              teacher, "DISTILLER.STUDENT", student, *overrides])
     torch.manual_seed(0)
-    s, t = build_model(student, "cifar100"), build_model(teacher, "cifar100")
-    return DISTILLER_REGISTRY.get(distiller_type)(s, t, cfg), cfg
+    d, _ = build_distiller(cfg, toy_meta(), torch.device("cpu"), random_teacher_state(teacher, "cifar100"))
+    return d, cfg
+
+
+def dino_term(distiller):
+    return distiller.added_terms["dino"]
+
+
+def count_calls(calls, **modules):
+    """Forward hooks that count each module's calls into `calls` (name -> count); returns the handles."""
+    for k in modules:
+        calls.setdefault(k, 0)
+    return [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1)) for k, m in modules.items()]
 
 
 def test_projector_only_when_dims_differ_and_learnable():
     same, _ = make("KD++")  # resnet20 and resnet8: both 64-d
-    assert isinstance(same.dino_projector, nn.Identity)
+    assert isinstance(dino_term(same).projector, nn.Identity)
     assert len(same.learnable_parameters()) == len(list(same.student.parameters()))
 
     diff, _ = make("KD++", "resnet8x4", "resnet8")  # 256-d teacher, 64-d student
-    proj = diff.dino_projector  # the authors' code: BatchNorm1d -> Dropout(0.5) -> Linear
+    proj = dino_term(diff).projector  # the authors' code: BatchNorm1d -> Dropout(0.5) -> Linear
     assert [type(m) for m in proj] == [nn.BatchNorm1d, nn.Dropout, nn.Linear]
     assert proj[0].num_features == 64 and proj[1].p == 0.5
     assert (proj[2].in_features, proj[2].out_features) == (64, 256)
@@ -170,42 +191,45 @@ def test_projector_only_when_dims_differ_and_learnable():
     ids = {id(p) for p in diff.learnable_parameters()}
     assert all(id(p) in ids for p in proj.parameters())
     assert not any(id(p) in ids for p in diff.teacher.parameters())
-    diff.set_class_means(torch.randn(100, 256), torch.full((100,), 5))
+    dino_term(diff).set_class_means(torch.randn(100, 256), torch.full((100,), 5))
     diff.train()
-    _, terms = diff.forward_train(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 1)
-    terms["dino"].value.backward()
+    out = diff.train_forward(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 1)
+    out.terms["dino"].value.backward()
     assert proj[2].weight.grad is not None and proj[2].weight.grad.abs().sum() > 0
 
     paper, _ = make("KD++", "resnet8x4", "resnet8", "DINO.PROJECTOR", "linear_bn")
-    assert [type(m) for m in paper.dino_projector] == [nn.Linear, nn.BatchNorm1d]
+    assert [type(m) for m in dino_term(paper).projector] == [nn.Linear, nn.BatchNorm1d]
     plain, _ = make("KD++", "resnet8x4", "resnet8", "DINO.PROJECTOR", "linear")
-    assert len(plain.dino_projector) == 1
+    assert len(dino_term(plain).projector) == 1
     with pytest.raises(ConfigError, match="DINO.PROJECTOR"):
         make("KD++", "resnet20", "resnet8", "DINO.PROJECTOR", "mlp")
 
 
 @pytest.mark.parametrize("name,base", [("KD++", KD), ("DKD++", DKD)])
 def test_plus_plus_adds_dino_to_the_base_terms_with_one_forward(name, base):
-    cls = DISTILLER_REGISTRY.get(name)
-    assert issubclass(cls, base) and cls is not base and DISTILLER_REGISTRY.get(name) is cls
+    # "X++" is X itself plus a term the builder adds: no derived class
+    assert DISTILLER_REGISTRY.resolve(name) == (base, True) and DISTILLER_REGISTRY.get(name) is base
+    assert DISTILLER_REGISTRY.resolve(name[:-2]) == (base, False)
     pp, cfg = make(name, "resnet20", "resnet8", "DINO.WEIGHT", "3.0")
-    plain = base(pp.student, pp.teacher, cfg)
+    assert type(pp) is base and list(pp.added_terms) == ["dino"]
+    plain = base.from_config(cfg, pp.student, pp.teacher, toy_meta())
+    assert not hasattr(plain, "added_terms")
     pp.eval(), plain.eval()  # BatchNorm in eval: both distillers see identical student outputs
     means = torch.randn(100, 64)
-    pp.set_class_means(means, torch.full((100,), 500))
+    dino_term(pp).set_class_means(means, torch.full((100,), 500))
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([3, 1, 4, 1])
-    calls = {"student": 0, "teacher": 0}
-    hooks = [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
-             for k, m in (("student", pp.student), ("teacher", pp.teacher))]
-    logits, terms = pp.forward_train(images, labels, 30)
+    calls = {}
+    hooks = count_calls(calls, student=pp.student, teacher=pp.teacher)
+    out = pp.train_forward(images, labels, 30)
     assert calls == {"student": 1, "teacher": 1}  # no second forward
     for h in hooks:
         h.remove()
-    logits_b, terms_b = plain.forward_train(images, labels, 30)
+    out_b = plain.train_forward(images, labels, 30)
+    terms, terms_b = out.terms, out_b.terms
     assert list(terms) == list(terms_b) + ["dino"] and terms["dino"].kind == DISTILL
     for k in terms_b:
         torch.testing.assert_close(terms[k].value, terms_b[k].value)
-    torch.testing.assert_close(logits, logits_b)
+    torch.testing.assert_close(out.logits, out_b.logits)
     with torch.no_grad():
         _, fs = pp.student(images)
         _, ft = pp.teacher(images)
@@ -213,9 +237,45 @@ def test_plus_plus_adds_dino_to_the_base_terms_with_one_forward(name, base):
     torch.testing.assert_close(terms["dino"].value, expected)
 
 
+def test_dino_term_reads_the_step_output_and_runs_the_teacher_only_when_it_is_missing():
+    """The term takes f_s and f_t from X's StepOutput (the features of X's own forward): with hand-chosen features
+    its value is eq. 5 by hand and the teacher is not run; without teacher features it runs the teacher once."""
+    d, cfg = make("KD++", "resnet20", "resnet8", "DINO.WEIGHT", "3.0")
+    term = dino_term(d)
+    means = torch.zeros(100, 64)
+    means[0, 0] = 2.0  # e_0 = (1, 0, ..., 0)
+    term.set_class_means(means, torch.ones(100))
+    f_s, f_t = torch.zeros(1, 64), torch.zeros(1, 64)
+    f_s[0, :2] = torch.tensor([3.0, 4.0])  # |f_s| = 5, f_s.e = 3
+    f_t[0, 1] = 10.0  # |f_t| = 10
+    images, labels = torch.randn(1, 3, 32, 32), torch.tensor([0])
+    calls = {}
+    hooks = count_calls(calls, student=d.student, teacher=d.teacher)
+    out = StepOutput(torch.zeros(1, 100), {}, {"pooled_feat": f_s}, torch.zeros(1, 100), {"pooled_feat": f_t})
+    value = term(out, images, labels, d.teacher)
+    assert value.kind == DISTILL and value.value.item() == pytest.approx(3.0 * (1 - 3 / 10))  # eq. 5
+    assert calls == {"student": 0, "teacher": 0}
+
+    out = StepOutput(torch.zeros(1, 100), {}, {"pooled_feat": f_s})  # X never ran the teacher
+    value = term(out, images, labels, d.teacher)
+    assert calls == {"student": 0, "teacher": 1}
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        logits_t, feats_t = d.teacher.model(images)
+    assert torch.equal(out.teacher_logits, logits_t) and torch.equal(out.teacher_features["pooled_feat"],
+                                                                     feats_t["pooled_feat"])
+    t_norm = math.sqrt(sum(v * v for v in feats_t["pooled_feat"][0].tolist()))
+    assert value.value.item() == pytest.approx(3.0 * (1 - 3 / max(5.0, t_norm)), rel=1e-6)
+
+
 def test_registry_names_errors_and_validation():
     names = DISTILLER_REGISTRY.names()
     assert {"KD", "KD++", "DKD", "DKD++"} <= set(names) and "NONE++" not in names
+    # every method that loads a teacher, and only those, answers to "X++"
+    bases = [n for n in names if not n.endswith("++")]
+    assert {n for n in names if n.endswith("++")} == {n + "++" for n in bases
+                                                      if DISTILLER_REGISTRY.get(n).needs_teacher}
     assert "KD++" in DISTILLER_REGISTRY and "FOO++" not in DISTILLER_REGISTRY
     for bad in ("FOO++", "NONE++", "KD++++"):
         with pytest.raises(ConfigError) as e:
@@ -231,52 +291,93 @@ def test_registry_names_errors_and_validation():
         load_config(None, ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet20", "KD.TEMPERATURE", "0"])
 
 
+def _with_dino(distiller, cfg):
+    """What the builder does for "X++" (engine.build.build_distiller), for a method outside DISTILLER_REGISTRY."""
+    distiller.add_term("dino", DinoTerm.from_config(cfg, distiller.student, distiller.teacher, 100))
+    return distiller
+
+
 def test_any_registered_method_gets_a_plus_plus():
-    """A method written without KD++ in mind (student called twice, teacher never via teacher_forward)."""
+    """A method written without KD++ in mind (student called twice, the teacher never run) returns its StepOutput;
+    the term reads the student's features of the call on the batch and runs the teacher itself."""
     reg = DistillerRegistry("distiller")
 
     @reg.register("TOY")
     class Toy(Distiller):
         def forward_train(self, images, labels, epoch, index=None):
             self.student(images.flip(0))  # an extra call on other inputs: not the one the dino term uses
-            logits, _ = self.student(images)
-            with torch.no_grad():
-                self.teacher(images)
-            return logits, {"ce": task_loss(nn.functional.cross_entropy(logits, labels))}
+            logits, feats = self.student(images)
+            return StepOutput(logits, {"ce": task_loss(nn.functional.cross_entropy(logits, labels))}, feats)
 
     assert reg.names() == ["TOY", "TOY++"]
-    cls = reg.get("TOY++")
-    assert issubclass(cls, Toy) and cls.base_method is Toy
+    assert reg.resolve("TOY++") == (Toy, True) and reg.get("TOY++") is Toy and reg.resolve("TOY") == (Toy, False)
+    with pytest.raises(ConfigError, match="DISTILLER.TYPE"):  # a second registry does not replace the real one
+        load_config(None, ["DISTILLER.TYPE", "TOY"])
     cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TEACHER", "resnet20"])
-    d = cls(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), cfg).eval()
+    d = Toy.from_config(cfg, build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), toy_meta())
+    d = _with_dino(d, cfg).eval()
     means = torch.randn(100, 64)
-    d.set_class_means(means, torch.ones(100))
+    dino_term(d).set_class_means(means, torch.ones(100))
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([5, 6, 7])
-    _, terms = d.forward_train(images, labels, 1)
+    out = d.train_forward(images, labels, 1)
+    assert list(out.terms) == ["ce", "dino"]
     with torch.no_grad():
         fs, ft = d.student(images)[1]["pooled_feat"], d.teacher(images)[1]["pooled_feat"]
-    torch.testing.assert_close(terms["dino"].value, cfg.DINO.WEIGHT * dino_loss(fs, ft, means, labels))
+    torch.testing.assert_close(out.terms["dino"].value, cfg.DINO.WEIGHT * dino_loss(fs, ft, means, labels))
+
+
+def test_plus_plus_refuses_a_method_without_features_or_with_its_own_dino():
+    cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TEACHER", "resnet20"])
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+
+    class Bare(Distiller):  # the plain (logits, terms) tuple a user method may still return
+        def forward_train(self, images, labels, epoch, index=None):
+            logits, _ = self.student(images)
+            return logits, {"ce": task_loss(nn.functional.cross_entropy(logits, labels))}
+
+    class OwnDino(Distiller):
+        def forward_train(self, images, labels, epoch, index=None):
+            logits, feats = self.student(images)
+            logits_t, feats_t = self.teacher(images)
+            return StepOutput(logits, {"dino": distill_loss((logits - logits_t).square().mean())}, feats, logits_t,
+                              feats_t)
+
+    bare = Bare(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"))
+    assert list(bare.train_forward(images, labels, 1).terms) == ["ce"]  # the tuple trains without the term
+    _with_dino(bare, cfg)
+    with pytest.raises(RuntimeError, match="returned no student features.*StepOutput"):
+        bare.train_forward(images, labels, 1)
+    own = _with_dino(OwnDino(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100")), cfg)
+    with pytest.raises(RuntimeError, match="OwnDino already returns a loss term named 'dino'"):
+        own.train_forward(images, labels, 1)
 
 
 @pytest.mark.parametrize("name", [n for n in DISTILLER_REGISTRY.names() if n.endswith("++")])
 def test_every_registered_plus_plus_takes_a_step_with_one_forward(name):
-    """Whatever the other methods' files do, X++ returns X's terms plus "dino" from X's single forward."""
-    cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", name, "DISTILLER.TEACHER", "resnet20",
-                             "DISTILLER.STUDENT", "resnet8"])
-    targets = torch.arange(8) % 100
-    meta = DatasetMeta(name="cifar100", num_classes=100, image_size=32, num_train=8, num_test=0,
-                       mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=targets)
-    torch.manual_seed(0)
-    d = DISTILLER_REGISTRY.get(name)(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), cfg,
-                                     meta)
-    d.set_class_means(torch.randn(100, 64), torch.ones(100))
-    d.train()
-    calls = []
-    for m in (d.student, d.teacher):
-        m.register_forward_hook(lambda mod, *a: calls.append(mod))
-    _, terms = d.forward_train(torch.randn(4, 3, 32, 32), targets[:4], 1, torch.arange(4))
-    assert calls.count(d.student) == 1 and calls.count(d.teacher) == 1
-    assert list(terms)[-1] == "dino" and terms["dino"].kind == DISTILL and len(terms) >= 2
+    """Whatever the other methods' files do, X++ returns X's terms, untouched, plus "dino" from X's single
+    forward; built as a run builds it, side by side with X from the same seed."""
+    meta = toy_meta()
+    teacher_state = random_teacher_state("resnet20", "cifar100")
+    built = []
+    for method in (name, name[:-2]):
+        cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", method, "DISTILLER.TEACHER",
+                                 "resnet20", "DISTILLER.STUDENT", "resnet8"])
+        torch.manual_seed(0)
+        built.append(build_distiller(cfg, meta, torch.device("cpu"), teacher_state)[0].train())
+    d, x = built
+    assert type(d) is type(x) and list(d.added_terms) == ["dino"] and not hasattr(x, "added_terms")
+    dino_term(d).set_class_means(torch.randn(100, 64), torch.ones(100))
+    images, labels, index = torch.randn(4, 3, 32, 32), meta.train_targets[:4], torch.arange(4)
+    calls = {}
+    count_calls(calls, student=d.student, teacher=d.teacher)
+    torch.manual_seed(1)  # CRD draws negatives
+    terms = d.train_forward(images, labels, 1, index).terms
+    assert calls == {"student": 1, "teacher": 1}
+    torch.manual_seed(1)
+    terms_x = x.train_forward(images, labels, 1, index).terms
+    assert list(terms) == list(terms_x) + ["dino"] and terms["dino"].kind == DISTILL and len(terms) >= 2
+    for k, term in terms_x.items():
+        assert terms[k].kind == term.kind and torch.equal(terms[k].value, term.value), k
     before = [p.detach().clone() for p in d.student.parameters()]
     loss = sum(t.value for t in terms.values())
     assert torch.isfinite(loss)
@@ -287,13 +388,13 @@ def test_every_registered_plus_plus_takes_a_step_with_one_forward(name):
 
 def test_class_means_travel_with_the_learnable_state():
     a, cfg = make("KD++")
-    a.set_class_means(torch.randn(100, 64), torch.arange(100) + 1)
+    dino_term(a).set_class_means(torch.randn(100, 64), torch.arange(100) + 1)
     b, _ = make("KD++")
-    assert not bool(b.dino_ready)
+    assert not bool(dino_term(b).ready)
     b.load_learnable_state_dict(a.learnable_state_dict())
-    assert bool(b.dino_ready)
-    assert torch.equal(b.dino_class_means, a.dino_class_means)
-    assert torch.equal(b.dino_class_weights, a.dino_class_weights)
+    assert bool(dino_term(b).ready)
+    assert torch.equal(dino_term(b).class_means, dino_term(a).class_means)
+    assert torch.equal(dino_term(b).class_weights, dino_term(a).class_weights)
 
 
 def _class_means_run(tmp_path, *overrides):
@@ -319,14 +420,13 @@ def _normalised(uint8_images):
 
 
 def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
-    """Through the Trainer, un-augmented recipe: the means are the teacher's features of the training images."""
-    from mdistiller.engine.trainer import VanillaTrainer
-
+    """Through the builder (build_run), un-augmented recipe: the means are the teacher's features of the training
+    images."""
     data, teacher, ckpt, cfg = _class_means_run(tmp_path, "DINO.CLASS_MEANS_AUGMENT", "False",
                                                 "DINO.CLASS_MEANS_DECIMALS", "-1")
-    trainer = VanillaTrainer(cfg)
-    d = trainer.distiller
-    assert bool(d.dino_ready)
+    run = build_run(cfg)
+    d = dino_term(run.distiller)
+    assert bool(d.ready)
     images, labels = data["train"]
     teacher.eval()
     with torch.no_grad():
@@ -334,30 +434,28 @@ def test_trainer_prepares_real_class_means_and_caches_them(tmp_path):
     expected = torch.zeros(100, feats.shape[1])
     for i, k in enumerate(labels.tolist()):  # 60 images, labels 0..59 once each
         expected[k] = feats[i]
-    torch.testing.assert_close(d.dino_class_means, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d.class_means, expected, rtol=1e-4, atol=1e-5)
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     assert os.path.isfile(f"{ckpt}.class_means.cifar100-n60.{sha}.pt")
-    losses, _ = trainer.run_step(*next(iter(trainer.train_loader)), 1)
+    losses = run.trainer.run_step(*next(iter(run.train_loader)), 1).losses
     assert torch.isfinite(losses["dino"]) and losses["dino"] > 0
 
     computed = []
     real = cm.compute_class_means
     cm.compute_class_means = lambda *a, **k: computed.append(1) or real(*a, **k)
     try:
-        again = VanillaTrainer(cfg).distiller  # a second run on the same teacher: loaded from the cache
+        again = dino_term(build_run(cfg).distiller)  # a second run on the same teacher: loaded from the cache
     finally:
         cm.compute_class_means = real
-    assert computed == [] and torch.equal(again.dino_class_means, d.dino_class_means)
+    assert computed == [] and torch.equal(again.class_means, d.class_means)
 
 
 def test_authors_class_means_use_augmented_images_rounded_and_a_fixed_seed(tmp_path):
     """The default recipe (the authors' script): each class mean is the teacher's (eval-mode) feature of one of the
     162 training augmentations of the image - zero-pad 4, a 32x32 crop at one of 9 x 9 offsets, flipped or not -
     with each value rounded to 4 decimals; the pass does not depend on EXPERIMENT.SEED; its cache name differs."""
-    from mdistiller.engine.trainer import VanillaTrainer
-
     data, teacher, ckpt, cfg = _class_means_run(tmp_path)
-    means = VanillaTrainer(cfg).distiller.dino_class_means
+    means = dino_term(build_run(cfg).distiller).class_means
     images, labels = data["train"]
     padded = torch.nn.functional.pad(torch.as_tensor(images), (4, 4, 4, 4))
     teacher.eval()
@@ -380,7 +478,7 @@ def test_authors_class_means_use_augmented_images_rounded_and_a_fixed_seed(tmp_p
     os.remove(cache)
     cfg.defrost()
     cfg.EXPERIMENT.SEED = 7
-    assert torch.equal(VanillaTrainer(cfg).distiller.dino_class_means, means)
+    assert torch.equal(dino_term(build_run(cfg).distiller).class_means, means)
 
 
 @pytest.mark.slow

@@ -10,22 +10,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.config import load_config
-from mdistiller.distillers import DISTILLER_REGISTRY
+from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.loss_ramp import ramp_factor
-from mdistiller.engine.trainer import Trainer
-from mdistiller.models import build_model
+from mdistiller.engine.build import build_distiller
+from mdistiller.engine.update_rule import UPDATE_RULE_REGISTRY, SGDRule
 from mdistiller.utils.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+META = DatasetMeta(name="cifar100", num_classes=100, image_size=32, num_train=8, num_test=0, mean=(0.5,) * 3,
+                   std=(0.25,) * 3, train_targets=torch.arange(8))
+
+
 def make(method, teacher="resnet20", student="resnet8", *overrides):
+    """The distiller as a run builds it (with the dino term of "X++" and the loss ramp), with a random teacher."""
     cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", method, "DISTILLER.TEACHER", teacher,
                              "DISTILLER.STUDENT", student, *overrides])
     torch.manual_seed(0)
-    s, t = build_model(student, "cifar100"), build_model(teacher, "cifar100")
-    return DISTILLER_REGISTRY.get(method)(s, t, cfg), cfg
+    d, _ = build_distiller(cfg, META, torch.device("cpu"), random_teacher_state(teacher, "cifar100"))
+    return d, cfg
+
+
+def unramped_terms(d, x, y, epoch):
+    """The same step's terms (the dino term included) with the run's loss ramp taken off."""
+    ramp, d.loss_ramp = d.loss_ramp, None
+    try:
+        return d.train_forward(x, y, epoch).terms
+    finally:
+        d.loss_ramp = ramp
 
 
 def test_ramp_factor_uses_the_zero_based_epoch():
@@ -56,11 +71,11 @@ def test_kd_term_is_ramped_and_ce_is_not():
     kd = _hand_kd(zs, zt, 4.0)
     ce = F.cross_entropy(zs, y).item()
     for epoch, factor in ((1, 0.0), (3, 0.1), (21, 1.0)):
-        _, terms = d.train_forward(x, y, epoch)
+        terms = d.train_forward(x, y, epoch).terms
         assert terms["kd"].value.item() == pytest.approx(factor * 3.5 * kd, rel=1e-5, abs=1e-7)
         assert terms["ce"].value.item() == pytest.approx(ce, rel=1e-5)
     d.train()
-    _, terms = d.train_forward(x, y, 1)
+    terms = d.train_forward(x, y, 1).terms
     terms["kd"].value.backward()  # the first epoch trains without the distillation term at all
     assert all(p.grad is None or not p.grad.any() for p in d.student.parameters())
 
@@ -71,9 +86,9 @@ def test_each_method_names_its_ramped_terms_and_the_config_may_add_dino():
                                     ("REVIEWKD++", "reviewkd", ["REVIEWKD.WARMUP_EPOCHS", "0"])):
         d, _ = make(method, "resnet20", "resnet8", "LOSS_RAMP.EPOCHS", "5", *overrides)
         d.eval()
-        d.set_class_means(torch.randn(100, 64), torch.full((100,), 500))
-        _, plain = d.forward_train(x, y, 3)
-        _, ramped = d.train_forward(x, y, 3)  # epoch 3: factor 2 / 5
+        d.added_terms["dino"].set_class_means(torch.randn(100, 64), torch.full((100,), 500))
+        plain = unramped_terms(d, x, y, 3)
+        ramped = d.train_forward(x, y, 3).terms  # epoch 3: factor 2 / 5
         assert ramped[term].value.item() == pytest.approx(0.4 * plain[term].value.item(), rel=1e-5)
         assert ramped["dino"].value.item() == pytest.approx(plain["dino"].value.item(), rel=1e-6)  # not ramped
         assert ramped["ce"].value.item() == pytest.approx(plain["ce"].value.item(), rel=1e-6)
@@ -81,9 +96,9 @@ def test_each_method_names_its_ramped_terms_and_the_config_may_add_dino():
     d, _ = make("DKD++", "resnet20", "resnet8", "DKD.WARMUP", "0", "LOSS_RAMP.EPOCHS", "5",
                 "LOSS_RAMP.TERMS", "['dkd', 'dino']")
     d.eval()
-    d.set_class_means(torch.randn(100, 64), torch.full((100,), 500))
-    _, plain = d.forward_train(x, y, 2)
-    _, ramped = d.train_forward(x, y, 2)
+    d.added_terms["dino"].set_class_means(torch.randn(100, 64), torch.full((100,), 500))
+    plain = unramped_terms(d, x, y, 2)
+    ramped = d.train_forward(x, y, 2).terms
     for term in ("dkd", "dino"):
         assert ramped[term].value.item() == pytest.approx(0.2 * plain[term].value.item(), rel=1e-5)
 
@@ -103,19 +118,19 @@ def test_ramp_configuration_errors():
 
 
 def test_nesterov_update_equals_the_formula_by_hand():
-    """Two SGD steps of the optimizer the trainer builds, against v <- mu v + g + wd p; p <- p - lr (g + wd p + mu v)."""
+    """Two SGD steps of the update rule the builder makes for SOLVER.TRAINER vanilla, against
+    v <- mu v + g + wd p; p <- p - lr (g + wd p + mu v)."""
     lr, mu, wd = 0.1, 0.9, 5e-4
     for nesterov in (True, False):
         cfg = load_config(None, ["DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", "resnet8", "SOLVER.LR", str(lr),
                                  "SOLVER.WEIGHT_DECAY", str(wd), "SOLVER.NESTEROV", str(nesterov)])
         p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
-        holder = type("Holder", (), {"learnable_parameters": lambda self: [p]})()
-        opt = Trainer.build_optimizer(type("T", (), {"cfg": cfg, "distiller": holder})())
-        assert opt.param_groups[0]["nesterov"] is nesterov
+        rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER").from_config(cfg, [p], "cpu",
+                                                                                          fp16=False)
+        assert isinstance(rule, SGDRule) and rule.optimizer.param_groups[0]["nesterov"] is nesterov
         expected, v = [1.0, -2.0, 0.5], [0.0, 0.0, 0.0]
         for step, grad in enumerate(([0.3, -0.1, 0.2], [-0.4, 0.5, 0.05])):
-            p.grad = torch.tensor(grad, dtype=torch.float64)
-            opt.step()
+            rule.apply({"total": (p * torch.tensor(grad, dtype=torch.float64)).sum()})  # d total / d p = grad
             g = [gi + wd * pi for gi, pi in zip(grad, expected)]
             v = g if step == 0 else [mu * vi + gi for vi, gi in zip(v, g)]  # torch: the first buffer is g itself
             d = [gi + mu * vi for gi, vi in zip(g, v)] if nesterov else v
@@ -133,15 +148,15 @@ def test_nesterov_is_a_config_error_for_dot_and_without_momentum():
 def test_wrapper_linear_init_zero_bias_and_normal():
     ref, _ = make("KD++", "wrn_40_2", "wrn_40_1", "DINO.LINEAR_INIT", "default")
     zero, _ = make("KD++", "wrn_40_2", "wrn_40_1", "DINO.LINEAR_INIT", "zero_bias")
-    proj_ref, proj = ref.dino_projector[2], zero.dino_projector[2]
+    proj_ref, proj = ref.added_terms["dino"].projector[2], zero.added_terms["dino"].projector[2]
     # the CIFAR wrapper zeroes every Linear bias (projector and the student's classifier), weights untouched
     assert not zero.student.fc.bias.any() and not proj.bias.any()
     assert ref.student.fc.bias.any() or proj_ref.bias.any()
     assert torch.equal(zero.student.fc.weight, ref.student.fc.weight) and torch.equal(proj.weight, proj_ref.weight)
     normal, _ = make("KD++", "wrn_40_2", "wrn_40_1", "DINO.LINEAR_INIT", "normal")
-    w = normal.dino_projector[2].weight.detach().double()  # 128 x 64 draws of N(0, 0.01)
+    w = normal.added_terms["dino"].projector[2].weight.detach().double()  # 128 x 64 draws of N(0, 0.01)
     assert abs(w.mean().item()) < 5e-4 and 0.0097 < w.std().item() < 0.0103
-    b = torch.cat([normal.dino_projector[2].bias, normal.student.fc.bias]).detach().double()
+    b = torch.cat([normal.added_terms["dino"].projector[2].bias, normal.student.fc.bias]).detach().double()
     assert 0.008 < b.std().item() < 0.012
     with pytest.raises(ConfigError, match="DINO.LINEAR_INIT"):
         make("KD++", "wrn_40_2", "wrn_40_1", "DINO.LINEAR_INIT", "xavier")
