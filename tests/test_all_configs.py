@@ -14,6 +14,7 @@ import torch
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import DISTILLER_REGISTRY, total_loss
+from mdistiller.engine.build import build_distiller
 from mdistiller.models import build_model, num_classes_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,23 +27,23 @@ INPUT = {"cifar100": 32, "fashion_mnist": 32, "tiny_imagenet": 64, "imagenet": 2
 def test_config_builds_and_takes_a_step(path):
     cfg = load_config(path)
     dataset, d = cfg.DATASET.TYPE, cfg.DISTILLER
-    cls = DISTILLER_REGISTRY.get(d.TYPE)
     classes = num_classes_for(dataset)
     torch.manual_seed(0)
     batch = 4
     targets = torch.arange(2 * batch) % classes
     meta = DatasetMeta(name=dataset, num_classes=classes, image_size=INPUT[dataset], num_train=len(targets),
                        num_test=0, mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=targets)
-    student = build_model(d.STUDENT, dataset)
-    teacher = build_model(d.TEACHER, dataset) if cls.needs_teacher else None
-    distiller = cls(student, teacher, cfg, meta)
+    # built as a run builds it (the dino term of "X++", the loss ramp), with a random teacher
+    teacher = build_model(d.TEACHER, dataset).state_dict() if DISTILLER_REGISTRY.loads_teacher(cfg) else None
+    distiller, _ = build_distiller(cfg, meta, "cpu", teacher)
     distiller.train()
     optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=0.01, momentum=0.9)
     size = INPUT[dataset]
     images, labels, index = torch.randn(batch, 3, size, size), targets[:batch], torch.arange(batch)
     # epoch 2, through the trainers' entry point: a LOSS_RAMP is applied (factor 1/20 or 1/5, not 0) and the terms
     # it names must exist
-    logits, terms = distiller.train_forward(images, labels, 2, index)
+    out = distiller.train_forward(images, labels, 2, index)
+    logits, terms = out.logits, out.terms
     assert logits.shape == (batch, classes)
     assert terms and all(t.kind in ("task", "distill") for t in terms.values())
     loss = total_loss(terms)

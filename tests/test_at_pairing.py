@@ -147,7 +147,7 @@ def _build(cfg, seed=0):
     torch.manual_seed(seed)
     student = calibrate(build_model(cfg.DISTILLER.STUDENT, dataset), size, seed + 1)
     teacher = calibrate(build_model(cfg.DISTILLER.TEACHER, dataset), size, seed + 2)
-    distiller = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE)(student, teacher, cfg)
+    distiller = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).from_config(cfg, student, teacher, None)
     torch.manual_seed(seed + 3)
     x = torch.randn(2, 3, size, size)
     y = torch.randint(0, num_classes_for(dataset), (2,))
@@ -172,9 +172,9 @@ def test_at_term_is_the_published_loss_over_the_published_pairs(name):
     for module, how in s_taps:
         rec.output(distiller.student, module, how, key=("s", module))
     for module, how in t_taps:
-        rec.output(distiller.teacher, module, how, key=("t", module))
+        rec.output(distiller.teacher.model, module, how, key=("t", module))
     try:
-        _, terms = distiller.forward_train(x, y, epoch=1)
+        terms = distiller.forward_train(x, y, epoch=1).terms
     finally:
         rec.close()
     student = [rec.values[("s", s[0])] for s, _ in pairs]
@@ -201,9 +201,9 @@ def test_at_map_is_the_signed_power_and_a_fractional_power_of_negatives_is_refus
     rec = Recorder()
     for module, how in _CIFAR_RESNET:
         rec.output(distiller.student, module, how, key=("s", module))
-        rec.output(distiller.teacher, module, how, key=("t", module))
+        rec.output(distiller.teacher.model, module, how, key=("t", module))
     try:
-        _, terms = distiller.forward_train(x, y, epoch=1)
+        terms = distiller.forward_train(x, y, epoch=1).terms
     finally:
         rec.close()
     s = [rec.values[("s", m)] for m, _ in _CIFAR_RESNET[1:]]
@@ -257,18 +257,18 @@ def test_reviewkd_r50_mv1_feeds_the_published_levels(name):
     rec = Recorder()
     for name_ in STUDENT_LEVELS:
         rec.output(distiller.student, name_, key=("s", name_))
-    t_modules = dict(distiller.teacher.named_modules())
+    t_modules = dict(distiller.teacher.model.named_modules())
     for stage, last in _R50_LAST_BLOCK.items():
         block = f"layer{stage}.{last}"
         rec.input(t_modules[block], ("t_in", stage))  # identity shortcut: the block's input is added back
-        rec.output(distiller.teacher, f"{block}.bn3", key=("t_bn3", stage))
-    rec.output(distiller.teacher, "avgpool", key=("t_pool", 0))
+        rec.output(distiller.teacher.model, f"{block}.bn3", key=("t_bn3", stage))
+    rec.output(distiller.teacher.model, "avgpool", key=("t_pool", 0))
     for i, abf in enumerate(abfs):
         rec.input(abf, ("abf_in", i))
         rec.handles.append(abf.register_forward_hook(
             lambda m, args, out, i=i: rec.values.__setitem__(("abf_out", i), out[0].detach().clone())))
     try:
-        _, terms = distiller.forward_train(x, y, epoch=5)
+        terms = distiller.forward_train(x, y, epoch=5).terms
     finally:
         rec.close()
 

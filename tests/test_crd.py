@@ -52,7 +52,7 @@ def make_crd(*overrides, targets=TARGETS, seed=0):
     cfg = load_config(None, ["DISTILLER.TYPE", "CRD", "CRD.NCE_K", "8", "CRD.FEAT_DIM", "16", *overrides])
     meta = DatasetMeta("fashion_mnist", 4, 4, len(targets), 0, (0.5,) * 3, (0.25,) * 3, targets)
     torch.manual_seed(seed)
-    return DISTILLER_REGISTRY.get("CRD")(TinyNet(12), TinyNet(20), cfg, meta)
+    return DISTILLER_REGISTRY.get("CRD").from_config(cfg, TinyNet(12), TinyNet(20), meta)
 
 
 # --- memory update -------------------------------------------------------------------------------------------
@@ -305,7 +305,8 @@ def test_distiller_terms():
     assert crd.memory.memory_s.shape == crd.memory.memory_t.shape == (40, 16)
     assert crd.embed_s.linear.in_features == 12 and crd.embed_t.linear.in_features == 20
     images, labels, index = batch(torch.tensor([0, 5, 9, 22, 31]))
-    logits, terms = crd.forward_train(images, labels, 1, index)
+    out = crd.forward_train(images, labels, 1, index)
+    logits, terms = out.logits, out.terms
     assert set(terms) == {"ce", "crd"} and terms["ce"].kind == TASK and terms["crd"].kind == DISTILL
     value = terms["crd"].value
     assert value.dim() == 0 and torch.isfinite(value) and value.item() > 0
@@ -335,9 +336,9 @@ def test_checkpoint_round_trip_restores_memory_and_z():
     # resuming continues exactly: same next loss, same banks, and Z is not re-estimated
     images, labels, index = batch(torch.arange(8, 16))
     torch.manual_seed(7)
-    _, t1 = crd.forward_train(images, labels, 1, index)
+    t1 = crd.forward_train(images, labels, 1, index).terms
     torch.manual_seed(7)
-    _, t2 = other.forward_train(images, labels, 1, index)
+    t2 = other.forward_train(images, labels, 1, index).terms
     assert torch.equal(t1["crd"].value, t2["crd"].value)
     assert torch.equal(other.memory.memory_t, crd.memory.memory_t)
     assert torch.equal(other.memory.z, state["memory.z"])
@@ -365,10 +366,10 @@ def _worker(rank, world, init_file, out_dir):
         images, labels, index = batch(RANK_INDEX[rank])
         start_t, start_s = crd.memory.memory_t.clone(), crd.memory.memory_s.clone()
         with torch.no_grad():
-            _, v_s, v_t = crd.embeddings(images)
+            v_s, v_t = crd.embeddings(crd.student(images)[1], crd.teacher(images)[1])
         torch.manual_seed(100 + rank)  # each rank draws different negatives
         rng = torch.get_rng_state()
-        _, terms = crd.forward_train(images, labels, 1, index)
+        terms = crd.forward_train(images, labels, 1, index).terms
         terms["crd"].value.backward()
         # this rank's own share of the Z estimate, recomputed from the same draw
         torch.set_rng_state(rng)

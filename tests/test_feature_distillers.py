@@ -24,7 +24,8 @@ INPUT = {"cifar100": 32, "fashion_mnist": 32, "tiny_imagenet": 64, "imagenet": 1
 def make(distiller_type, teacher="resnet20", student="resnet8", dataset="cifar100", *overrides):
     cfg = load_config(None, ["DATASET.TYPE", dataset, "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
                              teacher, "DISTILLER.STUDENT", student, *overrides])
-    return DISTILLER_REGISTRY.get(distiller_type)(build_model(student, dataset), build_model(teacher, dataset), cfg)
+    method = DISTILLER_REGISTRY.get(distiller_type)
+    return method.from_config(cfg, build_model(student, dataset), build_model(teacher, dataset), None)
 
 
 # ---------------------------------------------------------------- DIST
@@ -88,7 +89,8 @@ def test_dist_inter_and_intra_see_different_transformations():
 def test_dist_distiller_terms():
     distiller = make("DIST")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
-    logits, terms = distiller.forward_train(x, y, epoch=1)
+    out = distiller.forward_train(x, y, epoch=1)
+    logits, terms = out.logits, out.terms
     assert set(terms) == {"ce", "dist"} and terms["ce"].kind == TASK and terms["dist"].kind == DISTILL
     with torch.no_grad():
         lt = distiller.teacher(x)[0]
@@ -128,7 +130,8 @@ def test_at_pairs_from_the_shallowest_stage_as_published():
                                                                                        (4, "c")]
     distiller = make("AT", "vgg13", "resnet8")  # 4 teacher stages, 3 student stages, 32/16/8 vs 16/8/4/4
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
-    logits, terms = distiller.forward_train(x, y, epoch=1)
+    out = distiller.forward_train(x, y, epoch=1)
+    logits, terms = out.logits, out.terms
     with torch.no_grad():
         fs = distiller.student(x)[1]["feats"]
         ft = distiller.teacher(x)[1]["feats"]
@@ -136,13 +139,13 @@ def test_at_pairs_from_the_shallowest_stage_as_published():
     assert terms["at"].kind == DISTILL and terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-5)
     deepest = make("AT", "vgg13", "resnet8", "cifar100", "AT.PAIRING", "deepest")
     deepest.load_state_dict(distiller.state_dict())
-    _, terms = deepest.forward_train(x, y, epoch=1)
+    terms = deepest.forward_train(x, y, epoch=1).terms
     expected = 1000 * at_loss(fs[1:], ft[2:])
     assert terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-5)
     same = make("AT", "resnet8", "resnet8")
-    same.student.load_state_dict(same.teacher.state_dict())
+    same.student.load_state_dict(same.teacher.model.state_dict())
     same.eval()  # both use running BN statistics: identical features
-    _, terms = same.forward_train(x, y, epoch=1)
+    terms = same.forward_train(x, y, epoch=1).terms
     assert terms["at"].value.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -223,7 +226,7 @@ def test_reviewkd_warmup_ramp_and_terms():
                      "REVIEWKD.LOSS.REVIEWKD_WEIGHT", "3.0")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
     with torch.no_grad():
-        values = {e: distiller.forward_train(x, y, epoch=e)[1] for e in (1, 10, 20, 40)}
+        values = {e: distiller.forward_train(x, y, epoch=e).terms for e in (1, 10, 20, 40)}
         fused, targets = distiller.fused_and_targets(distiller.student(x)[1], distiller.teacher(x)[1])
     full = 3.0 * hcl_loss(fused, targets).item()
     assert values[20]["reviewkd"].value.item() == pytest.approx(full, rel=1e-5)
@@ -232,7 +235,7 @@ def test_reviewkd_warmup_ramp_and_terms():
     assert values[1]["reviewkd"].value.item() == pytest.approx(full / 20, rel=1e-5)
     assert values[1]["reviewkd"].kind == DISTILL and values[1]["ce"].kind == TASK
     # the review term trains the student and the fusion modules, never the teacher
-    _, terms = distiller.forward_train(x, y, epoch=20)
+    terms = distiller.forward_train(x, y, epoch=20).terms
     terms["reviewkd"].value.backward()
     assert all(p.grad is not None for p in distiller.fusion.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())

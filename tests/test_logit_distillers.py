@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mdistiller.config import load_config
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
 from mdistiller.distillers.dkd import decoupled_kl, dkd_loss
-from mdistiller.distillers.kd import kd_loss
+from mdistiller.distillers.losses import kd_loss
 from mdistiller.models import build_model
 
 
@@ -71,7 +71,7 @@ def make(distiller_type, *overrides, dataset="cifar100"):
     cfg = load_config(None, ["DATASET.TYPE", dataset, "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
                              "resnet20", "DISTILLER.STUDENT", "resnet8", *overrides])
     student, teacher = build_model("resnet8", dataset), build_model("resnet20", dataset)
-    return DISTILLER_REGISTRY.get(distiller_type)(student, teacher, cfg), cfg
+    return DISTILLER_REGISTRY.get(distiller_type).from_config(cfg, student, teacher, None), cfg
 
 
 def test_kd_distiller_terms_and_teacher_frozen():
@@ -79,7 +79,8 @@ def test_kd_distiller_terms_and_teacher_frozen():
     distiller.train()
     assert not distiller.teacher.training and distiller.student.training
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
-    logits, terms = distiller.forward_train(x, y, epoch=1)
+    out = distiller.forward_train(x, y, epoch=1)
+    logits, terms = out.logits, out.terms
     assert logits.shape == (4, 100) and set(terms) == {"ce", "kd"}
     assert terms["ce"].kind == TASK and terms["kd"].kind == DISTILL
     with torch.no_grad():
@@ -97,8 +98,8 @@ def test_dkd_warmup_ramp():
     distiller, cfg = make("DKD", "DKD.WARMUP", "20")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
     with torch.no_grad():
-        _, t1 = distiller.forward_train(x, y, epoch=1)
-        _, t20 = distiller.forward_train(x, y, epoch=20)
-        _, t40 = distiller.forward_train(x, y, epoch=40)
+        t1 = distiller.forward_train(x, y, epoch=1).terms
+        t20 = distiller.forward_train(x, y, epoch=20).terms
+        t40 = distiller.forward_train(x, y, epoch=40).terms
     assert t1["dkd"].value.item() == pytest.approx(t20["dkd"].value.item() / 20, rel=1e-5)
     assert t40["dkd"].value.item() == pytest.approx(t20["dkd"].value.item(), rel=1e-6)

@@ -1,37 +1,63 @@
-"""The README's "Add your own distiller" example, run as written: one file, one config section, no other edit."""
+"""The README's "Add your own distiller" and "Add your own update rule" examples, run as written: one file each
+(and one config section), no other edit."""
 
 import os
 import re
 
+import pytest
 import torch
 
+from mdistiller.bench.random_teacher import random_teacher_state
+from mdistiller.bench.synthetic import SyntheticDataset
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import DISTILLER_REGISTRY, total_loss
+from mdistiller.engine import UPDATE_RULE_REGISTRY, build_run
+from mdistiller.engine.build import build_distiller
 from mdistiller.models import build_model
+from mdistiller.utils.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+META = DatasetMeta("fashion_mnist", 10, 32, 8, 0, (0.5,) * 3, (0.25,) * 3, torch.arange(8) % 10)
 
 
-def readme_example():
+def readme_example(section):
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    section = text[text.index("## Add your own distiller"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    part = text[text.index(f"## {section}"):]
+    return re.search(r"```python\n(.*?)```", part, re.S).group(1)
 
 
-def test_readme_distiller_example_trains():
-    code = readme_example()
+@pytest.fixture(scope="module")
+def fitnet():
+    code = readme_example("Add your own distiller")
     assert "my_fitnet.py" in code
     if "MYFITNET" not in DISTILLER_REGISTRY:
         exec(compile(code, "README.md:my_fitnet.py", "exec"), {})
-    cfg = load_config(None, ["DISTILLER.TYPE", "MYFITNET", "DISTILLER.TEACHER", "resnet20",
-                             "DISTILLER.STUDENT", "resnet8", "MYFITNET.HINT_WEIGHT", "50"])
+    return DISTILLER_REGISTRY.get("MYFITNET")
+
+
+@pytest.fixture(scope="module")
+def clipped_sgd():
+    code = readme_example("Add your own update rule")
+    assert "my_clipped_sgd.py" in code
+    if "clipped_sgd" not in UPDATE_RULE_REGISTRY:
+        exec(compile(code, "README.md:my_clipped_sgd.py", "exec"), {})
+    return UPDATE_RULE_REGISTRY.get("clipped_sgd")
+
+
+def fitnet_config(*extra):
+    return load_config(None, ["DISTILLER.TYPE", "MYFITNET", "DISTILLER.TEACHER", "resnet20",
+                              "DISTILLER.STUDENT", "resnet8", "MYFITNET.HINT_WEIGHT", "50", *extra])
+
+
+def test_readme_distiller_example_trains(fitnet):
+    cfg = fitnet_config()
     assert cfg.MYFITNET.HINT_WEIGHT == 50.0
-    meta = DatasetMeta("fashion_mnist", 10, 32, 8, 0, (0.5,) * 3, (0.25,) * 3, torch.arange(8) % 10)
     torch.manual_seed(0)
-    distiller = DISTILLER_REGISTRY.get("MYFITNET")(build_model("resnet8", "fashion_mnist"),
-                                                   build_model("resnet20", "fashion_mnist"), cfg, meta)
+    distiller = fitnet.from_config(cfg, build_model("resnet8", "fashion_mnist"), build_model("resnet20", "fashion_mnist"),
+                                   META)
+    assert distiller.hint_weight == 50.0
     # The connector is learnable and checkpointed without any code outside the example.
     connector = set(map(id, distiller.connector.parameters()))
     assert connector <= set(map(id, distiller.learnable_parameters()))
@@ -40,10 +66,66 @@ def test_readme_distiller_example_trains():
     optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=0.1)
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
     before = distiller.connector[0].weight.detach().clone()
-    _, terms = distiller.forward_train(images, labels, 1)
+    terms = distiller.forward_train(images, labels, 1).terms
     assert {name: t.kind for name, t in terms.items()} == {"ce": "task", "hint": "distill"}
     optimizer.zero_grad()
     total_loss(terms).backward()
     optimizer.step()
     assert not torch.equal(before, distiller.connector[0].weight)
     assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert not distiller.teacher.training  # frozen in eval mode, though the distiller trains
+
+
+def test_readme_distiller_gets_a_plus_plus_variant_without_edits(fitnet):
+    """MYFITNET++ is MYFITNET plus exactly one term, dino, computed from the features the example returns."""
+    cfg = fitnet_config("DISTILLER.TYPE", "MYFITNET++")
+    assert DISTILLER_REGISTRY.resolve("MYFITNET++") == (fitnet, True)
+    torch.manual_seed(0)
+    distiller, _ = build_distiller(cfg, META, "cpu", random_teacher_state("resnet20", "fashion_mnist"))
+    distiller.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    out = distiller.train_forward(images, labels, 1)
+    assert list(out.terms) == ["ce", "hint", "dino"] and out.terms["dino"].kind == "distill"
+    # never prepared: zero class means make the term 1 - 0 = 1 for every sample (and weight DINO.WEIGHT 2)
+    assert out.terms["dino"].value.item() == pytest.approx(2.0)
+
+
+def _kd_run(trainer_name, *extra):
+    cfg = load_config(None, ["DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8",
+                             "EXPERIMENT.DEVICE", "cpu", "SOLVER.BATCH_SIZE", "16", "SOLVER.TRAINER", trainer_name,
+                             "SOLVER.LR", "0.1", *extra])
+    return build_run(cfg, bundle=SyntheticDataset("fashion_mnist", 64, 16)(cfg),
+                     teacher_state=random_teacher_state("resnet20", "fashion_mnist"))
+
+
+def _one_step(run):
+    trainer = run.trainer
+    trainer.distiller.train()
+    trainer.train_loader.set_epoch(0)
+    images, labels, index = next(iter(trainer.train_loader))
+    trainer.set_lr(0.1)
+    before = [p.detach().clone() for p in run.distiller.learnable_parameters()]
+    trainer.run_step(images, labels, index, 1)
+    return before, [p.detach().clone() for p in run.distiller.learnable_parameters()]
+
+
+def test_readme_update_rule_clips_the_global_gradient_norm(clipped_sgd):
+    run = _kd_run("clipped_sgd", "CLIP.MAX_NORM", "0.05")
+    assert isinstance(run.update_rule, clipped_sgd) and run.update_rule.max_norm == 0.05
+    before, after = _one_step(run)
+    # First SGD step: the momentum buffer is the gradient plus weight decay, so the applied gradient is
+    # (p0 - p1) / lr - wd * p0; after clipping its global norm is MAX_NORM (a random KD step's is far larger).
+    wd = run.update_rule.optimizer.param_groups[0]["weight_decay"]
+    applied = torch.cat([((a - b) / 0.1 - wd * a).flatten() for a, b in zip(before, after)]).double()
+    assert applied.norm().item() == pytest.approx(0.05, rel=1e-3)
+
+
+def test_readme_update_rule_without_clipping_is_plain_sgd_bit_for_bit(clipped_sgd):
+    runs = [_kd_run("clipped_sgd", "CLIP.MAX_NORM", "1e9"), _kd_run("vanilla")]
+    steps = [_one_step(run)[1] for run in runs]
+    assert all(torch.equal(a, b) for a, b in zip(*steps))
+
+
+def test_readme_update_rule_refuses_fp16(clipped_sgd):
+    with pytest.raises(ConfigError, match="clipped_sgd"):
+        load_config(None, ["SOLVER.TRAINER", "clipped_sgd", "SPEED.AMP", "fp16", "EXPERIMENT.DEVICE", "cuda"])

@@ -139,7 +139,7 @@ def distiller_pair(distiller_type, teacher, student, cfg_file=None, overrides=()
     cfg = load_config(cfg_file, ["DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER", teacher,
                                  "DISTILLER.STUDENT", student, *overrides])
     s, t = randomized(student, seed=1), randomized(teacher, seed=2)
-    distiller = DISTILLER_REGISTRY.get(distiller_type)(s, t, cfg).double()
+    distiller = DISTILLER_REGISTRY.get(distiller_type).from_config(cfg, s, t, None).double()
     distiller.train()
     return distiller, cfg, depth_k, copy.deepcopy(s.state_dict()), copy.deepcopy(t.state_dict())
 
@@ -153,7 +153,7 @@ def test_at_loss_is_the_published_one(student):
     _, ft, _ = published_forward(t_state, *dk["wrn_40_2"], x, training=False)
     # published AT.forward_train: feats[1:] of both, zipped stage by stage (same spatial sizes in a WRN pair)
     at = sum((hand_attention(a) - hand_attention(b)).pow(2).mean() for a, b in zip(fs["feats"][1:], ft["feats"][1:]))
-    _, terms = distiller.forward_train(x, y, epoch=1)
+    terms = distiller.forward_train(x, y, epoch=1).terms
     torch.testing.assert_close(terms["at"].value, cfg.AT.LOSS.FEAT_WEIGHT * at, **TOL)
     torch.testing.assert_close(terms["ce"].value, F.cross_entropy(logits_s, y), **TOL)
 
@@ -181,7 +181,7 @@ def test_reviewkd_loss_and_gradients_use_the_published_taps(student, cfg_file):
     ref_grads = {n: p.grad.clone() for n, p in distiller.fusion.named_parameters()}
     distiller.zero_grad(set_to_none=True)
 
-    _, terms = distiller.forward_train(x, y, epoch=epoch)
+    terms = distiller.forward_train(x, y, epoch=epoch).terms
     torch.testing.assert_close(terms["reviewkd"].value, expected.detach(), **TOL)
     terms["reviewkd"].value.backward()
     for n, p in distiller.fusion.named_parameters():

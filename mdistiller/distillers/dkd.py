@@ -17,6 +17,7 @@ from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
 from .base import Distiller
+from .loss_ramp import warmup_factor
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -82,7 +83,7 @@ class DKD(Distiller):
     def forward_train(self, images, labels, epoch, index=None):
         logits, feats = self.student(images)
         logits_t, feats_t = self.teacher(images)
-        ramp = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        ramp = warmup_factor(epoch, self.warmup)
         return StepOutput(logits, {
             "ce": ce_term(logits, labels, self.ce_weight),
             "dkd": distill_loss(ramp * dkd_loss(logits, logits_t, labels, self.alpha, self.beta, self.temperature)),

@@ -16,6 +16,12 @@ from ..utils.errors import ConfigError
 from .losses import LossTerm
 
 
+def warmup_factor(epoch, epochs):
+    """mdistiller's own ramp of a term (DKD.WARMUP, REVIEWKD.WARMUP_EPOCHS): min(epoch / epochs, 1) for the 1-based
+    `epoch`, 1 when `epochs` is 0."""
+    return min(epoch / epochs, 1.0) if epochs > 0 else 1.0
+
+
 def ramp_factor(epochs, epoch):
     """min(1, (epoch - 1) / epochs) for the 1-based `epoch` the trainer passes; 1 when the ramp is off."""
     if epochs <= 0:

@@ -1,33 +1,12 @@
 """The "++" of KD++ (Wang et al., "Improving Knowledge Distillation via Regularizing Feature Direction and
-Norm"): the dino loss, added to any teacher-based method X as DISTILLER.TYPE "X++".
+Norm"): the dino term, added to any teacher-based method X as DISTILLER.TYPE "X++".
 
-The dino loss regularises the student's penultimate feature f_s of a sample of class k against the teacher's
-class mean c_k (e_k = c_k / |c_k|) and the teacher's feature f_t of the same sample (eq. 5-7):
-    |f_s| <  |f_t|:  1 - f_s.e_k / |f_t|   (eq. 5: grow the projection of f_s on e_k towards |f_t|)
-    |f_s| >= |f_t|:  1 - f_s.e_k / |f_s|   (eq. 6: only the direction; the norm may keep growing)
-i.e. 1 - f_s.e_k / max(|f_s|, |f_t|), averaged over the batch as the authors' code does. Eq. 7 as printed averages
-over the samples of each class, then over the classes (DINO.CLASS_BALANCED): a batch estimates that by weighting
-each sample by N / (C |I_k|) (N training images, |I_k| of its class, C classes that have images), which is 1 on a
-class-balanced training set, where both agree. The
-constant 1 that eq. 7 drops is kept so the logged term reads as a distance (0 when aligned and long enough);
-gradients are the same. The total is eq. 8: X's own loss + DINO.WEIGHT * dino, X's CE/KD weights staying in
-X's own section.
-
-How it is added: the builder adds a `DinoTerm` to X's distiller (`Distiller.add_term`); the base class calls it
-after X's forward with X's step output (losses.StepOutput), which carries the student's and the teacher's
-penultimate features of that very forward. So X++ needs no edit of X and no second forward (the teacher is run
-here only if X never ran it).
-
-Class means come from `prepare()` (the builder calls it: one cached teacher pass, class_means.py) and live
-in buffers, so checkpoints carry them and evaluation/resume use exactly the means training used. A term built by
-hand and never prepared has zero means: its value is then a constant 1 with no gradient (and a warning), which
-keeps smoke tests of any X++ runnable without data.
-
-A student whose feature size differs from the teacher's gets a learnable projector to the teacher's size; the
-student's own classifier still reads the unprojected feature. The default is the authors' code, which produced
-the tables: BatchNorm1d -> Dropout(0.5) -> Linear (the paper's text describes "FC followed by BN", kept as
-`linear_bn`). Their wrapper also re-initialises every Linear of the student and projector (DINO.LINEAR_INIT):
-on CIFAR it zeroes the biases, on ImageNet it draws weights and biases from N(0, 0.01).
+The term pulls the student's penultimate feature f_s towards the direction of the teacher's class mean e_k, with a
+norm at least the teacher's: 1 - f_s.e_k / max(|f_s|, |f_t|) (eq. 5-7), weighted by DINO.WEIGHT (beta of eq. 8)
+beside X's own losses. The builder adds a `DinoTerm` to X (`Distiller.add_term`) and the term reads the features of
+X's own forward from its StepOutput, so X needs no edit and nothing runs twice. The class means come from
+`prepare()` (one cached teacher pass, class_means.py) and live in buffers, so checkpoints carry them. Projector,
+Linear re-initialisation and the equations in full: docs/methods.md, "The ++ variants".
 """
 
 import warnings

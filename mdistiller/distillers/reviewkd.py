@@ -7,24 +7,11 @@ result carried up from the level below it, with two per-pixel weights predicted 
 fused map to the teacher's channels, and the hierarchical context loss (HCL) compares it with the teacher's
 feature at full size and after adaptive average pooling to 4x4, 2x2 and 1x1.
 
-Which features:
-  - the levels are feature entries followed by the pooled classifier input as a 1x1 map, the deepest
-    "feature"; teacher stages are taken before their last ReLU (preact_feats, so the target keeps its
-    negative responses; the fused student map ends in BatchNorm and can match them), student stages after it
-    unless STU_PREACT (the published ImageNet setting);
-  - which entries: the teacher's stages after the stem, the student's entries stem included, and the deepest
-    K = min(the two counts) of each, paired shallowest first. That is the published selection: mdistiller's
-    ReviewKD zips the reversed student `feats + [pooled]` with its IN_CHANNELS ABFs, which every published
-    config sizes to the teacher's `preact_feats[1:] + [pooled]`. So resnet32x4 -> resnet8x4 has 4 levels,
-    ResNet34 -> ResNet18 5 (the student's stem left out) and ResNet50 -> MobileNetV1 5, where all four
-    MobileNetV1 entries take part (in-channels 128, 256, 512, 1024, 1024). For other pairs the rule stays
-    the same: the student's stem takes part only when the teacher has more stages than the student, and the
-    pooled level always pairs with the pooled level;
-  - spatial sizes need not agree: the carried-up map is resized (nearest) to the student level's size before
-    fusion and the fused map to the teacher level's size before the output conv, as the ABF does;
-  - channels come from stage_channels() and feat_dim; the fusion width is min(MAX_MID_CHANNEL, the student's
-    deepest width). mdistiller's code computes min(512, deepest width) whatever its MAX_MID_CHANNEL says; the
-    original ReviewKD and the KD++ authors' ImageNet code use 256 for a MobileNetV1 student: the configs say which.
+Which levels (docs/models.md, "Stage pairing", has the details and examples): the student's feature entries and
+the teacher's post-stem stages, each followed by the pooled feature as a 1x1 map, the deepest K = min(counts)
+of each paired shallowest first, as the published code selects them; teacher targets before their last ReLU.
+Sizes need not agree (nearest resizing inside the fusion); the fusion width is min(MAX_MID_CHANNEL, the student's
+deepest width).
 
 loss = CE_WEIGHT * CE + min(epoch / WARMUP_EPOCHS, 1) * REVIEWKD_WEIGHT * HCL, summed over the levels.
 """
@@ -36,6 +23,7 @@ from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
 from .base import Distiller
+from .loss_ramp import warmup_factor
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -168,7 +156,7 @@ class ReviewKD(Distiller):
         logits, features = self.student(images)
         logits_t, features_t = self.teacher(images)
         fused, targets = self.fused_and_targets(features, features_t)
-        ramp = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        ramp = warmup_factor(epoch, self.warmup_epochs)
         return StepOutput(logits, {
             "ce": ce_term(logits, labels, self.ce_weight),
             "reviewkd": distill_loss(ramp * self.reviewkd_weight * hcl_loss(fused, targets)),

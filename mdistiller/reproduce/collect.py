@@ -22,6 +22,7 @@ import yaml
 from ..config import load_config
 from ..config.flat import default_values
 from ..engine.launch import run_name
+from ..models.teacher_ckpt import default_teacher_ckpt
 from ..utils.errors import UserError
 from .plan import tag_suffix
 from .runkey import TEACHER_CKPT, differences, keyed, run_key, same_config, semantic, teacher_sha256
@@ -147,8 +148,6 @@ def judge(chosen, planned):
 
 def _teacher_used(run):
     """The checkpoint a distillation run loaded: its config's TEACHER_CKPT or the default location."""
-    from ..models.teacher_ckpt import default_teacher_ckpt
-
     cfg = load_config(os.path.join(run.dir, "config.yaml"), validate=False)
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)
 

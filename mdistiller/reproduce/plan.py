@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..config import load_config
 from ..utils.env import REPO_ROOT
 
 CONFIGS_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -136,8 +137,6 @@ def _drop_config_values(path, overrides):
     the KD+DOT config) is the config's run itself and is trained once, not again under another name."""
     if not overrides:
         return overrides
-    from ..config import load_config
-
     base, swept = load_config(path, validate=False), load_config(path, list(overrides), validate=False)
     keep = []
     for key, value in zip(overrides[0::2], overrides[1::2]):

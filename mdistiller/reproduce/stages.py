@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass
 
 from ..config import load_config
+from ..distillers import DISTILLER_REGISTRY
 from ..engine.launch import run_dir_for
+from ..models.teacher_ckpt import default_teacher_ckpt
 from ..utils.errors import UserError
 
 
@@ -31,9 +33,6 @@ def resolve(run, prefix, repo_root):
 
 def teacher_checkpoint(cfg):
     """The teacher checkpoint `cfg` loads, or None when it loads none. Never downloads (unlike teacher_ckpt_path)."""
-    from ..distillers import DISTILLER_REGISTRY
-    from ..models.teacher_ckpt import default_teacher_ckpt
-
     if not DISTILLER_REGISTRY.loads_teacher(cfg):
         return None
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)

@@ -9,6 +9,8 @@ import sys
 
 from tqdm import tqdm
 
+from . import distributed
+
 # Data preparation bars appear only once the step has run this long: quick steps print nothing.
 PREPARATION_DELAY_S = 2.0
 
@@ -26,8 +28,6 @@ def show_bars(rank=None):
     if not on_terminal():
         return False
     if rank is None:
-        from . import distributed  # here, not at the top: tools that never train need not import torch
-
         rank = distributed.rank()
     return rank == 0
 
