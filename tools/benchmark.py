@@ -8,16 +8,16 @@ step's time goes, and (--baseline) a full epoch against a plain torchvision + Py
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher \\
         --baseline torchvision --epoch-images 6400 [KEY VALUE ...]
 
-Each variant is a full Trainer built from the config (the same distiller, optimizer and run_step that
-tools/train.py uses); the steps timed are its own `run_step`. "step" times repeat one batch already on the
-device (the update alone); "with data" times iterate the real training loader (augmentation and copies
-included). With --compare, the variants (extra KEY VALUE pairs each over --cfg, or another config file first,
-then its KEY VALUE pairs; all on --cfg's dataset) are built in one process and timed in
-alternating rounds, so drifts of a shared machine hit all of them alike; ratios are to the first variant.
+Each variant is a full run built from the config by engine.build_run (the same distiller, update rule and
+loop that tools/train.py uses); the steps timed are its Trainer's own `run_step`. "step" times repeat one batch
+already on the device (the update alone); "with data" times iterate the real training loader (augmentation and
+copies included). With --compare, the variants (extra KEY VALUE pairs each over --cfg, or another config file
+first, then its KEY VALUE pairs; all on --cfg's dataset) are built in one process and timed in alternating
+rounds, so drifts of a shared machine hit all of them alike; ratios are to the first variant.
 KEY VALUE pairs after the options (or after `--`) apply to every variant, the baseline comparison included.
 
 Breakdown (on unless --no-breakdown): the same update on the fixed batch, with a device sync at each phase
-boundary (mdistiller/bench/phases.py): teacher forward, student forward, loss (the rest of forward_train),
+boundary (mdistiller/bench/phases.py): teacher forward, student forward, loss (the rest of train_forward),
 backward (DOT: its two gradients), optimizer step; ms per step and % of their sum, median over rounds.
 
 --baseline torchvision (CIFAR-100-shaped configs): one training epoch, data included, of the variant's real
@@ -26,11 +26,12 @@ PIL transforms, DataLoader with --baseline-workers processes, same models, KD lo
 --epoch-rounds rounds in this process; speedup = the variant's images/s over the baseline's. --epoch-images
 limits the epoch (default: the whole training split).
 
---synthetic serves random uint8 images of the dataset's shape and class count under its name (through the
-same in-memory loader CIFAR-100 uses), for machines without the dataset; with --baseline the same images are
-written as CIFAR-100 files for torchvision to read. --random-teacher writes a teacher checkpoint with random
-weights (timings do not depend on the weights). Peak memory: CUDA's allocator peak per variant (and for the
-baseline); on CPU the process's peak resident size (shared by everything in the run).
+--synthetic serves random uint8 images of the dataset's shape and class count under its name (an in-memory
+DatasetBundle passed to the builder, through the same loader CIFAR-100 uses), for machines without the dataset;
+with --baseline the same images are written as CIFAR-100 files for torchvision to read. --random-teacher gives
+each variant (and the baseline) a teacher with random weights, in memory (timings do not depend on the
+weights). Peak memory: CUDA's allocator peak per variant (and for the baseline); on CPU the process's peak
+resident size (shared by everything in the run).
 
 --roofline (mdistiller/bench/roofline.py): each variant's floating-point work per update (PyTorch's FLOP counter
 over one more real step), the rate its ms/step achieves, and that rate against a large float32 matmul on the same
@@ -38,7 +39,6 @@ device: the float32 step time no implementation of these models and this batch c
 """
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -50,12 +50,11 @@ import torch
 
 from mdistiller.bench.device import peak_mb, reset_peak
 from mdistiller.bench.phases import PHASES
-from mdistiller.bench.random_teacher import write_random_teacher
+from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.bench.roofline import matmul_gflops, roofline, step_flops
 from mdistiller.bench.synthetic import SHAPES, SyntheticDataset
 from mdistiller.bench.variant import Variant, epoch_result
 from mdistiller.config import load_config
-from mdistiller.data import DATASET_REGISTRY
 from mdistiller.utils.cli import run_cli
 from mdistiller.utils.errors import DataError, UserError
 
@@ -71,11 +70,6 @@ def parse_variant(args, spec):
             raise UserError(f"--compare variant '{spec}': config file {words[0]} not found")
         return spec, words[0], list(args.opts) + words[1:]
     return spec, args.cfg, list(args.opts) + words
-
-
-def teacher_opts(teachers, cfg):
-    """The DISTILLER.TEACHER_CKPT override pointing a variant at its random teacher (none without one)."""
-    return ["DISTILLER.TEACHER_CKPT", teachers[cfg.DISTILLER.TEACHER]] if cfg.DISTILLER.TEACHER in teachers else []
 
 
 def check_args(args, base):
@@ -101,7 +95,8 @@ def build_baseline(args, variant, synthetic, tmp):
 
     cfg, meta = variant.cfg, variant.run.data
     workers = cfg.DATASET.NUM_WORKERS if args.baseline_workers is None else args.baseline_workers
-    common = dict(cfg=cfg, device=variant.device, workers=workers, mean=meta.mean, std=meta.std)
+    common = dict(cfg=cfg, device=variant.device, workers=workers, mean=meta.mean, std=meta.std,
+                  teacher_state=variant.teacher_state)
     if synthetic is not None:
         root = write_cifar100(os.path.join(tmp, "cifar"), synthetic.train_split, synthetic.test_split)
         return TorchvisionKD(root=root, verify_md5=False, **common)
@@ -159,25 +154,24 @@ def run(args):
             extra += ["DATASET.TRAIN_SUBSET", "0", "DATASET.TEST_SUBSET", "0"]
         elif args.baseline and args.epoch_images:
             extra += ["DATASET.TRAIN_SUBSET", str(args.epoch_images)]
-        if True:
-            variants = []
-            for (label, cfg_file, opts), unchecked in zip(variants_spec, unvalidated):
-                cfg = load_config(cfg_file, opts + extra)
-                variants.append(Variant(label, cfg, bundle=synthetic(cfg) if synthetic else None,
-                                        teacher_state=teachers.get(cfg.DISTILLER.TEACHER)))
-            baseline = build_baseline(args, variants[0], synthetic, tmp) if args.baseline else None
-            for v in variants:  # warm-up: allocator, caches, lazily created optimizer state
-                if args.warmup:
-                    v.time_steps(args.warmup)
-            for _ in range(args.rounds):
-                for v in variants:
-                    v.round(args.steps, with_data=not args.no_data, breakdown=not args.no_breakdown)
-            if args.roofline:  # after the timings: the counted step is one more update of each variant
-                flops = {v.label: step_flops(lambda v=v: v._step(v.batch)) for v in variants}
-                matmul = matmul_gflops(variants[0].device)
-            if baseline is not None:
-                baseline.warmup(args.warmup)
-                baseline_summary = time_epochs(args, variants, baseline)
+        variants = []
+        for label, cfg_file, opts in variants_spec:
+            cfg = load_config(cfg_file, opts + extra)
+            variants.append(Variant(label, cfg, bundle=synthetic(cfg) if synthetic else None,
+                                    teacher_state=teachers.get(cfg.DISTILLER.TEACHER)))
+        baseline = build_baseline(args, variants[0], synthetic, tmp) if args.baseline else None
+        for v in variants:  # warm-up: allocator, caches, lazily created optimizer state
+            if args.warmup:
+                v.time_steps(args.warmup)
+        for _ in range(args.rounds):
+            for v in variants:
+                v.round(args.steps, with_data=not args.no_data, breakdown=not args.no_breakdown)
+        if args.roofline:  # after the timings: the counted step is one more update of each variant
+            flops = {v.label: step_flops(lambda v=v: v._step(v.batch)) for v in variants}
+            matmul = matmul_gflops(variants[0].device)
+        if baseline is not None:
+            baseline.warmup(args.warmup)
+            baseline_summary = time_epochs(args, variants, baseline)
     results = [v.result() for v in variants]
     for r in results:
         r["ratio_to_first"] = r["ms_per_step"] / results[0]["ms_per_step"]

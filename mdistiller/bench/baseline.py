@@ -35,9 +35,10 @@ def cifar100_train_transform(mean, std):
 class TorchvisionKD:
     """KD on CIFAR-100 in plain PyTorch. `root` holds cifar-100-python/; `verify_md5` False reads a generated copy
     (cifar_format.UncheckedCIFAR100); `subset` > 0 trains on the images DATASET.TRAIN_SUBSET = subset selects (the
-    same class-balanced choice from the same file, so the same images as the mdistiller variant)."""
+    same class-balanced choice from the same file, so the same images as the mdistiller variant); `teacher_state`:
+    the teacher's weights instead of DISTILLER.TEACHER_CKPT's file (the variant's in-memory random teacher)."""
 
-    def __init__(self, cfg, root, device, workers, mean, std, verify_md5=True, subset=0):
+    def __init__(self, cfg, root, device, workers, mean, std, verify_md5=True, subset=0, teacher_state=None):
         self.device = torch.device(device)
         torch.manual_seed(cfg.EXPERIMENT.SEED)
         dataset_cls = CIFAR100 if verify_md5 else UncheckedCIFAR100
@@ -51,7 +52,12 @@ class TorchvisionKD:
                                  num_workers=workers)
         self.workers = workers
         self.student = build_model(cfg.DISTILLER.STUDENT, "cifar100", NUM_CLASSES).to(self.device)
-        self.teacher = build_teacher(cfg, NUM_CLASSES).to(self.device).eval()
+        if teacher_state is None:
+            teacher = build_teacher(cfg, NUM_CLASSES)
+        else:
+            teacher = build_model(cfg.DISTILLER.TEACHER, "cifar100", NUM_CLASSES)
+            teacher.load_state_dict(teacher_state)
+        self.teacher = teacher.to(self.device).eval()
         s, kd = cfg.SOLVER, cfg.KD
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=s.LR, momentum=s.MOMENTUM,
                                          weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)

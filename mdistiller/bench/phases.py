@@ -5,7 +5,7 @@ does is what gets measured: the DOT trainer's two gradients (two_pass or batched
 autocast, gradient scaling or memory-format handling the engine wraps around the step. `PhaseClock` puts a device
 sync and a timestamp at each boundary, through
 
-  - forward pre/post hooks on `trainer.model` (the training forward, i.e. `distiller.forward_train`),
+  - forward pre/post hooks on `trainer.model` (the training forward, i.e. `distiller.train_forward`),
   - forward pre/post hooks on `distiller.student` (every call of the student in a step is summed),
   - forward pre/post hooks on `distiller.teacher`, the FrozenTeacher (every call summed),
   - a wrapper around the optimizer's `step` / `step_with_grads` on the instance (the update rule's optimizer),
@@ -14,20 +14,20 @@ and derives, per step:
 
   teacher   = time in the teacher's forward (FrozenTeacher: with its conversions of the outputs)
   student   = time in the student's forward
-  loss      = forward_train - teacher - student, clamped at 0: the loss math and whatever else forward_train
-              does (connectors, projectors, memory banks)
-  backward  = end of forward_train -> start of the optimizer step: summing the terms, zero_grad, the backward
-              (DOT: its two autograd.grad calls), gradient averaging over ranks
+  loss      = train_forward - teacher - student, clamped at 0: the loss math and whatever else the training
+              forward does (connectors, projectors, memory banks, added terms such as KD++'s, the loss ramp)
+  backward  = end of train_forward -> start of the optimizer step: the update rule summing the terms, zero_grad,
+              the backward (DOT: its two autograd.grad calls), gradient averaging over ranks
   optimizer = the optimizer step
 
 Everything is removed on exit (hooks, and the instance attributes deleted or put back), so the steps timed
 afterwards run exactly as before; the steps timed inside are ordinary updates, as the other timed steps are. On a
 GPU the syncs drain the launch queue at every boundary, which makes the phases add up to a little more than an
 uninstrumented step: that is why the benchmark's ms/step comes from separate repetitions. What run_step does
-before the training forward (a memory-format copy of the batch) or after the optimizer (the loss record) is in no
-phase. A step the optimizer never makes (an fp16 loss-scale overflow skips it) is not recorded. The hooks and the
-wrappers run eagerly around a model whose `forward` is compiled; were they inside a compiled region, its graph
-would break at the syncs and the breakdown would describe the broken graph.
+before the training forward (a memory-format copy of the batch) or after the optimizer (the loss record, the
+rule's statistics) is in no phase. A step the optimizer never makes (an fp16 loss-scale overflow skips it) is not
+recorded. The hooks and the wrappers run eagerly around a model whose `forward` is compiled; were they inside a
+compiled region, its graph would break at the syncs and the breakdown would describe the broken graph.
 """
 
 import statistics

@@ -25,7 +25,7 @@ def epoch_result(epochs):
 class Variant:
     def __init__(self, label, cfg, bundle=None, teacher_state=None):
         """`bundle`, `teacher_state`: in-memory data and teacher weights instead of files (engine.build_run)."""
-        self.label, self.cfg = label, cfg
+        self.label, self.cfg, self.teacher_state = label, cfg, teacher_state
         self.run = build_run(cfg, bundle=bundle, teacher_state=teacher_state)
         self.trainer = self.run.trainer
         self.device = self.run.device
