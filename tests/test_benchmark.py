@@ -1,5 +1,6 @@
-"""tools/benchmark.py and mdistiller/bench: each variant is a real Trainer, timed consistently; the phase breakdown
-times the real step without changing it; the torchvision baseline reads the very images the variant trains on."""
+"""tools/benchmark.py and mdistiller/bench: each variant is a real run (engine.build_run), timed consistently; the
+phase breakdown times the real step without changing it; the torchvision baseline reads the very images the
+variant trains on. In-process variants train on in-memory synthetic data with an in-memory random teacher."""
 
 import itertools
 import json
@@ -18,14 +19,14 @@ from torchvision.datasets import CIFAR100
 from mdistiller.bench.baseline import TorchvisionKD
 from mdistiller.bench.cifar_format import UncheckedCIFAR100, write_cifar100
 from mdistiller.bench.phases import PHASES, PhaseClock, time_phases
-from mdistiller.bench.random_teacher import write_random_teacher
+from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.bench.roofline import matmul_gflops, roofline, step_flops
 from mdistiller.bench.synthetic import SyntheticDataset
 from mdistiller.bench.variant import Variant
 from mdistiller.config import load_config
-from mdistiller.data import DATASET_REGISTRY, build_dataloaders
+from mdistiller.data import build_dataloaders
 from mdistiller.data.cifar100 import read_split
-from mdistiller.distillers.kd import kd_loss
+from mdistiller.distillers.losses import kd_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "tools", "benchmark.py")
@@ -53,13 +54,21 @@ def bench_json(*args):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
 
 
+@pytest.fixture(scope="module")
+def teacher_state():
+    """The random resnet20 teacher of the tiny KD config, in memory."""
+    return random_teacher_state("resnet20", "cifar100")
+
+
 def tiny_cfg(tmp_path, *extra):
-    """KD resnet20 -> resnet8, batch 8, with a random teacher checkpoint, on the CPU."""
-    ckpt = tmp_path / "teacher.pth"
-    if not ckpt.exists():
-        write_random_teacher(ckpt, "resnet20", "cifar100")
-    return load_config(KD_CFG, ["LOG.PREFIX", str(tmp_path), "EXPERIMENT.DEVICE", "cpu", *TINY,
-                                "DISTILLER.TEACHER_CKPT", str(ckpt), *extra])
+    """KD resnet20 -> resnet8, batch 8, on the CPU (its random teacher: the teacher_state fixture)."""
+    return load_config(KD_CFG, ["LOG.PREFIX", str(tmp_path), "EXPERIMENT.DEVICE", "cpu", *TINY, *extra])
+
+
+def tiny_variant(label, tmp_path, teacher_state, *extra, num_train=64):
+    """A Variant of the tiny config on `num_train` synthetic CIFAR-100 images (engine.build_run's bundle)."""
+    cfg = tiny_cfg(tmp_path, *extra)
+    return Variant(label, cfg, bundle=SyntheticDataset("cifar100", num_train)(cfg), teacher_state=teacher_state)
 
 
 def test_benchmark_compare_reports_every_variant_and_the_baseline_speedup():
@@ -88,40 +97,42 @@ def test_benchmark_compare_reports_every_variant_and_the_baseline_speedup():
     assert "where a step goes" in stdout and "torchvision baseline (1 workers)" in stdout
 
 
-def test_phase_clock_times_the_real_step_and_leaves_no_trace(tmp_path):
+def hook_count(module):
+    return len(module._forward_hooks) + len(module._forward_pre_hooks)
+
+
+def test_phase_clock_times_the_real_step_and_leaves_no_trace(tmp_path, teacher_state):
     """An instrumented update is bit-identical to a plain one from the same state (vanilla and DOT, whose own
     gradient code runs inside), its phases add up to most of its wall time, and nothing stays installed."""
-    with DATASET_REGISTRY.override("cifar100", SyntheticDataset("cifar100", 64)):
-        for trainer_name in ("vanilla", "dot"):
-            cfg = tiny_cfg(tmp_path, "SOLVER.TRAINER", trainer_name)
-            timed, plain = Variant("timed", cfg), Variant("plain", cfg)  # same seed: same initial weights
-            distiller, optimizer = timed.trainer.distiller, timed.trainer.optimizer
-            hooks_before = len(distiller.student._forward_hooks) + len(distiller.student._forward_pre_hooks)
-            start = time.perf_counter()
-            with PhaseClock(timed.trainer) as clock:
-                timed.trainer.run_step(*timed.batch[:3], 1)
-            wall = time.perf_counter() - start
-            plain.trainer.run_step(*plain.batch[:3], 1)
-            a, b = timed.trainer.distiller.state_dict(), plain.trainer.distiller.state_dict()
-            assert all(torch.equal(a[k], b[k]) for k in a), trainer_name
-            (step,) = clock.steps
-            assert all(step[p] >= 0 for p in PHASES) and step["teacher"] > 0 and step["student"] > 0
-            assert 0.5 * wall < sum(step.values()) <= wall
-            assert "teacher_forward" not in vars(distiller)
-            assert "step" not in vars(optimizer) and "step_with_grads" not in vars(optimizer)
-            assert len(distiller.student._forward_hooks) + len(distiller.student._forward_pre_hooks) == hooks_before
-            assert not timed.trainer.model._forward_hooks and not timed.trainer.model._forward_pre_hooks
-            # A second clock on the restored trainer, reading a fake clock that advances by 1 per reading: one
-            # teacher call and one student call are 1 each, forward_train spans 5 ticks (two readings in each
-            # model, then its end), so loss = 5 - 1 - 1 = 3; backward and optimizer are 1 each. A forward whose update
-            # never comes (an fp16 overflow skips it) is dropped, not added to the next step's teacher and student.
-            with PhaseClock(timed.trainer) as clock:
-                ticks = itertools.count()
-                clock._now = lambda: float(next(ticks))
-                images, labels, index = timed.batch
-                timed.trainer.model(images, labels, 1, index)
-                timed.trainer.run_step(images, labels, index, 1)
-            assert clock.steps == [{"teacher": 1.0, "student": 1.0, "loss": 3.0, "backward": 1.0, "optimizer": 1.0}]
+    for trainer_name in ("vanilla", "dot"):
+        timed = tiny_variant("timed", tmp_path, teacher_state, "SOLVER.TRAINER", trainer_name)
+        plain = tiny_variant("plain", tmp_path, teacher_state, "SOLVER.TRAINER", trainer_name)  # same initial weights
+        distiller, optimizer = timed.trainer.distiller, timed.trainer.optimizer
+        hooks_before = hook_count(distiller.student), hook_count(distiller.teacher)
+        start = time.perf_counter()
+        with PhaseClock(timed.trainer) as clock:
+            timed.trainer.run_step(*timed.batch[:3], 1)
+        wall = time.perf_counter() - start
+        plain.trainer.run_step(*plain.batch[:3], 1)
+        a, b = timed.trainer.distiller.state_dict(), plain.trainer.distiller.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), trainer_name
+        (step,) = clock.steps
+        assert all(step[p] >= 0 for p in PHASES) and step["teacher"] > 0 and step["student"] > 0
+        assert 0.5 * wall < sum(step.values()) <= wall
+        assert "step" not in vars(optimizer) and "step_with_grads" not in vars(optimizer)
+        assert (hook_count(distiller.student), hook_count(distiller.teacher)) == hooks_before
+        assert not timed.trainer.model._forward_hooks and not timed.trainer.model._forward_pre_hooks
+        # A second clock on the restored trainer, reading a fake clock that advances by 1 per reading: one
+        # teacher call and one student call are 1 each, forward_train spans 5 ticks (two readings in each
+        # model, then its end), so loss = 5 - 1 - 1 = 3; backward and optimizer are 1 each. A forward whose update
+        # never comes (an fp16 overflow skips it) is dropped, not added to the next step's teacher and student.
+        with PhaseClock(timed.trainer) as clock:
+            ticks = itertools.count()
+            clock._now = lambda: float(next(ticks))
+            images, labels, index = timed.batch
+            timed.trainer.model(images, labels, 1, index)
+            timed.trainer.run_step(images, labels, index, 1)
+        assert clock.steps == [{"teacher": 1.0, "student": 1.0, "loss": 3.0, "backward": 1.0, "optimizer": 1.0}]
 
 
 def test_cifar100_files_hold_the_synthetic_images_in_torchvisions_format(tmp_path):
@@ -152,11 +163,15 @@ def test_cifar100_files_hold_the_synthetic_images_in_torchvisions_format(tmp_pat
     assert torch.equal(again.images, train.images) and torch.equal(again.targets, train.targets)
 
 
-def test_torchvision_baseline_trains_kd_on_the_variants_images(tmp_path):
+def test_torchvision_baseline_trains_kd_on_the_variants_images(tmp_path, teacher_state):
     synthetic = SyntheticDataset("cifar100", 250)
     root = write_cifar100(str(tmp_path / "data"), synthetic.train_split, synthetic.test_split)
     cfg = tiny_cfg(tmp_path, "DATASET.ROOT", root, "SOLVER.BATCH_SIZE", "32")
-    baseline = TorchvisionKD(cfg, root, "cpu", workers=0, mean=(0.5,) * 3, std=(0.25,) * 3, verify_md5=False)
+    baseline = TorchvisionKD(cfg, root, "cpu", workers=0, mean=(0.5,) * 3, std=(0.25,) * 3, verify_md5=False,
+                             teacher_state=teacher_state)
+    # the teacher is the variant's: the given weights, frozen in eval mode
+    assert not baseline.teacher.training
+    assert all(torch.equal(v, teacher_state[k]) for k, v in baseline.teacher.state_dict().items())
     # its loss is mdistiller's KD objective: 0.1 CE + 0.9 T^2 KL at T = 4, computed here with the repo's kd_loss
     images, labels = next(iter(baseline.loader))
     baseline.student.train()
@@ -174,7 +189,7 @@ def test_torchvision_baseline_trains_kd_on_the_variants_images(tmp_path):
     # a DATASET.TRAIN_SUBSET run: the baseline picks exactly the images mdistiller's loader trains on
     subset_cfg = tiny_cfg(tmp_path, "DATASET.ROOT", root, "DATASET.TRAIN_SUBSET", "100")
     sub = TorchvisionKD(subset_cfg, root, "cpu", workers=0, mean=(0.5,) * 3, std=(0.25,) * 3, verify_md5=False,
-                        subset=100)
+                        subset=100, teacher_state=teacher_state)
     train_loader, _, _ = build_dataloaders(subset_cfg, "cpu")
     picked = torch.from_numpy(sub.loader.dataset.dataset.data[sub.loader.dataset.indices]).permute(0, 3, 1, 2)
     assert sub.num_images == 100 and torch.equal(picked, train_loader.images.cpu())
@@ -195,14 +210,13 @@ def test_missing_dataset_without_synthetic_is_one_line(tmp_path):
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_roofline_counts_the_whole_real_step(tmp_path):
+def test_roofline_counts_the_whole_real_step(tmp_path, teacher_state):
     # A matmul by hand: 2 * m * k * n.
     assert step_flops(lambda: torch.randn(64, 32) @ torch.randn(32, 16)) == 2 * 64 * 32 * 16
     # A KD update = teacher forward + student forward + student backward. The backward of a convolution or a
     # linear layer is twice its forward (input and weight gradients), except the first convolution, whose input
     # (the images) needs no gradient.
-    with DATASET_REGISTRY.override("cifar100", SyntheticDataset("cifar100", 64)):
-        v = Variant("kd", tiny_cfg(tmp_path))
+    v = tiny_variant("kd", tmp_path, teacher_state)
     images = v.batch[0]
 
     def forward_flops(model):

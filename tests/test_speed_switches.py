@@ -11,7 +11,9 @@ later ones also see the earlier updates, which early training amplifies: test_do
     8 significant bits, up to 0.4% per rounding, compounding through the teacher's 20 layers; measured 0.64%).
   - AMP bf16: 1% at step 1, 3% after (measured 0.5% and 1.4%): every convolution rounds to 8 bits.
 The fp16 loss-scale code runs on CUDA only (fp16 on the CPU is a ConfigError); its logic is tested here on the
-CPU with an injected scaler: a power-of-two scale leaves the update bit-identical, an overflow skips it.
+CPU with a scaler injected into the update rule: a power-of-two scale leaves the update bit-identical, an
+overflow skips it. Runs are built by engine.build_run with the random teacher in memory (`teacher_state`); the
+tests that go through tools (train_from_config, tools/eval.py) read the same weights from a checkpoint file.
 """
 
 import contextlib
@@ -23,11 +25,11 @@ import torch
 import torch.nn as nn
 import yaml
 
-from mdistiller.bench.random_teacher import write_random_teacher
+from mdistiller.bench.random_teacher import random_teacher_state, write_random_teacher
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import total_loss
-from mdistiller.engine import TRAINER_REGISTRY
+from mdistiller.engine import build_run
 from mdistiller.engine import speed as speed_module
 from mdistiller.engine.build import build_distiller
 from mdistiller.engine.launch import train_from_config
@@ -44,48 +46,61 @@ PLAIN = ["SPEED.AMP", "off", "SPEED.CHANNELS_LAST", "off", "SPEED.COMPILE", "Fal
 SMALL = ["EXPERIMENT.DEVICE", "cpu", "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET", "50",
          "SOLVER.BATCH_SIZE", "32", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "LOG.TENSORBOARD_FREQ", "0"]
 STEPS = 3
+TEACHER_SEED = 1
+
+
+@pytest.fixture(scope="module")
+def teacher_state():
+    """The random resnet20 teacher's weights, in memory (build_run's `teacher_state`)."""
+    return random_teacher_state("resnet20", "fashion_mnist", seed=TEACHER_SEED)
 
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
+    """The same weights as a checkpoint file, for what reads the teacher from disk (launch, tools/eval.py)."""
     return write_random_teacher(tmp_path_factory.mktemp("teacher") / "resnet20.pth", "resnet20", "fashion_mnist",
-                                seed=1)
+                                seed=TEACHER_SEED)
 
 
-def cfg_for(teacher_ckpt, tmp_path, *extra, trainer="vanilla", cfg_file=KD_CFG):
-    return load_config(cfg_file, [*SMALL, "SOLVER.TRAINER", trainer, "LOG.PREFIX", str(tmp_path),
-                                  "DISTILLER.TEACHER_CKPT", teacher_ckpt, *PLAIN, *extra])
+def cfg_for(tmp_path, *extra, trainer="vanilla", cfg_file=KD_CFG, teacher_ckpt=None):
+    ckpt = ["DISTILLER.TEACHER_CKPT", teacher_ckpt] if teacher_ckpt else []
+    return load_config(cfg_file, [*SMALL, "SOLVER.TRAINER", trainer, "LOG.PREFIX", str(tmp_path), *ckpt, *PLAIN,
+                                  *extra])
 
 
-def make_trainer(teacher_ckpt, tmp_path, *extra, trainer="vanilla"):
-    cfg = cfg_for(teacher_ckpt, tmp_path, *extra, trainer=trainer)
-    return TRAINER_REGISTRY.get(trainer)(cfg)
+def make_run(teacher_state, tmp_path, *extra, trainer="vanilla"):
+    """The run (engine.build_run) of the tiny KD config with `extra` KEY VALUE pairs, on the in-memory teacher."""
+    return build_run(cfg_for(tmp_path, *extra, trainer=trainer), teacher_state=teacher_state)
 
 
-def run_steps(trainer, steps=STEPS):
-    """Total loss of each of `steps` updates on the first batches of epoch 1, then the test evaluation."""
+def run_steps(run, steps=STEPS):
+    """Total loss of each of `steps` updates on the first batches of epoch 1, then the test evaluation; also the
+    teacher logits the last step's losses were computed from."""
+    trainer = run.trainer
     trainer.distiller.train()
     trainer.train_loader.set_epoch(0)
-    losses = []
+    losses, teacher_logits = [], None
     for it, (images, labels, index) in enumerate(trainer.train_loader):
         if it == steps:
             break
         trainer.set_lr(0.05)
-        record, _ = trainer.run_step(images, labels, index, 1)
-        losses.append(float(record["total"]))
-    return {"losses": losses, "state": trainer.distiller.learnable_state_dict(), "eval": trainer.evaluate()}
+        step = trainer.run_step(images, labels, index, 1)
+        losses.append(float(step.losses["total"]))
+        teacher_logits = step.output.teacher_logits
+    return {"losses": losses, "state": trainer.distiller.learnable_state_dict(), "eval": run.evaluation.evaluate(),
+            "teacher_logits": teacher_logits}
 
 
 _PLAIN_RUNS = {}
 
 
 @pytest.fixture
-def plain_run(teacher_ckpt, tmp_path):
+def plain_run(teacher_state, tmp_path):
     """The plain float32 run of a trainer kind (computed once per kind and module)."""
 
     def get(trainer="vanilla"):
         if trainer not in _PLAIN_RUNS:
-            _PLAIN_RUNS[trainer] = run_steps(make_trainer(teacher_ckpt, tmp_path, trainer=trainer))
+            _PLAIN_RUNS[trainer] = run_steps(make_run(teacher_state, tmp_path, trainer=trainer))
         return _PLAIN_RUNS[trainer]
 
     return get
@@ -149,14 +164,16 @@ def test_auto_resolution_on_the_cpu():
 
 
 # --- the switches against the plain float32 run ----------------------------------------------------------------
-def test_teacher_inference_mode_is_bit_identical(teacher_ckpt, tmp_path, plain_run):
-    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.TEACHER_INFERENCE_MODE", "True")
+def test_teacher_inference_mode_is_bit_identical(teacher_state, tmp_path, plain_run):
+    built = make_run(teacher_state, tmp_path, "SPEED.TEACHER_INFERENCE_MODE", "True")
+    teacher = built.distiller.teacher  # the FrozenTeacher; its model is what runs in inference mode
     seen = []
-    trainer.distiller.teacher.register_forward_hook(lambda m, a, out: seen.append(out[0].is_inference()))
-    run = run_steps(trainer)
+    teacher.model.register_forward_hook(lambda m, a, out: seen.append(out[0].is_inference()))
+    run = run_steps(built)
     assert seen == [True] * STEPS  # the teacher ran in inference mode ...
-    assert not trainer.distiller.last_teacher_logits.is_inference()  # ... and its outputs did not leak out
-    _, features = trainer.distiller.teacher_forward(next(iter(trainer.test_loader))[0])
+    assert run["teacher_logits"] is not None
+    assert not run["teacher_logits"].is_inference()  # ... and its outputs did not leak out to the losses
+    _, features = teacher(next(iter(built.test_loader))[0])
     assert seen[-1] and not any(f.is_inference() for f in features["preact_feats"] + [features["pooled_feat"]])
     want = plain_run()
     assert run["losses"] == want["losses"]
@@ -165,26 +182,27 @@ def test_teacher_inference_mode_is_bit_identical(teacher_ckpt, tmp_path, plain_r
 
 
 @pytest.mark.parametrize("method", ["KD", "DKD", "CRD", "REVIEWKD", "AT", "DIST", "KD++", "REVIEWKD++"])
-def test_teacher_inference_mode_every_method_same_gradients(method, teacher_ckpt, tmp_path):
-    """One forward + backward of each method, teacher under no_grad vs inference_mode, from the same state and RNG:
-    identical losses and gradients (an inference tensor saved for backward, e.g. by ReviewKD's MSE or CRD's
-    head, would raise instead)."""
-    cfg = cfg_for(teacher_ckpt, tmp_path, "DISTILLER.TYPE", method)
+def test_teacher_inference_mode_every_method_same_gradients(method, teacher_state, tmp_path):
+    """One training forward (the method's terms and any added term, as the loop calls it) + backward of each
+    method, teacher under no_grad vs inference_mode, from the same state and RNG: identical losses and gradients
+    (an inference tensor saved for backward, e.g. by ReviewKD's MSE or CRD's head, would raise instead)."""
+    cfg = cfg_for(tmp_path, "DISTILLER.TYPE", method)
     targets = torch.arange(40) % 10
     meta = DatasetMeta(name="fashion_mnist", num_classes=10, image_size=32, num_train=40, num_test=0,
                        mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=targets)
     torch.manual_seed(0)
-    distiller = build_distiller(cfg, meta, torch.device("cpu")).train()
+    distiller, _ = build_distiller(cfg, meta, torch.device("cpu"), teacher_state=teacher_state)
+    distiller.train()
     images, index = torch.randn(8, 3, 32, 32), torch.arange(0, 40, 5)
     labels = targets[index]
     start = {k: v.clone() for k, v in distiller.state_dict().items()}
 
     def step(inference_mode):
         distiller.load_state_dict(start)
-        distiller.teacher_inference_mode = inference_mode
+        distiller.teacher.run_in(inference_mode)
         distiller.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # CRD draws negatives
-        _, terms = distiller.forward_train(images, labels, 1, index)
+        terms = distiller.train_forward(images, labels, 1, index).terms
         assert not any(t.value.is_inference() for t in terms.values())
         total_loss(terms).backward()
         return ({k: t.value.detach() for k, t in terms.items()},
@@ -198,9 +216,9 @@ def test_teacher_inference_mode_every_method_same_gradients(method, teacher_ckpt
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
 
 
-def test_channels_last(teacher_ckpt, tmp_path, plain_run):
-    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.CHANNELS_LAST", "on")
-    d = trainer.distiller
+def test_channels_last(teacher_state, tmp_path, plain_run):
+    built = make_run(teacher_state, tmp_path, "SPEED.CHANNELS_LAST", "on")
+    d = built.distiller
     for model in (d.student, d.teacher):
         weights = [p for p in model.parameters() if p.dim() == 4]
         assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
@@ -208,49 +226,49 @@ def test_channels_last(teacher_ckpt, tmp_path, plain_run):
     layouts = []
     first_conv(d.student).register_forward_pre_hook(
         lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    run = run_steps(trainer)
+    run = run_steps(built)
     assert layouts == [True] * (STEPS + 1)  # 3 training batches and the one test batch
     want = plain_run()
     assert_losses_close(run["losses"], want["losses"], 1e-5, 1e-4)
     assert run["eval"]["loss"] == pytest.approx(want["eval"]["loss"], rel=1e-4)
 
 
-def test_amp_bf16(teacher_ckpt, tmp_path, plain_run):
-    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.AMP", "bf16")
+def test_amp_bf16(teacher_state, tmp_path, plain_run):
+    built = make_run(teacher_state, tmp_path, "SPEED.AMP", "bf16")
     seen = []
 
     def hook(module, args, out):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype, module.training))
 
-    first_conv(trainer.distiller.student).register_forward_hook(hook)
-    run = run_steps(trainer)
+    first_conv(built.distiller.student).register_forward_hook(hook)
+    run = run_steps(built)
     bf16 = (True, torch.bfloat16, torch.bfloat16)
     assert seen == [(*bf16, True)] * STEPS + [(*bf16, False)]  # training steps, then evaluation
-    assert all(p.dtype == torch.float32 for p in trainer.distiller.parameters())  # TEACHER_HALF off: fp32 weights
+    assert all(p.dtype == torch.float32 for p in built.distiller.parameters())  # TEACHER_HALF off: fp32 weights
     want = plain_run()
     assert_losses_close(run["losses"], want["losses"], 1e-2, 3e-2)
     assert run["eval"]["loss"] == pytest.approx(want["eval"]["loss"], rel=3e-2)
 
 
-def test_teacher_half(teacher_ckpt, tmp_path, plain_run):
-    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.TEACHER_HALF", "on")
-    d = trainer.distiller
+def test_teacher_half(teacher_state, tmp_path, plain_run):
+    built = make_run(teacher_state, tmp_path, "SPEED.TEACHER_HALF", "on")
+    d = built.distiller
     assert all(p.dtype == torch.bfloat16 for p in d.teacher.parameters())
     assert all(p.dtype == torch.float32 for p in d.student.parameters())
-    images = next(iter(trainer.test_loader))[0]
-    logits, features = d.teacher_forward(images)
+    images = next(iter(built.test_loader))[0]
+    logits, features = d.teacher(images)
     assert logits.dtype == torch.float32 and features["pooled_feat"].dtype == torch.float32
     reference = build_model("resnet20", "fashion_mnist").eval()
-    reference.load_state_dict(torch.load(teacher_ckpt)["model"])
+    reference.load_state_dict(teacher_state)
     with torch.no_grad():
         want_logits = reference(images)[0]
     err = (logits - want_logits).abs().max() / want_logits.abs().max()
     assert 0 < err <= 0.02, float(err)  # bf16 rounding: not exact, and not more than a few roundings
-    run = run_steps(trainer)
+    run = run_steps(built)
     assert_losses_close(run["losses"], plain_run()["losses"], 1e-2, 1e-2)
 
 
-def test_compile_wiring_and_plain_checkpoint_keys(teacher_ckpt, tmp_path, plain_run, monkeypatch):
+def test_compile_wiring_and_plain_checkpoint_keys(teacher_state, tmp_path, plain_run, monkeypatch):
     """torch.compile with dynamo's "eager" backend: the graph capture and the module wiring, without inductor's
     compile time (test_compile_inductor below runs the real backend)."""
     from torch._dynamo.utils import counters
@@ -258,14 +276,14 @@ def test_compile_wiring_and_plain_checkpoint_keys(teacher_ckpt, tmp_path, plain_
     monkeypatch.setattr(speed_module, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     counters.clear()
-    trainer = make_trainer(teacher_ckpt, tmp_path, "SPEED.COMPILE", "True")
-    d = trainer.distiller
-    for model in (d.student, d.teacher):
+    built = make_run(teacher_state, tmp_path, "SPEED.COMPILE", "True")
+    d = built.distiller
+    for model in (d.student, d.teacher.model):
         assert hasattr(model.forward, "_torchdynamo_orig_callable")  # forward replaced by dynamo's wrapper
-    run = run_steps(trainer)
+    run = run_steps(built)
     assert counters["stats"]["unique_graphs"] >= 2  # student and teacher really went through dynamo
     assert_losses_close(run["losses"], plain_run()["losses"], 1e-5, 1e-4)
-    state = trainer.state_dict()
+    state = built.trainer.state_dict()
     plain_keys = list(build_model("resnet8", "fashion_mnist").state_dict())
     assert list(state["model"]) == plain_keys
     assert not any("_orig_mod" in k for k in list(state["distiller"]) + list(state["model"]))
@@ -279,7 +297,7 @@ def test_compile_inductor_end_to_end(teacher_ckpt, tmp_path):
     torch._dynamo.reset()
     summaries = {}
     for name, extra in (("plain", []), ("compiled", ["SPEED.COMPILE", "True"])):
-        cfg = cfg_for(teacher_ckpt, tmp_path, "EXPERIMENT.NAME", name, *extra)
+        cfg = cfg_for(tmp_path, "EXPERIMENT.NAME", name, *extra, teacher_ckpt=teacher_ckpt)
         summaries[name] = train_from_config(cfg)
     assert summaries["compiled"]["speed"]["compile"] is True
     plain_keys = list(build_model("resnet8", "fashion_mnist").state_dict())
@@ -293,8 +311,8 @@ def test_compile_inductor_end_to_end(teacher_ckpt, tmp_path):
 
 @pytest.mark.parametrize("extra,first,later", [(["SPEED.AMP", "bf16"], 1e-2, 3e-2),
                                                (["SPEED.CHANNELS_LAST", "on"], 1e-5, 1e-4)])
-def test_dot_trainer_fast_paths(extra, first, later, teacher_ckpt, tmp_path, plain_run):
-    run = run_steps(make_trainer(teacher_ckpt, tmp_path, *extra, trainer="dot"))
+def test_dot_trainer_fast_paths(extra, first, later, teacher_state, tmp_path, plain_run):
+    run = run_steps(make_run(teacher_state, tmp_path, *extra, trainer="dot"))
     assert_losses_close(run["losses"], plain_run("dot")["losses"], first, later)
 
 
@@ -344,17 +362,18 @@ def test_loss_scaler_updates_the_scale_like_grad_scaler():
         assert ours.state_dict() == ref.state_dict()
 
 
-def test_dot_loss_scale_power_of_two_is_exact_and_overflow_skips(teacher_ckpt, tmp_path, plain_run):
-    trainer = make_trainer(teacher_ckpt, tmp_path, trainer="dot")
-    trainer.scaler = LossScaler("cpu", init_scale=2.0**12)  # what SPEED.AMP fp16 installs on CUDA
-    run = run_steps(trainer)
+def test_dot_loss_scale_power_of_two_is_exact_and_overflow_skips(teacher_state, tmp_path, plain_run):
+    built = make_run(teacher_state, tmp_path, trainer="dot")
+    trainer, rule = built.trainer, built.update_rule
+    rule.scaler = LossScaler("cpu", init_scale=2.0**12)  # what SPEED.AMP fp16 installs on CUDA
+    run = run_steps(built)
     want = plain_run("dot")
     assert run["losses"] == want["losses"]  # a power-of-two scale and its inverse are exact
     for key, value in want["state"].items():
         assert torch.equal(run["state"][key], value), key
 
     # An overflow in one gradient: no update at all, momentum buffers included; the scale backs off.
-    grads = trainer._grads
+    grads = rule._grads
 
     def overflowing(task, distill, params):
         task_grads, distill_grads = grads(task, distill, params)
@@ -363,26 +382,27 @@ def test_dot_loss_scale_power_of_two_is_exact_and_overflow_skips(teacher_ckpt, t
         return task_grads, distill_grads
 
     before = _snapshot(trainer)
-    trainer._grads = overflowing
+    rule._grads = overflowing
     images, labels, index = next(iter(trainer.train_loader))
     trainer.run_step(images, labels, index, 1)
     _assert_same(_snapshot(trainer), before)
-    assert trainer.scaler.get_scale() == 2.0**11 and trainer.scaler.state_dict()["_growth_tracker"] == 0
-    trainer._grads = grads
+    assert rule.scaler.get_scale() == 2.0**11 and rule.scaler.state_dict()["_growth_tracker"] == 0
+    rule._grads = grads
     trainer.run_step(images, labels, index, 1)  # finite again: the update happens
     assert not all(torch.equal(a, b) for a, b in zip(_snapshot(trainer)[0], before[0]))
 
     state = trainer.state_dict()  # the scale travels in checkpoints, so a resumed run scales the same
     assert state["scaler"]["scale"] == 2.0**11 and state["scaler"]["_growth_tracker"] == 1
-    trainer.scaler = LossScaler("cpu")
+    rule.scaler = LossScaler("cpu")
     trainer.load_state_dict(state)
-    assert trainer.scaler.state_dict() == state["scaler"]
+    assert rule.scaler.state_dict() == state["scaler"]
 
 
-def test_vanilla_grad_scaler_path(teacher_ckpt, tmp_path, plain_run):
-    trainer = make_trainer(teacher_ckpt, tmp_path)
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    run = run_steps(trainer)
+def test_vanilla_grad_scaler_path(teacher_state, tmp_path, plain_run):
+    built = make_run(teacher_state, tmp_path)
+    trainer, rule = built.trainer, built.update_rule
+    rule.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    run = run_steps(built)
     want = plain_run()
     assert run["losses"] == want["losses"]
     for key, value in want["state"].items():
@@ -394,8 +414,8 @@ def test_vanilla_grad_scaler_path(teacher_ckpt, tmp_path, plain_run):
     trainer.run_step(images, labels, index, 1)
     handle.remove()
     _assert_same(_snapshot(trainer), before)
-    assert trainer.scaler.get_scale() == 2.0**11
+    assert rule.scaler.get_scale() == 2.0**11
     state = trainer.state_dict()
-    trainer.scaler = torch.amp.GradScaler("cpu")
+    rule.scaler = torch.amp.GradScaler("cpu")
     trainer.load_state_dict(state)
-    assert trainer.scaler.get_scale() == 2.0**11
+    assert rule.scaler.get_scale() == 2.0**11

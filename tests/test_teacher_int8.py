@@ -7,8 +7,9 @@ Tolerances, for the tiny run of test_speed_switches (resnet20 with random weight
     spread over them. On the proxy study's trained resnet20 the test-set logits moved 3.2%, 98.8% of the argmaxes
     agreed and top-1 went 86.73 -> 86.58 (README, "Speed").
   - the KD run's total loss within 5% of the float32 run's at each of 3 steps (measured 2.7%, 1.8%, 1.3%).
-Calibration reads the un-augmented training images in index order, so two trainers built from one config get
-bit-identical int8 teachers; that is what makes a resumed run continue exactly.
+Calibration reads the un-augmented training images in index order, so two runs built from one config get
+bit-identical int8 teachers; that is what makes a resumed run continue exactly. The int8 graph replaces the
+forward of the teacher model inside the FrozenTeacher (`distiller.teacher.model`).
 """
 
 import pytest
@@ -19,8 +20,8 @@ from mdistiller.config import load_config
 from mdistiller.engine.teacher_int8 import install_int8_forward, quantize_int8
 from mdistiller.utils.errors import ConfigError
 
-from test_speed_switches import KD_CFG, assert_losses_close, make_trainer, plain_run, run_steps  # noqa: F401
-from test_speed_switches import teacher_ckpt  # noqa: F401  (fixture)
+from test_speed_switches import KD_CFG, assert_losses_close, make_run, plain_run, run_steps  # noqa: F401
+from test_speed_switches import teacher_ckpt, teacher_state  # noqa: F401  (fixtures)
 
 INT8 = ["SPEED.TEACHER_INT8", "True"]
 
@@ -29,15 +30,15 @@ def rel_l2(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _test_batch(trainer):
-    images, _, *_ = next(iter(trainer.test_loader))
+def _test_batch(run):
+    images, _, *_ = next(iter(run.test_loader))
     return images
 
 
-def test_int8_teacher_is_in_effect_and_leaves_the_module_alone(teacher_ckpt, tmp_path):
-    plain = make_trainer(teacher_ckpt, tmp_path)
-    fast = make_trainer(teacher_ckpt, tmp_path, *INT8)
-    teacher = fast.distiller.teacher
+def test_int8_teacher_is_in_effect_and_leaves_the_module_alone(teacher_state, tmp_path):
+    plain = make_run(teacher_state, tmp_path)
+    fast = make_run(teacher_state, tmp_path, *INT8)
+    teacher = fast.distiller.teacher.model
     graph = teacher.__dict__["int8_graph"]
     assert "quantize_per_tensor" in graph.code
     # every convolution of the teacher runs as an int8 kernel (BN folded in, ReLU fused where it follows)
@@ -47,13 +48,13 @@ def test_int8_teacher_is_in_effect_and_leaves_the_module_alone(teacher_ckpt, tmp
     # the state (teacher included) and its keys are untouched: checkpoints do not know about int8
     assert list(fast.distiller.state_dict()) == list(plain.distiller.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
-                                                  plain.distiller.teacher.state_dict().values()))
+                                                  plain.distiller.teacher.model.state_dict().values()))
 
     images = _test_batch(plain)
-    want_logits, want_feats = plain.distiller.teacher_forward(images)
-    seen = []  # forward hooks on the teacher module (KD++ uses them) see the int8 graph's output
+    want_logits, want_feats = plain.distiller.teacher(images)
+    seen = []  # forward hooks on the teacher module see the int8 graph's output
     handle = teacher.register_forward_hook(lambda m, args, out: seen.append(out[0]))
-    got_logits, got_feats = fast.distiller.teacher_forward(images)
+    got_logits, got_feats = fast.distiller.teacher(images)
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], got_logits)
     assert got_logits.dtype == torch.float32 and not got_logits.is_inference()
@@ -66,27 +67,27 @@ def test_int8_teacher_is_in_effect_and_leaves_the_module_alone(teacher_ckpt, tmp
             assert rel_l2(g, w) < 0.15, (key, rel_l2(g, w))
 
 
-def test_int8_kd_trains_within_tolerance(teacher_ckpt, tmp_path, plain_run):
-    got = run_steps(make_trainer(teacher_ckpt, tmp_path, *INT8))
+def test_int8_kd_trains_within_tolerance(teacher_state, tmp_path, plain_run):
+    got = run_steps(make_run(teacher_state, tmp_path, *INT8))
     assert_losses_close(got["losses"], plain_run()["losses"], 0.05, 0.05)
     assert all(torch.isfinite(v).all() for v in got["state"].values() if v.is_floating_point())
 
 
-def test_int8_calibration_is_deterministic(teacher_ckpt, tmp_path):
-    a = make_trainer(teacher_ckpt, tmp_path, *INT8)
-    b = make_trainer(teacher_ckpt, tmp_path, *INT8)
+def test_int8_calibration_is_deterministic(teacher_state, tmp_path):
+    a = make_run(teacher_state, tmp_path, *INT8)
+    b = make_run(teacher_state, tmp_path, *INT8)
     images = _test_batch(a)
-    assert torch.equal(a.distiller.teacher_forward(images)[0], b.distiller.teacher_forward(images)[0])
-    c = make_trainer(teacher_ckpt, tmp_path, *INT8, "SPEED.TEACHER_INT8_CALIBRATION", "32")
-    assert not torch.equal(a.distiller.teacher_forward(images)[0], c.distiller.teacher_forward(images)[0])
+    assert torch.equal(a.distiller.teacher(images)[0], b.distiller.teacher(images)[0])
+    c = make_run(teacher_state, tmp_path, *INT8, "SPEED.TEACHER_INT8_CALIBRATION", "32")
+    assert not torch.equal(a.distiller.teacher(images)[0], c.distiller.teacher(images)[0])
 
 
-def test_int8_with_channels_last_batches(teacher_ckpt, tmp_path):
-    nchw = make_trainer(teacher_ckpt, tmp_path, *INT8)
-    nhwc = make_trainer(teacher_ckpt, tmp_path, *INT8, "SPEED.CHANNELS_LAST", "on")
+def test_int8_with_channels_last_batches(teacher_state, tmp_path):
+    nchw = make_run(teacher_state, tmp_path, *INT8)
+    nhwc = make_run(teacher_state, tmp_path, *INT8, "SPEED.CHANNELS_LAST", "on")
     images = _test_batch(nchw)
-    want = nchw.distiller.teacher_forward(images)[0]
-    got = nhwc.distiller.teacher_forward(nhwc.speed.batch(images))[0]
+    want = nchw.distiller.teacher(images)[0]
+    got = nhwc.distiller.teacher(nhwc.speed.batch(images))[0]
     assert rel_l2(got, want) < 1e-3
 
 
@@ -121,14 +122,14 @@ def test_no_calibration_images_is_a_config_error():
         install_int8_forward(_DataDependent().eval(), [], 16)
 
 
-def test_int8_forward_is_quiet_under_deterministic_mode(teacher_ckpt, tmp_path, capfd):
-    fast = make_trainer(teacher_ckpt, tmp_path, *INT8)
+def test_int8_forward_is_quiet_under_deterministic_mode(teacher_state, tmp_path, capfd):
+    fast = make_run(teacher_state, tmp_path, *INT8)
     images = _test_batch(fast)
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         capfd.readouterr()
-        fast.distiller.teacher_forward(images)
+        fast.distiller.teacher(images)
         assert "quantized_resize" not in capfd.readouterr().err
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
