@@ -1,0 +1,134 @@
+"""Issue 17: the engine refactor (trainer loop, builder, DOT as an update rule, FrozenTeacher, X++ as a loss term)
+must leave every run bit-identical on one machine.
+
+tests/equivalence_driver.py trains KD, DKD, CRD, ReviewKD, KD++ and KD+DOT (Fashion-MNIST subset, 2 epochs, one
+seeded random resnet20 teacher) with the code of OLD_SHA, the last commit before the refactor, and with this
+checkout, and the test compares: the students' `student_last.pth` tensors, the metrics.jsonl records without
+their wall-clock keys, and latest.pth's optimizer buffers, all exactly.
+
+The old code comes from `git archive OLD_SHA` when this clone has the commit (any machine), else from
+tests/fixtures/refactor_equivalence/, which hold its results from one machine and apply only where torch's version
+and CPU kernel set (torch.backends.cpu.get_cpu_capability()) are the same; elsewhere the test is skipped.
+Regenerate them (on a machine whose clone has OLD_SHA) with
+
+    .venv/bin/python tests/equivalence_driver.py --write-fixtures
+
+MDISTILLER_EQUIV_TREE=<source tree> compares that tree instead of this checkout (a scratch copy, an exported commit).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import equivalence_driver as drv
+
+
+def _old_from_fixtures(new_tree, tmp_path):
+    """The fixtures' results, when they were made with this machine's torch and kernels; else skip."""
+    path = os.path.join(drv.FIXTURES, "manifest.json")
+    if not os.path.isfile(path):
+        pytest.skip(f"commit {drv.OLD_SHA[:7]} is not in this clone's history and {drv.FIXTURES} has no manifest")
+    with open(path) as f:
+        manifest = json.load(f)
+    assert manifest["sha"] == drv.OLD_SHA, "the fixtures are of another commit: regenerate them (module docstring)"
+    here = drv.machine()
+    differ = {k: (manifest.get(k), here[k]) for k in here if manifest.get(k) != here[k]}
+    if differ:
+        pytest.skip(f"commit {drv.OLD_SHA[:7]} is not in this clone's history (fetch it, e.g. `git fetch --unshallow`) "
+                    f"and the fixtures were made with other {', '.join(differ)} (fixtures vs here: {differ})")
+    teacher = os.path.join(tmp_path, "teacher.pth")
+    got = drv.write_teacher(new_tree, teacher)
+    assert got == manifest["teacher_sha256"], (
+        "the seeded random resnet20 differs from the one the fixtures were trained with: model code or "
+        "initialisation changed")
+    return teacher, {name: torch.load(os.path.join(drv.FIXTURES, f"{name}.pt"), weights_only=True)
+                     for name in drv.RUNS}
+
+
+@pytest.mark.slow
+def test_six_runs_are_bit_identical_to_the_pre_refactor_code(tmp_path):
+    data_root = os.path.join(drv.ROOT, "data")
+    if not drv.fashion_mnist_available(data_root):
+        pytest.skip("Fashion-MNIST is not installed: run tools/fetch_data.sh")
+    new_tree = os.path.abspath(os.environ.get("MDISTILLER_EQUIV_TREE") or drv.ROOT)
+    old_tree = str(tmp_path / "old_tree")
+    if drv.export_commit(drv.OLD_SHA, old_tree):
+        teacher = str(tmp_path / "teacher.pth")
+        drv.write_teacher(old_tree, teacher)
+        drv.run_tree(old_tree, str(tmp_path / "old"), data_root, drv.teacher_copy(teacher, str(tmp_path / "t_old")))
+        old = drv.collect_all(str(tmp_path / "old"))
+    else:
+        teacher, old = _old_from_fixtures(new_tree, str(tmp_path))
+    drv.run_tree(new_tree, str(tmp_path / "new"), data_root, drv.teacher_copy(teacher, str(tmp_path / "t_new")))
+    new = drv.collect_all(str(tmp_path / "new"))
+    report = _report(old, new)
+    if report:
+        pytest.fail(f"runs differ from {drv.OLD_SHA[:7]}'s (old) on this machine:\n{report}", pytrace=False)
+
+
+def _report(old, new, per_kind=3):
+    """Which runs differ and how: up to `per_kind` lines each for the weights, the metrics and the optimizer
+    buffers; empty when all are bit-identical."""
+    out = []
+    for name in drv.RUNS:
+        lines = drv.compare_run(name, old[name], new[name])
+        if lines:
+            out.append(f"{name}: {len(lines)} differences")
+            for kind in ("model", "metrics", "optimizer"):
+                of_kind = [line for line in lines if line.startswith(f"{name} {kind}")]
+                out += [f"  {line}" for line in of_kind[:per_kind]]
+                if len(of_kind) > per_kind:
+                    out.append(f"  ... {len(of_kind) - per_kind} more {kind} differences")
+    return "\n".join(out)
+
+
+# ---- the comparison itself, on hand-made results ----
+
+def _result(w=0.5, lr=0.05, buf=0.25):
+    return {"model": {"fc.weight": torch.full((2, 3), w), "bn.num_batches_tracked": torch.tensor(7)},
+            "metrics": [{"epoch": 1, "lr": lr, "train_loss": 1.5}],
+            "momentum": [{"momentum_buffer": torch.full((2, 3), buf)}]}
+
+
+def test_identical_results_have_no_mismatch():
+    assert drv.compare_run("kd", _result(), _result()) == []
+
+
+def test_one_ulp_in_a_weight_names_run_key_and_difference():
+    new = _result()
+    new["model"]["fc.weight"][1, 2] = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0))
+    (line,) = drv.compare_run("dkd", _result(), new)
+    assert line.startswith("dkd model['fc.weight']: max abs difference 5.960e-08")  # 2**-24, one ulp above 0.5
+    assert "(1 of 6 differ)" in line
+
+
+def test_metric_and_momentum_differences_are_reported():
+    (m, b) = drv.compare_run("crd", _result(), _result(lr=0.005, buf=0.125))
+    assert m.startswith("crd metrics record 1 ['lr']: old 0.05 vs new 0.005, max abs difference 4.500e-02")
+    assert b == "crd optimizer param 0 ['momentum_buffer']: max abs difference 1.250e-01 (6 of 6 differ)"
+
+
+def test_changed_layout_is_reported_not_crashed_on():
+    new = _result()
+    new["model"]["fc.bias"] = new["model"].pop("bn.num_batches_tracked")
+    new["momentum"] = [{"task_buffer": torch.zeros(2, 3), "distill_buffer": torch.zeros(2, 3)}]
+    lines = drv.compare_run("kd_dot", _result(), new)
+    assert lines == ["kd_dot model: keys only old ['bn.num_batches_tracked'], only new ['fc.bias']",
+                     "kd_dot optimizer param 0: buffers old ['momentum_buffer'] vs new ['distill_buffer', "
+                     "'task_buffer']"]
+
+
+def test_fixtures_are_of_the_old_commit_and_complete():
+    with open(os.path.join(drv.FIXTURES, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["sha"] == drv.OLD_SHA and manifest["overrides"] == drv.SMALL and manifest["runs"] == drv.RUNS
+    for name in drv.RUNS:
+        result = torch.load(os.path.join(drv.FIXTURES, f"{name}.pt"), weights_only=True)
+        assert len(result["metrics"]) == 2 and result["model"] and result["momentum"], name
+
+
+def test_timing_keys_are_dropped_from_metrics():
+    assert drv.is_timing_key("epoch_time_s") and drv.is_timing_key("images_per_s")
+    assert not any(drv.is_timing_key(k) for k in ("test_top1", "lr", "loss/kd", "monitor/kl", "best_top1"))
