@@ -288,7 +288,9 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
                 os.remove(summary_file)  # its presence means "complete": true again once the extension is
     hooks, summary_hook = list(extra_hooks), None
     if ctx.is_main:
-        teacher = teacher_record(cfg) if run.distiller.teacher is not None else None
+        # The teacher the run loaded: the method's, or the loss monitor's (the student alone, LOG.MONITOR_TEACHER).
+        loaded = run.distiller.teacher is not None or run.monitor_teacher is not None
+        teacher = teacher_record(cfg) if loaded else None
         if teacher:
             top1 = "unknown" if teacher["top1"] is None else f"{teacher['top1']:.2f} ({teacher['top1_source']})"
             logger.info("teacher %s: checkpoint %s, sha256 %s, test top-1 %s", teacher["name"],
