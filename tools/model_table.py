@@ -12,7 +12,7 @@ import _path  # noqa: F401
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mdistiller.engine.teacher import PUBLISHED_TOP1
+from mdistiller.models.teacher_ckpt import PUBLISHED_TOP1
 from mdistiller.models import build_model, model_names
 
 INPUT_SIZE = {"cifar100": 32, "tiny_imagenet": 64, "imagenet": 224}

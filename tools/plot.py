@@ -141,7 +141,7 @@ def logit_corr(runs, device):
     """{label: (C, C) |corr difference| tensor} for the distillation runs, on each run's own test split."""
     from mdistiller.analysis.logit_corr import correlation_difference, predict
     from mdistiller.data import build_dataloaders
-    from mdistiller.engine.teacher import build_teacher
+    from mdistiller.models.teacher_ckpt import build_teacher
     from mdistiller.models import build_model
     from mdistiller.utils.checkpoint import load_weights
 
