@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mdistiller.config import load_config
-from mdistiller.engine import TRAINER_REGISTRY
+from mdistiller.engine import build_run
 from mdistiller.engine.dot import batched_grads, reachable_leaves, two_pass_grads
 from mdistiller.engine.dot_optimizer import DOTOptimizer
 from mdistiller.engine.launch import train_from_config
@@ -111,7 +111,7 @@ def _trainer(trainer, *extra, tmp_path):
     cfg = load_config(KD_CFG, ["EXPERIMENT.DEVICE", "cpu", "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET",
                                "50", "SOLVER.BATCH_SIZE", "32", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES",
                                "[]", "SOLVER.TRAINER", trainer, "LOG.PREFIX", str(tmp_path), *extra])
-    return TRAINER_REGISTRY.get(trainer)(cfg)
+    return build_run(cfg).trainer
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,10 @@ sys.path.insert(0, ROOT)
 from mdistiller.bench.random_teacher import write_random_teacher  # noqa: E402
 from mdistiller.config import get_cfg_defaults, load_config  # noqa: E402
 from mdistiller.config.validate import LOSS_WEIGHT_KEYS  # noqa: E402
-from mdistiller.engine import TRAINER_REGISTRY, HookBase  # noqa: E402
+from mdistiller.engine import HookBase, build_run  # noqa: E402
 from mdistiller.engine.finite_guard import FiniteGuard  # noqa: E402
 from mdistiller.engine.launch import train_from_config  # noqa: E402
+from mdistiller.engine.train_hooks import FiniteGuardHook  # noqa: E402
 from mdistiller.utils.errors import ConfigError, TrainingDivergedError  # noqa: E402
 
 FM = os.path.join(ROOT, "configs", "fashion_mnist")
@@ -152,7 +153,7 @@ def test_divergence_keeps_the_last_good_checkpoints_and_resume_stops_again(teach
 def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(teacher, tmp_path):
     """Finite loss and gradients, non-finite weights: the guard's end-of-epoch check of what would be saved."""
     cfg = load_config(KD_CFG, small(tmp_path, "run", teacher))
-    trainer = TRAINER_REGISTRY.get("vanilla")(cfg, str(tmp_path / "run"))
+    trainer = build_run(cfg, run_dir=str(tmp_path / "run")).trainer
     step = trainer.run_step
 
     def poisoned(images, labels, index, epoch):
@@ -200,18 +201,21 @@ def test_guard_streak_limit_by_hand():
 
 def test_fp16_overflow_steps_are_skipped_until_the_limit(teacher, tmp_path):
     cfg = load_config(KD_CFG, small(tmp_path, "run", teacher, "SOLVER.MAX_SKIPPED_STEPS", "2"))
-    trainer = TRAINER_REGISTRY.get("vanilla")(cfg)
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # what SPEED.AMP fp16 installs on CUDA
-    trainer.guard.limit = cfg.SOLVER.MAX_SKIPPED_STEPS  # as train_one_epoch sets it when a scaler is present
-    trainer.guard.start_epoch(1, 0, ITERS)
+    run = build_run(cfg)
+    trainer, rule = run.trainer, run.update_rule
+    rule.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # what SPEED.AMP fp16 installs on CUDA
+    (guard,) = [h for h in trainer.hooks if isinstance(h, FiniteGuardHook)]
+    guard.max_skipped_steps = cfg.SOLVER.MAX_SKIPPED_STEPS  # as the builder sets it when a scaler is present
+    guard.before_epoch(1, ITERS)  # sets the limit and starts the epoch's count at global step 0
+    assert guard.guard.limit == 2
     weight = trainer.distiller.student.conv1.weight
     batches = iter(trainer.train_loader)
 
     def step(overflow):
         handle = weight.register_hook(lambda g: g * float("inf")) if overflow else None
         images, labels, index = next(batches)
-        losses, _ = trainer.run_step(images, labels, index, 1)
-        trainer.guard.observe(losses, trainer.grad_max)
+        done = trainer.run_step(images, labels, index, 1)
+        guard.guard.observe(done.losses, done.grad_max)
         if handle:
             handle.remove()
 
@@ -220,14 +224,14 @@ def test_fp16_overflow_steps_are_skipped_until_the_limit(teacher, tmp_path):
         before = weight.detach().clone()
         step(True)
         assert torch.equal(weight, before)
-    assert trainer.scaler.get_scale() == 2.0**10
-    trainer.check_finite()
+    assert rule.scaler.get_scale() == 2.0**10
+    guard.check()
     step(False)  # a finite step ends the streak
     for _ in range(3):
         step(True)
     with pytest.raises(TrainingDivergedError, match=r"^step 7 \(epoch 1, iteration 7/10\): 3 consecutive bad steps "
                                                    r"since step 5, more than SOLVER.MAX_SKIPPED_STEPS=2"):
-        trainer.check_finite()
+        guard.check()
     assert all(torch.isfinite(p).all() for p in trainer.distiller.learnable_state_dict().values())
 
 

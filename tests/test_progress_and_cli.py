@@ -111,7 +111,7 @@ class WarnAtStep(HookBase):
     def __init__(self, step):
         self.step = step
 
-    def after_step(self, losses):
+    def after_step(self, step):
         if self.trainer.global_step == self.step:
             warnings.warn(f"a warning raised at step {self.step}", UserWarning)
 

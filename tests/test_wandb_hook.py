@@ -142,15 +142,23 @@ def test_wandb_logs_what_tensorboard_logs_and_resume_continues_the_run(tmp_path,
     assert sorted(second["epoch/test_top1"]) == [20] and min(second["train/total"]) == 12
 
 
-def test_hook_on_other_ranks_logs_nothing(tmp_path, offline):
+def test_hook_on_other_ranks_logs_nothing(tmp_path, offline, monkeypatch):
     _wandb()
-    from mdistiller.engine.wandb_hook import WandbHook
+    import torch
 
-    cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True"])
+    from mdistiller.distillers.losses import StepOutput
+    from mdistiller.engine.trainer import Step
+    from mdistiller.engine.wandb_hook import WandbHook
+    from mdistiller.utils import distributed
+
+    cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True", "LOG.TENSORBOARD_FREQ", "1"])  # a row every step on rank 0
     hook = WandbHook(cfg, str(tmp_path))
-    hook.trainer = type("Rank1", (), {"rank": 1, "global_step": 3, "lr": 0.1})()
+    monkeypatch.setattr(distributed, "rank", lambda: 1)  # the hook asks the process group which rank it runs on
+    hook.trainer = type("Rank1", (), {"global_step": 3, "lr": 0.1})()
     hook.before_train()
-    hook.after_step({"total": 1.0})
+    logits = torch.zeros(1, 10)
+    hook.after_step(Step({"total": torch.tensor(1.0)}, {}, StepOutput(logits, {}), torch.zeros(1, 3, 32, 32),
+                         torch.zeros(1, dtype=torch.long)))
     hook.after_epoch({"test_top1": 50.0})
     hook.after_train()
     assert os.listdir(offline) == [] and not (tmp_path / "wandb_run_id").exists()
