@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import train as train_tool  # noqa: E402  (tools/train.py)
 from mdistiller.config import load_config  # noqa: E402
-from mdistiller.engine import TRAINER_REGISTRY, HookBase  # noqa: E402
+from mdistiller.engine import HookBase, build_run  # noqa: E402
 from mdistiller.engine import launch  # noqa: E402
 from mdistiller.utils import distributed  # noqa: E402
 from mdistiller.utils.cli import run_cli  # noqa: E402
@@ -58,7 +58,7 @@ def steps(out, n, argv):
     cfg_file, opts = argv[1], argv[2:]
     cfg = load_config(cfg_file, opts)
     torch.set_default_dtype(torch.float64)  # built in float64, so DDP's gradient buckets are float64 too
-    trainer = TRAINER_REGISTRY.get(cfg.SOLVER.TRAINER)(cfg)
+    trainer = build_run(cfg).trainer
     trainer.distiller.double()  # the teacher checkpoint was float32
     initial = {k: v.detach().cpu().clone() for k, v in trainer.distiller.learnable_state_dict().items()}
     loader = trainer.train_loader

@@ -157,8 +157,8 @@ def test_ddp_leaves_teacher_and_method_state_alone():
     cfg = load_config(os.path.join(FM, "crd", "resnet20_resnet8.yaml"))
     meta = DatasetMeta(name="fashion_mnist", num_classes=10, image_size=32, num_train=40, num_test=0,
                        mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(40) % 10)
-    crd = DISTILLER_REGISTRY.get("CRD")(build_model("resnet8", "fashion_mnist"),
-                                        build_model("resnet20", "fashion_mnist"), cfg, meta)
+    crd = DISTILLER_REGISTRY.get("CRD").from_config(cfg, build_model("resnet8", "fashion_mnist"),
+                                                    build_model("resnet20", "fashion_mnist"), meta)
     ignored = set(_ignored_state(TrainForward(crd)))
     teacher = {f"distiller.{n}" for n in crd.state_dict() if n.startswith("teacher.")}
     assert teacher <= ignored  # every teacher parameter and buffer
@@ -167,13 +167,14 @@ def test_ddp_leaves_teacher_and_method_state_alone():
     assert not student & ignored  # the student's weights and BatchNorm statistics are DDP's
 
 
-def test_sync_bn_on_cpu_is_a_config_error():
+def test_sync_bn_on_cpu_is_a_config_error(monkeypatch):
     from mdistiller.engine.ddp_wrap import wrap_for_training
-    from mdistiller.utils.distributed import DistContext
     from mdistiller.models import build_model
+    from mdistiller.utils import distributed
     from mdistiller.utils.errors import ConfigError
 
     cfg = load_config(os.path.join(FM, "vanilla", "resnet8.yaml"), ["DISTRIBUTED.SYNC_BN", "True"])
+    monkeypatch.setattr(distributed, "active", lambda: True)  # as in a process group of several ranks
 
     class Holder(torch.nn.Module):
         def __init__(self):
@@ -181,4 +182,5 @@ def test_sync_bn_on_cpu_is_a_config_error():
             self.student = build_model("resnet8", "fashion_mnist")
 
     with pytest.raises(ConfigError, match="DISTRIBUTED.SYNC_BN.*CUDA only"):
-        wrap_for_training(Holder(), cfg, DistContext(rank=0, world_size=2), torch.device("cpu"))
+        wrap_for_training(Holder(), torch.device("cpu"), cfg.DISTRIBUTED.SYNC_BN,
+                          cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
