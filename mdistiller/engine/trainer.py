@@ -68,7 +68,7 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.epoch = 0  # completed epochs
         self.global_step = 0
-        self.lr = None
+        self.lr = update_rule.optimizer.param_groups[0]["lr"]  # until the schedule sets the first step's
         self.counters = {"train_images": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
         self.hooks = []
         self.register_hooks(hooks)
