@@ -152,7 +152,7 @@ def test_hook_on_other_ranks_logs_nothing(tmp_path, offline, monkeypatch):
     from mdistiller.utils import distributed
 
     cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True", "LOG.TENSORBOARD_FREQ", "1"])  # a row every step on rank 0
-    hook = WandbHook(cfg, str(tmp_path))
+    hook = WandbHook.from_config(cfg, str(tmp_path))
     monkeypatch.setattr(distributed, "rank", lambda: 1)  # the hook asks the process group which rank it runs on
     hook.trainer = type("Rank1", (), {"global_step": 3, "lr": 0.1})()
     hook.before_train()
@@ -170,7 +170,7 @@ def test_missing_wandb_is_one_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True"], validate=False)
     attempts = (lambda: load_config(STUDENT_CFG, ["LOG.WANDB", "True"]),  # validation: before anything is written
-                lambda: check_wandb_config(cfg), lambda: WandbHook(cfg, "unused"))
+                lambda: check_wandb_config(cfg), lambda: WandbHook.from_config(cfg, "unused"))
     for attempt in attempts:
         with pytest.raises(ConfigError) as e:
             attempt()

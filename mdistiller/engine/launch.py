@@ -309,7 +309,7 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
         hooks = [
             MetricsHook(os.path.join(path, "metrics.jsonl")),
             TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
-            *([WandbHook(cfg, path)] if cfg.LOG.WANDB else []),
+            *([WandbHook.from_config(cfg, path)] if cfg.LOG.WANDB else []),
             CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ, run.evaluation, cfg.dump()),
             summary_hook,
             *hooks,

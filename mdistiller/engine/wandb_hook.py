@@ -64,18 +64,23 @@ def run_id(run_dir):
 
 
 class WandbHook(HookBase):
-    def __init__(self, cfg, run_dir):
+    def __init__(self, run_dir, project, freq, config):
+        """`freq`: steps between training scalars (LOG.TENSORBOARD_FREQ); `config`: the run's config as a dict."""
         self.wandb = require_wandb()
-        self.cfg, self.run_dir, self.freq, self.run = cfg, run_dir, cfg.LOG.TENSORBOARD_FREQ, None
+        self.run_dir, self.project, self.freq, self.config, self.run = run_dir, project, freq, config, None
+
+    @classmethod
+    def from_config(cls, cfg, run_dir):
+        return cls(run_dir, cfg.LOG.WANDB_PROJECT, cfg.LOG.TENSORBOARD_FREQ, yaml.safe_load(cfg.dump()))
 
     def before_train(self):
         if distributed.rank() != 0:
             return
         self.run = self.wandb.init(
-            project=self.cfg.LOG.WANDB_PROJECT, name=os.path.basename(os.path.normpath(self.run_dir)),
+            project=self.project, name=os.path.basename(os.path.normpath(self.run_dir)),
             id=run_id(self.run_dir), resume="allow",
             dir=os.environ.get("WANDB_DIR") or self.run_dir,
-            config=yaml.safe_load(self.cfg.dump()), allow_val_change=True)
+            config=self.config, allow_val_change=True)
         self.run.define_metric(STEP_KEY)
         for pattern in ("train/*", "epoch/*"):
             self.run.define_metric(pattern, step_metric=STEP_KEY)
