@@ -9,6 +9,10 @@ teacher's confidence (1 - p_t^T) suppress NCKD, and ramps the term up linearly o
 p_hat is computed by dropping the target column (a softmax over the C - 1 other logits), not by subtracting a
 large constant from the target logit as one reference does: that version returns inf/NaN for two classes,
 where p_hat is a point mass and NCKD is exactly 0.
+
+DKD.LOGIT_STANDARDIZE switches on LSKD (Sun et al., CVPR 2024): both models' logits are z-scored per sample
+(losses.standardize_logits) before the temperature, in the DKD term only. The paper's CIFAR-100 setting scales
+ALPHA and BETA by 9 and uses T 2 (configs/cifar100/dkd_ls/).
 """
 
 import torch
@@ -18,7 +22,7 @@ from yacs.config import CfgNode as CN
 from ..utils.errors import ConfigError
 from .base import Distiller
 from .loss_ramp import warmup_factor
-from .losses import StepOutput, ce_term, distill_loss
+from .losses import StepOutput, ce_term, distill_loss, standardize_logits
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -27,6 +31,7 @@ _cfg.ALPHA = 1.0
 _cfg.BETA = 8.0  # by teacher on CIFAR-100: resnet56/110 2, wrn_40_2/vgg13 6, ResNet50/resnet32x4 8
 _cfg.T = 4.0
 _cfg.WARMUP = 20  # epochs of linear ramp of the DKD term
+_cfg.LOGIT_STANDARDIZE = False  # LSKD: z-score both models' logits before the temperature
 
 
 def _binary_log_probs(logits, target_mask):
@@ -64,14 +69,16 @@ class DKD(Distiller):
     ramped_terms = ("dkd",)
     own_ramp_keys = {"DKD.WARMUP": "dkd"}
 
-    def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup=20):
+    def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup=20,
+                 logit_standardize=False):
         super().__init__(student, teacher)
-        self.ce_weight, self.alpha, self.beta, self.temperature, self.warmup = ce_weight, alpha, beta, temperature, warmup
+        self.ce_weight, self.alpha, self.beta, self.temperature = ce_weight, alpha, beta, temperature
+        self.warmup, self.logit_standardize = warmup, logit_standardize
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data):
         c = cfg.DKD
-        return cls(student, teacher, c.CE_WEIGHT, c.ALPHA, c.BETA, c.T, c.WARMUP)
+        return cls(student, teacher, c.CE_WEIGHT, c.ALPHA, c.BETA, c.T, c.WARMUP, c.LOGIT_STANDARDIZE)
 
     @classmethod
     def validate_config(cls, cfg):
@@ -84,7 +91,9 @@ class DKD(Distiller):
         logits, feats = self.student(images)
         logits_t, feats_t = self.teacher(images)
         ramp = warmup_factor(epoch, self.warmup)
+        zs, zt = (standardize_logits(logits), standardize_logits(logits_t)) if self.logit_standardize \
+            else (logits, logits_t)
         return StepOutput(logits, {
             "ce": ce_term(logits, labels, self.ce_weight),
-            "dkd": distill_loss(ramp * dkd_loss(logits, logits_t, labels, self.alpha, self.beta, self.temperature)),
+            "dkd": distill_loss(ramp * dkd_loss(zs, zt, labels, self.alpha, self.beta, self.temperature)),
         }, feats, logits_t, feats_t)

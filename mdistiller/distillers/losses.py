@@ -57,3 +57,12 @@ def kd_loss(logits_student, logits_teacher, temperature):
     log_p_s = F.log_softmax(logits_student / temperature, dim=1)
     log_p_t = F.log_softmax(logits_teacher / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def standardize_logits(logits, eps=1e-7):
+    """Logit standardization (LSKD, Sun et al., CVPR 2024): each sample's logits minus their mean over classes,
+    divided by eps + their standard deviation, so that a softened distribution depends on the logits' relations and
+    not on their scale. As the authors' code: the unbiased (n - 1) std, eps added to the std, not to the variance."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (eps + std)
