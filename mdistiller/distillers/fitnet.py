@@ -1,0 +1,111 @@
+"""FitNet (Romero et al., ICLR 2015): a regressor maps a middle student stage onto the teacher's, and the
+student is trained so that the regressed map matches the teacher's ("hint") map.
+
+loss = CE_WEIGHT * CE + FEAT_WEIGHT * mean((r(f_s) - f_t)^2), with f_s, f_t = features["feats"][HINT_LAYER]
+(post-ReLU stage outputs, entry 0 the stem: HINT_LAYER 2 is the second stage, both networks the same index).
+Defaults are mdistiller's CIFAR-100 settings (hint layer 2, CE 1, feat 100), trained in one stage with the
+CE, as the published code does (the paper's separate hint pre-training stage is not used there).
+
+The regressor r is the published one: conv -> BatchNorm -> ReLU, the conv chosen from the two maps' heights:
+  - student twice the teacher's size: 3x3 conv, stride 2, padding 1;
+  - student half the teacher's size: 4x4 transposed conv, stride 2, padding 1;
+  - student at least as large: a conv with kernel (1 + Hs - Ht, 1 + Ws - Wt), i.e. 1x1 for equal sizes.
+Any other pair of sizes is refused. The sizes come from one forward of a zero image of the dataset's size
+(mdistiller probes a random image of FITNET.INPUT_SIZE; we take the size from the data so the two cannot
+disagree, and probe in eval mode so the student's BatchNorm statistics are left untouched).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from ..utils.errors import ConfigError
+from .base import Distiller
+from .losses import StepOutput, ce_term, distill_loss
+from .registry import DISTILLER_REGISTRY
+
+_cfg = CN()
+_cfg.HINT_LAYER = 2  # index into features["feats"] (0 is the stem)
+_cfg.LOSS = CN()
+_cfg.LOSS.CE_WEIGHT = 1.0
+_cfg.LOSS.FEAT_WEIGHT = 100.0
+
+
+class HintRegressor(nn.Module):
+    """conv (chosen from the two spatial sizes) -> BN -> ReLU, mapping the student's map onto the teacher's."""
+
+    def __init__(self, s_shape, t_shape):
+        super().__init__()
+        (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
+        if s_h == 2 * t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif 2 * s_h == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h and s_w >= t_w:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ConfigError(
+                f"config key FITNET.HINT_LAYER: no regressor maps the student's {s_h}x{s_w} map onto the "
+                f"teacher's {t_h}x{t_w} (the teacher's may be at most twice, and otherwise no larger than, the "
+                f"student's); choose a stage where the sizes fit")
+        self.bn = nn.BatchNorm2d(t_c)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def stage_shape(model, index, image_size):
+    """(C, H, W) of features["feats"][index] for one image, without touching the model's BN statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        with torch.no_grad():
+            _, feats = model(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+    return tuple(feats["feats"][index].shape[1:])
+
+
+def hint_loss(student_map, teacher_map):
+    """Mean squared error over every element (batch, channel and position)."""
+    return F.mse_loss(student_map, teacher_map)
+
+
+@DISTILLER_REGISTRY.register("FITNET", config=_cfg)
+class FitNet(Distiller):
+    ramped_terms = ("fitnet",)
+
+    def __init__(self, student, teacher, image_size=32, hint_layer=2, ce_weight=1.0, feat_weight=100.0):
+        super().__init__(student, teacher)
+        n_s, n_t = len(student.stage_channels()), len(self.teacher.stage_channels())
+        if not 0 <= hint_layer < min(n_s, n_t):
+            raise ConfigError(f"config key FITNET.HINT_LAYER: {hint_layer} is not a stage of both networks "
+                              f"(student has {n_s} feature maps, teacher {n_t}); use 0..{min(n_s, n_t) - 1}")
+        self.hint_layer, self.ce_weight, self.feat_weight = hint_layer, ce_weight, feat_weight
+        self.regressor = HintRegressor(stage_shape(student, hint_layer, image_size),
+                                       stage_shape(self.teacher.model, hint_layer, image_size))
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data):
+        c = cfg.FITNET
+        return cls(student, teacher, data.image_size, c.HINT_LAYER, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+
+    @classmethod
+    def validate_config(cls, cfg):
+        c = cfg.FITNET
+        if c.HINT_LAYER < 0:
+            raise ConfigError(f"config key FITNET.HINT_LAYER: must be >= 0 (0 is the stem), got {c.HINT_LAYER}")
+        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
+            if c.LOSS[key] < 0:
+                raise ConfigError(f"config key FITNET.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
+
+    def forward_train(self, images, labels, epoch, index=None):
+        logits, features = self.student(images)
+        logits_t, features_t = self.teacher(images)
+        hint = hint_loss(self.regressor(features["feats"][self.hint_layer]), features_t["feats"][self.hint_layer])
+        return StepOutput(logits, {
+            "ce": ce_term(logits, labels, self.ce_weight),
+            "fitnet": distill_loss(self.feat_weight * hint),
+        }, features, logits_t, features_t)
