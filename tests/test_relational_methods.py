@@ -1,0 +1,116 @@
+"""RKD, PKT and SP: each loss against the paper's formula written out with explicit loops in the test, where the
+gradients go, and the config errors."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdistiller.config import load_config
+from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
+from mdistiller.distillers.rkd import pairwise_distance, rkd_loss
+from mdistiller.models import build_model
+from mdistiller.utils.errors import ConfigError
+
+
+def make(method, *overrides):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["DISTILLER.TYPE", method, *overrides])
+    return DISTILLER_REGISTRY.get(method).from_config(
+        cfg, build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), None)
+
+
+def batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 100, (n,), generator=g)
+
+
+def features(n, d, seed):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def smooth_l1(a, b):
+    x = abs(a - b)
+    return 0.5 * x * x if x < 1 else x - 0.5
+
+
+def nonzero_grads(distiller, term):
+    distiller.zero_grad(set_to_none=True)
+    x, y = batch()
+    distiller.train_forward(x, y, epoch=1).terms[term].value.backward()
+    return {n for n, p in distiller.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+# ---------------------------------------------------------------- RKD
+
+def plain_rkd(s, t, w_d, w_a):
+    """Park et al.'s distance and angle losses, one pair / triplet at a time."""
+    n = len(s)
+
+    def dist(e):
+        return [[math.sqrt(sum((e[i][k] - e[j][k]) ** 2 for k in range(len(e[0])))) for j in range(n)]
+                for i in range(n)]
+
+    def normalized(e):
+        d = dist(e)
+        mu = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        return [[d[i][j] / mu for j in range(n)] for i in range(n)]
+
+    def cosine(e, i, j, k):
+        u = [e[j][c] - e[i][c] for c in range(len(e[0]))]
+        v = [e[k][c] - e[i][c] for c in range(len(e[0]))]
+        nu, nv = math.sqrt(sum(a * a for a in u)), math.sqrt(sum(a * a for a in v))
+        if nu == 0 or nv == 0:
+            return 0.0
+        return sum(a * b for a, b in zip(u, v)) / (nu * nv)
+
+    ds, dt = normalized(s), normalized(t)
+    loss_d = sum(smooth_l1(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n ** 2
+    loss_a = sum(smooth_l1(cosine(s, i, j, k), cosine(t, i, j, k))
+                 for i, j, k in itertools.product(range(n), repeat=3)) / n ** 3
+    return w_d * loss_d + w_a * loss_a
+
+
+def test_rkd_loss_matches_pairs_and_triplets_by_loop():
+    s, t = features(5, 4, 0), features(5, 7, 1) * 3  # different widths: only relations are compared
+    expected = plain_rkd(s.tolist(), t.tolist(), 25.0, 50.0)
+    assert rkd_loss(s, t, distance_weight=25.0, angle_weight=50.0).item() == pytest.approx(expected, rel=1e-9)
+    # the distance part alone, and its invariance to the teacher's scale
+    only_d = plain_rkd(s.tolist(), t.tolist(), 1.0, 0.0)
+    assert rkd_loss(s, 10 * t, distance_weight=1.0, angle_weight=0.0).item() == pytest.approx(only_d, rel=1e-9)
+
+
+def test_rkd_distances_by_hand():
+    e = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)
+    d = pairwise_distance(e)
+    r18 = math.sqrt(18)
+    assert d.flatten().tolist() == pytest.approx([0, 5, 1, 5, 0, r18, 1, r18, 0], abs=1e-7)
+    assert pairwise_distance(e, squared=True).flatten().tolist() == pytest.approx([0, 25, 1, 25, 0, 18, 1, 18, 0])
+
+
+def test_rkd_term_on_pooled_features_and_gradients():
+    d = make("RKD")
+    x, y = batch()
+    out = d.train_forward(x, y, epoch=1)
+    s, t = out.student_features["pooled_feat"], out.teacher_features["pooled_feat"]
+    expected = plain_rkd(s.double().tolist(), t.double().tolist(), 25.0, 50.0)
+    assert out.terms["rkd"].kind == DISTILL and out.terms["ce"].kind == TASK
+    assert out.terms["rkd"].value.item() == pytest.approx(expected, rel=1e-4)
+    got = nonzero_grads(d, "rkd")
+    assert any(n.startswith("student.conv1.") for n in got) and any(n.startswith("student.layer3.") for n in got)
+    assert not any(n.startswith(("student.fc.", "teacher.")) for n in got)  # the classifier is past the pooled feature
+
+
+@pytest.mark.parametrize("key, value", [("RKD.DISTANCE_WEIGHT", "-1"), ("RKD.ANGLE_WEIGHT", "-1"),
+                                        ("RKD.LOSS.FEAT_WEIGHT", "-1"), ("RKD.PDIST.EPSILON", "0")])
+def test_rkd_bad_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, ["DISTILLER.TYPE", "RKD", key, value])
+
+
+def test_rkd_published_defaults():
+    c = load_config(None, ["DISTILLER.TYPE", "RKD"]).RKD
+    assert (c.DISTANCE_WEIGHT, c.ANGLE_WEIGHT, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT) == (25, 50, 1, 1)
+    assert (c.PDIST.EPSILON, c.PDIST.SQUARED) == (1e-12, False)
