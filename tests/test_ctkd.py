@@ -1,0 +1,169 @@
+"""CTKD: the gradient reversal layer through autograd, the cosine lambda curriculum against the authors' closed form,
+the KD term at the learnable temperature against a plain-Python computation, where gradients go, bad config."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from mdistiller.bench.random_teacher import random_teacher_state
+from mdistiller.config import load_config
+from mdistiller.data.bundle import DatasetMeta
+from mdistiller.distillers.ctkd import CTKD, GlobalTemperature, cosine_lambda, gradient_reversal
+from mdistiller.distillers.losses import kd_loss
+from mdistiller.engine.build import build_distiller
+from mdistiller.utils.errors import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def softmax(row):
+    top = max(row)
+    e = [math.exp(v - top) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def plain_kd(student_rows, teacher_rows, temperature):
+    total = 0.0
+    for s, t in zip(student_rows, teacher_rows):
+        ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
+        total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    return total / len(student_rows) * temperature**2
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# --- the gradient reversal layer ------------------------------------------------------------------------------
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_grl_gives_the_temperature_minus_lambda_times_the_loss_gradient(lam):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3
+    through_grl = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+    plain = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+    temp_grl = 1.0 + 20.0 * torch.sigmoid(gradient_reversal(through_grl, lam))
+    temp_plain = 1.0 + 20.0 * torch.sigmoid(plain)
+    assert torch.equal(temp_grl, temp_plain)  # identity forward
+    kd_loss(s, t, temp_grl[0]).backward()
+    kd_loss(s, t, temp_plain[0]).backward()
+    assert plain.grad.abs().item() > 1e-6
+    torch.testing.assert_close(through_grl.grad, -lam * plain.grad, rtol=1e-12, atol=0)
+
+
+def test_grl_leaves_the_students_gradient_alone():
+    g = torch.Generator().manual_seed(1)
+    s1 = torch.randn(3, 5, generator=g, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    t = torch.randn(3, 5, generator=g)
+    module = GlobalTemperature()
+    kd_loss(s1, t, module(0.7)).backward()
+    kd_loss(s2, t, module(0.0).detach()).backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=0, atol=0)
+
+
+# --- the curriculum ---------------------------------------------------------------------------------------------
+def authors_multiplier(i, decay_max=0.0, decay_min=-1.0, num_loops=10):
+    """zhengli97/CTKD train_student.py CosineDecay.get_value, written out: the factor their GRL multiplies by."""
+    i = min(max(i, 0), num_loops)
+    return (math.cos(i * math.pi / num_loops) + 1.0) * 0.5 * (decay_max - decay_min) + decay_min
+
+
+@pytest.mark.parametrize("epoch, expected", [(0, 0.0), (1, (1 - math.cos(math.pi / 10)) / 2), (5, 0.5),
+                                             (10, 1.0), (11, 1.0), (240, 1.0)])
+def test_lambda_schedule_closed_form(epoch, expected):
+    lam = cosine_lambda(epoch, 0.0, 1.0, 10)
+    assert lam == pytest.approx(expected, abs=1e-15)
+    assert -lam == pytest.approx(authors_multiplier(epoch), abs=1e-15)  # the same update as the authors'
+
+
+def test_lambda_schedule_between_other_bounds():
+    # a quarter of the way through 20 epochs: (1 - cos(pi/4)) / 2 of the way from 0.2 to 0.8
+    assert cosine_lambda(5, 0.2, 0.8, 20) == pytest.approx(0.2 + 0.6 * (1 - math.sqrt(0.5)) / 2, rel=1e-14)
+    assert -cosine_lambda(7, 0.2, 0.8, 20) == pytest.approx(authors_multiplier(7, -0.2, -0.8, 20), abs=1e-15)
+
+
+# --- the distiller ------------------------------------------------------------------------------------------------
+def build(*overrides):
+    cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", "CTKD", "DISTILLER.TEACHER", "resnet20",
+                             "DISTILLER.STUDENT", "resnet8", *overrides])
+    meta = DatasetMeta(name="cifar100", num_classes=100, image_size=32, num_train=8, num_test=0,
+                       mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(8) % 100)
+    torch.manual_seed(0)
+    distiller, _ = build_distiller(cfg, meta, torch.device("cpu"), random_teacher_state("resnet20", "cifar100"))
+    return distiller.train()
+
+
+def batch():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([3, 17, 42, 99])
+
+
+def test_initial_temperature_is_the_authors():
+    d = build()
+    assert isinstance(d, CTKD)
+    assert d.current_temperature() == pytest.approx(1 + 20 * sigmoid(1.0), rel=1e-6)  # 15.62...
+
+
+def test_kd_term_uses_the_learnable_temperature():
+    d = build()
+    with torch.no_grad():
+        d.temperature.theta.fill_(-0.5)
+    x, y = batch()
+    out = d.forward_train(x, y, epoch=3)
+    temperature = 1 + 20 * sigmoid(-0.5)
+    expected = 0.9 * plain_kd(out.logits.tolist(), out.teacher_logits.tolist(), temperature)
+    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-5)
+    assert out.terms["ce"].value.item() == pytest.approx(
+        0.1 * torch.nn.functional.cross_entropy(out.logits, y).item(), rel=1e-6)
+
+
+def test_gradients_of_the_kd_term_reach_student_and_temperature_not_teacher():
+    d = build()
+    x, y = batch()
+    epoch = 5  # lambda 0.5
+    d.forward_train(x, y, epoch=epoch).terms["kd"].value.backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+    theta_grad = d.temperature.theta.grad.clone()
+    assert theta_grad.abs().item() > 0
+    # the same loss with theta outside the GRL: theta's gradient is -lambda times it
+    with torch.no_grad():
+        out = d.forward_train(x, y, epoch=epoch)
+    theta = d.temperature.theta.detach().clone().requires_grad_(True)
+    temperature = (1.0 + 20.0 * torch.sigmoid(theta))[0]
+    (0.9 * kd_loss(out.logits, out.teacher_logits, temperature)).backward()
+    torch.testing.assert_close(theta_grad, -0.5 * theta.grad, rtol=1e-4, atol=1e-9)
+    assert any(p is d.temperature.theta for p in d.learnable_parameters())  # the run's optimizer trains it
+
+
+def test_ce_term_alone_leaves_the_temperature_untouched():
+    d = build()
+    x, y = batch()
+    d.forward_train(x, y, epoch=20).terms["ce"].value.backward()
+    assert d.temperature.theta.grad is None
+
+
+def test_epoch_zero_of_the_curriculum_freezes_the_temperature():
+    d = build("CTKD.LAMBDA.MIN", "0.0")
+    x, y = batch()
+    d.forward_train(x, y, epoch=0).terms["kd"].value.backward()
+    assert torch.equal(d.temperature.theta.grad, torch.zeros(1))
+
+
+@pytest.mark.parametrize("key, value", [("CTKD.TEMP.RANGE", "0.0"), ("CTKD.TEMP.MIN", "-1.0"),
+                                        ("CTKD.LAMBDA.EPOCHS", "0"), ("CTKD.LAMBDA.MAX", "-0.5"),
+                                        ("CTKD.LAMBDA.MIN", "-0.1")])
+def test_config_validation(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, ["DISTILLER.TYPE", "CTKD", key, value])
+
+
+@pytest.mark.parametrize("path", ["cifar100/ctkd/resnet32x4_resnet8x4.yaml", "fashion_mnist/ctkd/resnet20_resnet8.yaml"])
+def test_configs_hold_the_authors_defaults(path):
+    c = load_config(os.path.join(CONFIGS, path), []).CTKD
+    assert (c.CE_WEIGHT, c.KD_WEIGHT) == (0.1, 0.9)
+    assert (c.TEMP.MIN, c.TEMP.RANGE, c.TEMP.INIT) == (1.0, 20.0, 1.0)
+    assert (c.LAMBDA.MIN, c.LAMBDA.MAX, c.LAMBDA.EPOCHS) == (0.0, 1.0, 10)
