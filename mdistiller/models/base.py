@@ -21,6 +21,10 @@ Models also report their shapes, so distillers size connectors (1x1 convs, proje
 instead of from hand-written per-architecture tables:
   - `stage_channels()`: channel count of each entry of "feats", in order.
   - `feat_dim`: size of "pooled_feat" (the classifier's input).
+  - `bn_before_relu()`: the BatchNorm2d modules whose outputs reach each stage's last ReLU, one per entry of
+    "preact_feats" after the stem, in stage order (OFD's margins come from their affine parameters). For a
+    residual stage it is the last block's branch BN (the shortcut is added after it), as in the published
+    code; models without such BNs (ShuffleNets, whose last ReLU follows a concat) raise NotImplementedError.
 """
 
 import torch.nn as nn
@@ -35,6 +39,10 @@ class ClassifierWithFeatures(nn.Module):
     def stage_channels(self):
         """Channel counts of the tensors in features["feats"], in order (a new list; safe to modify)."""
         return list(self._stage_channels)
+
+    def bn_before_relu(self):
+        """BatchNorm2d modules before each stage's last ReLU, matching "preact_feats"[1:] (see above)."""
+        raise NotImplementedError(f"{type(self).__name__} has no BatchNorm before its stages' last ReLU")
 
     @staticmethod
     def make_features(feats, preact_feats, pooled_feat):

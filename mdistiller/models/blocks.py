@@ -44,6 +44,7 @@ class BasicBlock(_ResidualBlock):
     """Two 3x3 convs plus shortcut, then ReLU; returns (out, preact) so the stage can expose both."""
 
     expansion = 1
+    last_bn = "bn2"  # the branch's last BN, before the shortcut sum and the ReLU (models' bn_before_relu)
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -65,6 +66,7 @@ class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (carrying the stride, as torchvision v1.5), 1x1 expand x4, plus shortcut, then ReLU."""
 
     expansion = 4
+    last_bn = "bn3"
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -94,6 +96,11 @@ class Stage(nn.Sequential):
         for block in self:
             x, preact = block(x)
         return x, preact
+
+
+def stage_last_bns(stages):
+    """Each stage's last block's branch BN: the BN before the stage's last ReLU (models' bn_before_relu)."""
+    return [getattr(stage[-1], stage[-1].last_bn) for stage in stages]
 
 
 def channel_shuffle(x, groups):

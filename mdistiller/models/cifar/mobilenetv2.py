@@ -102,6 +102,11 @@ class CifarMobileNetV2(ClassifierWithFeatures):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def bn_before_relu(self):
+        """The projection BN of each tapped group's last block, as the published code lists them (these
+        outputs have no ReLU after them: OFD's margin then only shapes the loss)."""
+        return [self.blocks[i][-1].conv[-1] for i in _TAPS]
+
     def forward(self, x):
         out = self.conv1(x)
         feats = [out]

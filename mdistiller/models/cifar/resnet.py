@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures, init_conv_bn
-from ..blocks import BasicBlock, Stage
+from ..blocks import BasicBlock, Stage, stage_last_bns
 from ..registry import MODEL_REGISTRY
 
 
@@ -39,6 +39,9 @@ class CifarResNet(ClassifierWithFeatures):
         layers = [BasicBlock(inplanes, planes, stride)]
         layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
         return Stage(*layers)
+
+    def bn_before_relu(self):
+        return stage_last_bns((self.layer1, self.layer2, self.layer3))
 
     def forward(self, x):
         stem = F.relu(self.bn1(self.conv1(x)))

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import ClassifierWithFeatures, init_conv_bn
-from ..blocks import BasicBlock, Bottleneck, add_resnet_stages, run_resnet_stages
+from ..blocks import BasicBlock, Bottleneck, add_resnet_stages, run_resnet_stages, stage_last_bns
 from ..registry import MODEL_REGISTRY
 
 
@@ -39,6 +39,9 @@ class CifarStemResNet(ClassifierWithFeatures):
         self._stage_channels = tuple(channels)
         self.feat_dim = inplanes
         init_conv_bn(self)
+
+    def bn_before_relu(self):
+        return stage_last_bns((self.layer1, self.layer2, self.layer3, self.layer4))
 
     def forward(self, x):
         out, feats, preacts = run_resnet_stages(self, F.relu(self.bn1(self.conv1(x))))

@@ -57,6 +57,11 @@ class VGG(ClassifierWithFeatures):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def bn_before_relu(self):
+        """Each block's last layer is its BN (the ReLU is taken in forward); block0 excluded, as the
+        published code lists blocks 1-4 (the entries of preact_feats after the first)."""
+        return [getattr(self, f"block{i}")[-1] for i in range(1, 5)]
+
     def forward(self, x):
         full_size = x.shape[2] == 64
         feats, preacts = [], []

@@ -85,6 +85,10 @@ class WideResNet(ClassifierWithFeatures):
         init_conv_bn(self)
         nn.init.zeros_(self.fc.bias)
 
+    def bn_before_relu(self):
+        """The BNs of the preact_feats taps (module docstring), as the published code lists them."""
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
     def forward(self, x):
         f0 = self.conv1(x)
         f1 = self.block1(f0)
