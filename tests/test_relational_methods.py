@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mdistiller.config import load_config
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
+from mdistiller.distillers.pkt import pkt_loss
 from mdistiller.distillers.rkd import pairwise_distance, rkd_loss
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
@@ -114,3 +115,49 @@ def test_rkd_published_defaults():
     c = load_config(None, ["DISTILLER.TYPE", "RKD"]).RKD
     assert (c.DISTANCE_WEIGHT, c.ANGLE_WEIGHT, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT) == (25, 50, 1, 1)
     assert (c.PDIST.EPSILON, c.PDIST.SQUARED) == (1e-12, False)
+
+
+# ---------------------------------------------------------------- PKT
+
+def plain_pkt(s, t, eps=1e-7):
+    """Passalis & Tefas' conditional similarity distributions and their divergence, entry by entry, averaged
+    over the N^2 entries as the published code reduces it."""
+    n = len(s)
+
+    def probs(e):
+        unit = []
+        for row in e:
+            norm = math.sqrt(sum(v * v for v in row))
+            unit.append([v / (norm + eps) for v in row])
+        k = [[(sum(a * b for a, b in zip(unit[i], unit[j])) + 1) / 2 for j in range(n)] for i in range(n)]
+        return [[k[i][j] / sum(k[i]) for j in range(n)] for i in range(n)]
+
+    ps, pt = probs(s), probs(t)
+    return sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(n) for j in range(n)) / n ** 2
+
+
+def test_pkt_loss_matches_loop_and_vanishes_for_equal_directions():
+    s, t = features(5, 4, 2), features(5, 9, 3)
+    assert pkt_loss(s, t).item() == pytest.approx(plain_pkt(s.tolist(), t.tolist()), rel=1e-9)
+    # only directions count: a per-sample rescaling of the student leaves it at zero against itself
+    assert pkt_loss(s * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None], s).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_pkt_term_on_pooled_features_and_gradients():
+    d = make("PKT")
+    x, y = batch()
+    out = d.train_forward(x, y, epoch=1)
+    s, t = out.student_features["pooled_feat"], out.teacher_features["pooled_feat"]
+    assert out.terms["pkt"].kind == DISTILL and out.terms["ce"].kind == TASK
+    expected = 30000 * plain_pkt(s.double().tolist(), t.double().tolist())
+    assert out.terms["pkt"].value.item() == pytest.approx(expected, rel=1e-3)
+    got = nonzero_grads(d, "pkt")
+    assert any(n.startswith("student.conv1.") for n in got) and any(n.startswith("student.layer3.") for n in got)
+    assert not any(n.startswith(("student.fc.", "teacher.")) for n in got)
+
+
+def test_pkt_bad_values_and_defaults():
+    with pytest.raises(ConfigError, match=r"PKT\.LOSS\.FEAT_WEIGHT"):
+        load_config(None, ["DISTILLER.TYPE", "PKT", "PKT.LOSS.FEAT_WEIGHT", "-1"])
+    c = load_config(None, ["DISTILLER.TYPE", "PKT"]).PKT
+    assert (c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT) == (1.0, 30000.0)
