@@ -12,6 +12,7 @@ from mdistiller.config import load_config
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
 from mdistiller.distillers.pkt import pkt_loss
 from mdistiller.distillers.rkd import pairwise_distance, rkd_loss
+from mdistiller.distillers.sp import sp_loss
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
 
@@ -161,3 +162,54 @@ def test_pkt_bad_values_and_defaults():
         load_config(None, ["DISTILLER.TYPE", "PKT", "PKT.LOSS.FEAT_WEIGHT", "-1"])
     c = load_config(None, ["DISTILLER.TYPE", "PKT"]).PKT
     assert (c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT) == (1.0, 30000.0)
+
+
+# ---------------------------------------------------------------- SP
+
+def plain_sp(s, t):
+    """Tung & Mori's loss: Gram matrices of the flattened activations, rows L2-normalised, squared Frobenius
+    distance over N^2, entry by entry."""
+    n = len(s)
+
+    def gram(e):
+        g = [[sum(a * b for a, b in zip(e[i], e[j])) for j in range(n)] for i in range(n)]
+        return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in g]
+
+    gs, gt = gram(s), gram(t)
+    return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(n) for j in range(n)) / n ** 2
+
+
+def test_sp_loss_matches_loop_by_hand_and_ignores_shapes():
+    # by hand: s rows (1, 0), (1, 1) -> G = [[1, 1], [1, 2]] -> rows /sqrt2, /sqrt5; t orthogonal -> G_t = I
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    t = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64)
+    r2, r5 = math.sqrt(2), math.sqrt(5)
+    by_hand = ((1 - 1 / r2) ** 2 + (1 / r2) ** 2 + (1 / r5) ** 2 + (1 - 2 / r5) ** 2) / 4
+    assert sp_loss(s, t).item() == pytest.approx(by_hand, rel=1e-12)
+    # feature maps of different widths and sizes compare through their N x N similarities
+    f_s = features(4, 2 * 3 * 3, 4).view(4, 2, 3, 3)
+    f_t = features(4, 5 * 2 * 2, 5).view(4, 5, 2, 2)
+    expected = plain_sp(f_s.flatten(1).tolist(), f_t.flatten(1).tolist())
+    assert sp_loss(f_s, f_t).item() == pytest.approx(expected, rel=1e-9)
+    assert sp_loss(f_s, f_t).dim() == 0
+
+
+def test_sp_term_on_last_stage_and_gradients():
+    d = make("SP")
+    x, y = batch()
+    out = d.train_forward(x, y, epoch=1)
+    s, t = out.student_features["feats"][-1], out.teacher_features["feats"][-1]
+    assert s.shape[1] == 64 and t.shape[1] == 64  # the last stage of each resnet
+    assert out.terms["sp"].kind == DISTILL and out.terms["ce"].kind == TASK
+    expected = 3000 * plain_sp(s.flatten(1).double().tolist(), t.flatten(1).double().tolist())
+    assert out.terms["sp"].value.item() == pytest.approx(expected, rel=1e-4)
+    got = nonzero_grads(d, "sp")
+    assert any(n.startswith("student.conv1.") for n in got) and any(n.startswith("student.layer3.") for n in got)
+    assert not any(n.startswith(("student.fc.", "teacher.")) for n in got)
+
+
+def test_sp_bad_values_and_defaults():
+    with pytest.raises(ConfigError, match=r"SP\.LOSS\.CE_WEIGHT"):
+        load_config(None, ["DISTILLER.TYPE", "SP", "SP.LOSS.CE_WEIGHT", "-0.5"])
+    c = load_config(None, ["DISTILLER.TYPE", "SP"]).SP
+    assert (c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT) == (1.0, 3000.0)
