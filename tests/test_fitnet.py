@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from mdistiller.config import load_config
 from mdistiller.distillers import DISTILL, TASK
-from mdistiller.distillers.fitnet import FitNet, HintRegressor
+from mdistiller.distillers.fitnet import FitNet, HintRegressor, stage_shape
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
 
@@ -99,6 +99,19 @@ def test_bad_values_name_the_key():
         load_config(None, ["DISTILLER.TYPE", "FITNET", "FITNET.LOSS.FEAT_WEIGHT", "-5"])
     with pytest.raises(ConfigError, match="FITNET.HINT_LAYER"):
         make(hint_layer=4)  # resnets have 4 feature maps: 0..3
+
+
+def test_regressor_sized_from_the_datasets_image_size():
+    """The probe runs at the data's size: resnet8's last stage is a quarter of the input's side."""
+    from types import SimpleNamespace
+    assert stage_shape(build_model("resnet8", "cifar100"), 3, 64) == (64, 16, 16)
+    assert stage_shape(build_model("resnet8", "cifar100"), 3, 32) == (64, 8, 8)
+    cfg = load_config(None, ["DISTILLER.TYPE", "FITNET", "FITNET.HINT_LAYER", "3"])
+    s, t = build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100")
+    d = FitNet.from_config(cfg, s, t, SimpleNamespace(image_size=64))
+    assert tuple(d.regressor.conv.kernel_size) == (1, 1) and d.hint_layer == 3
+    x = torch.randn(2, 3, 64, 64)
+    assert d.regressor(d.student(x)[1]["feats"][3]).shape == d.teacher(x)[1]["feats"][3].shape == (2, 64, 16, 16)
 
 
 def test_published_defaults():

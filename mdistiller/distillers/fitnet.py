@@ -12,7 +12,8 @@ The regressor r is the published one: conv -> BatchNorm -> ReLU, the conv chosen
   - student at least as large: a conv with kernel (1 + Hs - Ht, 1 + Ws - Wt), i.e. 1x1 for equal sizes.
 Any other pair of sizes is refused. The sizes come from one forward of a zero image of the dataset's size
 (mdistiller probes a random image of FITNET.INPUT_SIZE; we take the size from the data so the two cannot
-disagree, and probe in eval mode so the student's BatchNorm statistics are left untouched).
+disagree, and probe in eval mode so the student's BatchNorm statistics are left untouched). Built without data
+(a method made outside a run, as tests do), the probe uses 32x32, mdistiller's FITNET.INPUT_SIZE default.
 """
 
 import torch
@@ -90,7 +91,8 @@ class FitNet(Distiller):
     @classmethod
     def from_config(cls, cfg, student, teacher, data):
         c = cfg.FITNET
-        return cls(student, teacher, data.image_size, c.HINT_LAYER, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        image_size = data.image_size if data is not None else 32
+        return cls(student, teacher, image_size, c.HINT_LAYER, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
 
     @classmethod
     def validate_config(cls, cfg):
