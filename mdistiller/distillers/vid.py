@@ -17,9 +17,9 @@ As mdistiller's VID.py computes it:
   - the mean is over batch, channels and positions; the stage losses are summed.
 Where we differ: mdistiller keeps alpha in a plain Python list, so its optimizer never sees it and the variance
 stays at its initial value for the whole run. The paper, the authors' code and RepDistiller (whose runs give the
-CRD-table VID numbers) learn it, and so do we (VID.LEARN_VARIANCE True); False keeps it fixed (a parameter without gradient), which
-is mdistiller's behaviour. Channel counts come from `stage_channels()` instead of a probe forward (mdistiller's
-INPUT_SIZE key is therefore not needed).
+CRD-table VID numbers) learn it, and so do we (VID.LEARN_VARIANCE True); False keeps it fixed (a parameter
+without gradient), which is mdistiller's behaviour. Channel counts come from `stage_channels()` instead of a probe
+forward (mdistiller's INPUT_SIZE key is therefore not needed).
 """
 
 import math
