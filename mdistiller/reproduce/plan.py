@@ -18,11 +18,12 @@ from ..utils.env import REPO_ROOT
 
 CONFIGS_ROOT = os.path.join(REPO_ROOT, "configs")
 
+# Method names as the papers' tables print them (paper_results.csv) -> config directory.
 METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "reviewkd", "DIST": "dist",
-               "KD++": "kdpp", "DKD++": "dkdpp", "ReviewKD++": "reviewkdpp", "DIST++": "distpp", "CRD++": "crdpp"}
-NOT_IMPLEMENTED = {"OFD", "RKD", "PKT", "FitNet", "SRRL", "VID", "FT", "AB", "FSP", "NST", "SP", "CC", "KDSVD",
-                   "MLKD", "CTKD"}
-
+               "KD++": "kdpp", "DKD++": "dkdpp", "ReviewKD++": "reviewkdpp", "DIST++": "distpp", "CRD++": "crdpp",
+               "FitNet": "fitnet", "RKD": "rkd", "PKT": "pkt", "OFD": "ofd", "SRRL": "srrl", "VID": "vid",
+               "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd"}
+NOT_IMPLEMENTED = {"FT", "AB", "FSP", "CC", "MLKD"}
 
 
 def _one(key):
