@@ -64,15 +64,11 @@ def register_check(fn):
     return fn
 
 
-def _selecting_registries():
-    return [r for r in REGISTRIES.values() if r.key is not None]
-
-
 def validate_config(cfg):
     """Every check, in order: the whole tree, the names the registries select (dataset, method and its models,
     update rule), the core sections, then each chosen component's own checks."""
     validate_tree(cfg)
-    for registry in _selecting_registries():
+    for registry in REGISTRIES.values():
         registry.check_name(cfg)
     s, d = cfg.SOLVER, cfg.DATASET
     _check(d.NUM_WORKERS >= 0, "DATASET.NUM_WORKERS", f"must be >= 0, got {d.NUM_WORKERS}")
@@ -123,5 +119,5 @@ def validate_config(cfg):
 
     for check in _EXTRA_CHECKS:
         check(cfg)
-    for registry in _selecting_registries():
+    for registry in REGISTRIES.values():
         registry.validate(cfg)

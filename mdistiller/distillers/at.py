@@ -109,9 +109,6 @@ class AT(Distiller):
             raise ConfigError(f"config key AT.P: must be > 0, got {c.P}")
         if c.PAIRING not in PAIRINGS:
             raise ConfigError(f"config key AT.PAIRING: must be one of {', '.join(PAIRINGS)}, got {c.PAIRING!r}")
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if c.LOSS[key] < 0:
-                raise ConfigError(f"config key AT.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

@@ -67,9 +67,6 @@ class DIST(Distiller):
         c = cfg.DIST
         if c.TAU <= 0:
             raise ConfigError(f"config key DIST.TAU: must be > 0, got {c.TAU}")
-        for key in ("CE_WEIGHT", "BETA", "GAMMA"):
-            if c[key] < 0:
-                raise ConfigError(f"config key DIST.{key}: must be >= 0, got {c[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, feats = self.student(images)

@@ -99,9 +99,6 @@ class FitNet(Distiller):
         c = cfg.FITNET
         if c.HINT_LAYER < 0:
             raise ConfigError(f"config key FITNET.HINT_LAYER: must be >= 0 (0 is the stem), got {c.HINT_LAYER}")
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if c.LOSS[key] < 0:
-                raise ConfigError(f"config key FITNET.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

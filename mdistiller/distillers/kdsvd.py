@@ -126,9 +126,6 @@ class KDSVD(Distiller):
         c = cfg.KDSVD
         if c.K < 1:
             raise ConfigError(f"config key KDSVD.K: must be an integer >= 1 (1 is the published setting), got {c.K}")
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if c.LOSS[key] < 0:
-                raise ConfigError(f"config key KDSVD.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

@@ -17,7 +17,6 @@ from yacs.config import CfgNode as CN
 
 import torch.nn.functional as F
 
-from ..utils.errors import ConfigError
 from .at import matching_size, paired_stages
 from .base import Distiller
 from .losses import StepOutput, ce_term, distill_loss
@@ -59,12 +58,6 @@ class NST(Distiller):
     def from_config(cls, cfg, student, teacher, data):
         c = cfg.NST
         return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
-
-    @classmethod
-    def validate_config(cls, cfg):
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if cfg.NST.LOSS[key] < 0:
-                raise ConfigError(f"config key NST.LOSS.{key}: must be >= 0, got {cfg.NST.LOSS[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

@@ -123,9 +123,6 @@ class OFD(Distiller):
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ConfigError(f"config key OFD.CONNECTOR.KERNEL_SIZE: must be an odd integer >= 1 (the connector "
                               f"keeps the spatial size), got {k!r}")
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if c.LOSS[key] < 0:
-                raise ConfigError(f"config key OFD.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
 
     def margins(self):
         return [getattr(self, f"margin_{i}") for i in range(self.num_stages)]

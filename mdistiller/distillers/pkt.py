@@ -15,7 +15,6 @@ large weight compensates for; the weight is therefore tied to this reduction and
 import torch
 from yacs.config import CfgNode as CN
 
-from ..utils.errors import ConfigError
 from .base import Distiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
@@ -53,12 +52,6 @@ class PKT(Distiller):
     def from_config(cls, cfg, student, teacher, data):
         c = cfg.PKT
         return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
-
-    @classmethod
-    def validate_config(cls, cfg):
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if cfg.PKT.LOSS[key] < 0:
-                raise ConfigError(f"config key PKT.LOSS.{key}: must be >= 0, got {cfg.PKT.LOSS[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

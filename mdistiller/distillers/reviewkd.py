@@ -141,9 +141,6 @@ class ReviewKD(Distiller):
             raise ConfigError(f"config key REVIEWKD.WARMUP_EPOCHS: must be >= 0 epochs, got {c.WARMUP_EPOCHS}")
         if c.MAX_MID_CHANNEL < 1:
             raise ConfigError(f"config key REVIEWKD.MAX_MID_CHANNEL: must be >= 1, got {c.MAX_MID_CHANNEL}")
-        for key in ("CE_WEIGHT", "REVIEWKD_WEIGHT"):
-            if c.LOSS[key] < 0:
-                raise ConfigError(f"config key REVIEWKD.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
 
     def fused_and_targets(self, features, features_t):
         """(fused student maps, teacher maps) for the K paired levels, shallowest first."""

@@ -15,7 +15,6 @@ same value as a scalar, as every loss term here is.
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..utils.errors import ConfigError
 from .base import Distiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
@@ -50,12 +49,6 @@ class SP(Distiller):
     def from_config(cls, cfg, student, teacher, data):
         c = cfg.SP
         return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
-
-    @classmethod
-    def validate_config(cls, cfg):
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if cfg.SP.LOSS[key] < 0:
-                raise ConfigError(f"config key SP.LOSS.{key}: must be >= 0, got {cfg.SP.LOSS[key]}")
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

@@ -88,12 +88,6 @@ class SRRL(Distiller):
         c = cfg.SRRL.LOSS
         return cls(student, teacher, c.CE_WEIGHT, c.FM_WEIGHT, c.SR_WEIGHT)
 
-    @classmethod
-    def validate_config(cls, cfg):
-        for key in ("CE_WEIGHT", "FM_WEIGHT", "SR_WEIGHT"):
-            if cfg.SRRL.LOSS[key] < 0:
-                raise ConfigError(f"config key SRRL.LOSS.{key}: must be >= 0, got {cfg.SRRL.LOSS[key]}")
-
     def srrl_losses(self, feat_student, pooled_teacher, logits_teacher):
         """(feature matching, softmax regression) from the student's last map and the teacher's outputs."""
         pooled = self.connector(feat_student).mean(dim=(2, 3))

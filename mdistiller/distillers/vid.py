@@ -90,9 +90,6 @@ class VID(Distiller):
         if c.INIT_PRED_VAR <= c.EPS:
             raise ConfigError(f"config key VID.INIT_PRED_VAR: must be > VID.EPS ({c.EPS}) so that the initial "
                               f"variance is reachable, got {c.INIT_PRED_VAR} (5.0 is the published setting)")
-        for key in ("CE_WEIGHT", "FEAT_WEIGHT"):
-            if c.LOSS[key] < 0:
-                raise ConfigError(f"config key VID.LOSS.{key}: must be >= 0, got {c.LOSS[key]}")
 
     def vid_loss(self, feats_student, feats_teacher):
         """Sum over the stage pairs (stem dropped, shallowest first) of the Gaussian NLL of the teacher stage."""
