@@ -46,7 +46,7 @@ def reproduce(*args):
 @pytest.mark.parametrize("table,cells,runs", [
     ("dot-3a", 27, 26), ("dot-3b", 18, 17), ("dot-3c", 18, 18), ("dot-1", 9, 9), ("dot-2", 9, 9), ("dot-6", 14, 14),
     ("dot-7", 12, 12), ("dot-4", 6, 6), ("dot-5", 6, 6), ("kdpp-1", 90, 88), ("kdpp-2", 20, 20), ("kdpp-b3", 12, 12),
-    ("dkd-a.1", 18, 18), ("mdistiller-dkd", 22, 22), ("proxy-fmnist", 8, 8)])
+    ("dkd-a.1", 18, 18), ("mdistiller-dkd", 22, 22), ("proxy-fmnist", 13, 13)])
 def test_dry_run_lists_every_cell(table, cells, runs):
     # A teacher row shared by several students is one run (dot-3a's resnet32x4, dot-3b's ResNet18, kdpp-1's
     # resnet32x4 and its student resnet8x4 in the ...->resnet8x4 and resnet32x4->ShuffleV* columns, ...).
@@ -82,9 +82,9 @@ def test_task_weight_sweep_and_config_values():
 def test_seeds_note_caps_a_cell_and_runs_go_seed_by_seed():
     r = reproduce("--table", "proxy-fmnist", "--dry-run", "--seeds", "3")
     lines = [x for x in r.stdout.splitlines() if not x.startswith("#")]
-    # the teacher and KD+DOT at delta 0 ("seeds=1") once, six student rows three times
-    assert len(lines) == 2 + 6 * 3
-    assert [x.rsplit("seed: ", 1)[1].split()[0] for x in lines] == ["0"] * 8 + ["1"] * 6 + ["2"] * 6
+    # the teacher, KD+DOT at delta 0 and the five one-seed baselines ("seeds=1") once, six student rows three times
+    assert len(lines) == 2 + 5 + 6 * 3
+    assert [x.rsplit("seed: ", 1)[1].split()[0] for x in lines] == ["0"] * 13 + ["1"] * 6 + ["2"] * 6
     assert lines[0].startswith("configs/fashion_mnist/vanilla/resnet20.yaml")
 
 
@@ -146,7 +146,7 @@ def test_list_shows_every_implemented_cell_with_a_config():
     for table in ("dot-3a", "dot-3b", "dot-3c", "dot-1", "dot-2", "dot-4", "dot-5", "dot-6", "dot-7", "dot-8",
                   "kdpp-1", "kdpp-2", "kdpp-b3", "dkd-a.1", "mdistiller-dkd", "proxy-fmnist"):
         assert rows[table][3] == 0, table
-    assert rows["proxy-fmnist"] == [8, 8, 0, 0]
+    assert rows["proxy-fmnist"] == [13, 13, 0, 0]
     # every published cell of these three tables has a config (FitNet, RKD, PKT, OFD, SRRL rows included)
     assert rows["kdpp-1"] == [90, 90, 0, 0] and rows["kdpp-2"] == [20, 20, 0, 0] and rows["dot-3c"] == [18, 18, 0, 0]
 
@@ -240,8 +240,8 @@ def test_slurm_driver_submits_teachers_first_and_students_after_them(tmp_path):
     assert [i for i, _ in teacher_arms] == [0] and "#SBATCH --array=0-0" in stages[1][1]
     assert teacher_arms[0][1] == [f"{python} tools/train.py --cfg {TEACHER_CFG} --resume EXPERIMENT.SEED 0 "
                                   f"LOG.PREFIX {tmp_path}/runs"]
-    # 13 students: 6 methods x 2 seeds + KD+DOT at delta 0 once; each checks the teacher run first
-    assert [i for i, _ in student_arms] == list(range(13)) and "#SBATCH --array=0-12" in stages[2][1]
+    # 18 students: 6 methods x 2 seeds + KD+DOT at delta 0 and 5 baselines once; each checks the teacher run first
+    assert [i for i, _ in student_arms] == list(range(18)) and "#SBATCH --array=0-17" in stages[2][1]
     for _, (guard, cmd) in student_arms:
         assert guard == f"require_finished {tmp_path}/runs/{TEACHER_RUN}"
         assert cmd.startswith(f"{python} tools/train.py --cfg configs/fashion_mnist/") and TEACHER_CFG not in cmd
@@ -279,14 +279,14 @@ def test_slurm_student_task_refuses_an_unfinished_teacher(tmp_path):
     assert len(calls) == 2 and TEACHER_CFG in calls[0] and "configs/fashion_mnist/" in calls[1]
 
 
-@pytest.mark.parametrize("teacher,rc,students_run", [("ok", 0, 13), ("fail", 3, 0), ("no-summary", 1, 0)])
+@pytest.mark.parametrize("teacher,rc,students_run", [("ok", 0, 18), ("fail", 3, 0), ("no-summary", 1, 0)])
 def test_bash_script_runs_the_teacher_stage_first(tmp_path, teacher, rc, students_run):
     python = _executable(tmp_path / "python", FAKE_PYTHON)
     text = _emit(tmp_path, "proxy-fmnist", "--python", python)
     lines = text.splitlines()
     runs = [i for i, x in enumerate(lines) if x.startswith(f"{python} tools/train.py")]
     teacher_lines = [i for i in runs if TEACHER_CFG in lines[i]]
-    assert len(runs) == 14 and len(teacher_lines) == 1
+    assert len(runs) == 19 and len(teacher_lines) == 1
     assert teacher_lines[0] < min(i for i in runs if i not in teacher_lines)
     assert "set -euo pipefail" in lines
     log = tmp_path / "calls.log"
