@@ -151,8 +151,30 @@ def test_published_checkpoint_loads_strict(section, name, tmp_path):
 
 
 def test_unknown_model_lists_available():
-    with pytest.raises(ConfigError, match=r"unknown model 'nope' for dataset cifar100; available: .*resnet32x4"):
+    with pytest.raises(ConfigError, match=r"unknown model 'nope'; ours: .*resnet32x4.*timm:<name>"):
         build_model("nope", "cifar100")
+
+
+def test_models_take_classes_and_input_size_not_a_dataset():
+    # A built-in dataset's models are those registered under its family, as before the zoo took sizes.
+    from mdistiller.models import MODEL_REGISTRY, family_for
+
+    for dataset, family in (("cifar100", "cifar"), ("fashion_mnist", "cifar"), ("tiny_imagenet", "tiny_imagenet"),
+                            ("imagenet", "imagenet")):
+        registered = sorted(k.split("/", 1)[1] for k in MODEL_REGISTRY.names() if k.startswith(family + "/"))
+        assert model_names(dataset) == registered, dataset
+    # A name in several families runs as the one designed for the nearest input size.
+    assert family_for("MobileNetV2", 32) == "cifar" and family_for("MobileNetV2", 48) == "tiny_imagenet"
+    assert family_for("MobileNetV2", 160) == "imagenet" and family_for("resnet8", 224) == "cifar"
+    # Any class count and input size: a 7-way resnet8 on 96x96 images.
+    model = build_model("resnet8", num_classes=7, image_size=96).eval()
+    with torch.no_grad():
+        logits, features = model(torch.randn(2, 3, 96, 96))
+    assert logits.shape == (2, 7) and features["pooled_feat"].shape == (2, model.feat_dim)
+    with pytest.raises(TypeError, match="num_classes and image_size"):
+        build_model("resnet8", num_classes=7)
+    with pytest.raises(ConfigError, match="pretrained weights are for timm:/torchvision: models"):
+        build_model("resnet8", "cifar100", pretrained=True)
 
 
 def test_unknown_dataset_lists_available():

@@ -29,7 +29,7 @@ def main(argv=None):
     cfg = load_config(args.cfg, args.opts)
     device = resolve_device(cfg.EXPERIMENT.DEVICE)
     _, _, meta = build_dataloaders(cfg, device)
-    teacher = build_teacher(cfg, meta.num_classes).to(device)
+    teacher = build_teacher(cfg, meta.num_classes, meta.image_size).to(device)
     means, counts, path = class_means_for_run(cfg, teacher, meta, device, force=args.force)
     print(f"{cfg.DISTILLER.TEACHER} class means: {means.shape[0]} classes x {means.shape[1]} dims over "
           f"{int(counts.sum())} {meta.name} training images -> {path}")

@@ -68,7 +68,7 @@ def main(argv=None):
     device = resolve_device(cfg.EXPERIMENT.DEVICE)
     seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
     _, test_loader, meta = build_dataloaders(cfg, device, only_test=True)
-    model = build_model(args.model, cfg.DATASET.TYPE, meta.num_classes)
+    model = build_model(args.model, num_classes=meta.num_classes, image_size=meta.image_size)
     load_weights(model, args.ckpt, args.model)
     model.to(device)
     speed = None

@@ -151,12 +151,12 @@ def logit_corr(runs, device):
         if cfg.DISTILLER.TYPE == "NONE":
             continue
         _, test_loader, meta = build_dataloaders(cfg, device, only_test=True)
-        student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, meta.num_classes)
+        student = build_model(cfg.DISTILLER.STUDENT, num_classes=meta.num_classes, image_size=meta.image_size)
         ckpt = os.path.join(run_dir, "student_best.pth")
         if not os.path.isfile(ckpt):
             raise UserError(f"{ckpt} not found: --logit-corr needs the run's saved student")
         load_weights(student, ckpt, cfg.DISTILLER.STUDENT)
-        teacher = build_teacher(cfg, meta.num_classes)
+        teacher = build_teacher(cfg, meta.num_classes, meta.image_size)
         out[label] = correlation_difference(predict(student, test_loader, device), predict(teacher, test_loader, device))
     return out
 

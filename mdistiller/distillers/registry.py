@@ -7,7 +7,7 @@ hand-written ++ variant can still have one.
 """
 
 from ..config.registry import Registry
-from ..models import model_names
+from ..models import check_model_name
 from ..utils.errors import ConfigError
 from .loss_ramp import validate_loss_ramp
 from .plus_plus import DinoTerm
@@ -66,13 +66,9 @@ class DistillerRegistry(Registry):
     def check_name(self, cfg):
         """The method must exist, and so must the models it builds for the dataset."""
         super().check_name(cfg)
-        d, dataset = cfg.DISTILLER, cfg.DATASET.TYPE
         roles = ["STUDENT"] + (["TEACHER"] if self.loads_teacher(cfg) else [])
-        allowed = model_names(dataset)
         for role in roles:
-            if d[role] not in allowed:
-                raise ConfigError(f"config key DISTILLER.{role}: unknown model '{d[role]}' for dataset {dataset}; "
-                                  f"allowed: {', '.join(allowed)}")
+            check_model_name(cfg.DISTILLER[role], f"DISTILLER.{role}")
 
     def validate(self, cfg):
         """LOSS_RAMP against the method, the method's own section, and the dino term's for "X++"."""

@@ -55,8 +55,8 @@ def _load_teacher(cfg, data, teacher_state):
     """DISTILLER.TEACHER with the weights of its checkpoint, or of `teacher_state` (a state dict) when given: built
     the same way either way, so that a run with an in-memory teacher equals one with that teacher's file."""
     if teacher_state is None:
-        return build_teacher(cfg, data.num_classes)
-    model = build_model(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE, data.num_classes)
+        return build_teacher(cfg, data.num_classes, data.image_size)
+    model = build_model(cfg.DISTILLER.TEACHER, num_classes=data.num_classes, image_size=data.image_size)
     model.load_state_dict(teacher_state)
     return model
 
@@ -68,7 +68,7 @@ def build_distiller(cfg, data, device, teacher_state=None):
     fixed order (student, teacher, the method's modules, the dino term's projector): their random initialisations
     depend on it."""
     method, plus_plus = DISTILLER_REGISTRY.resolve(cfg.DISTILLER.TYPE, "DISTILLER.TYPE")
-    student = build_model(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE, data.num_classes)
+    student = build_model(cfg.DISTILLER.STUDENT, num_classes=data.num_classes, image_size=data.image_size)
     frozen = monitor = None
     if method.needs_teacher:
         frozen = FrozenTeacher(_load_teacher(cfg, data, teacher_state))

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from ..config import get_cfg_defaults
-from . import build_model
+from . import build_model, dataset_shape
 from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
 from ..utils.env import REPO_ROOT
@@ -120,10 +120,13 @@ def teacher_ckpt_path(cfg):
     return path
 
 
-def build_teacher(cfg, num_classes):
-    """The teacher model with its weights loaded strictly; every failure is one CheckpointError line."""
+def build_teacher(cfg, num_classes, image_size=None):
+    """The teacher model with its weights loaded strictly; every failure is one CheckpointError line.
+    `image_size`: the input size (default: the built-in dataset's)."""
     name = cfg.DISTILLER.TEACHER
-    teacher = build_model(name, cfg.DATASET.TYPE, num_classes)
+    if image_size is None:
+        image_size = dataset_shape(cfg.DATASET.TYPE)[1]
+    teacher = build_model(name, num_classes=num_classes, image_size=image_size)
     path = teacher_ckpt_path(cfg)
     if not os.path.isfile(path):
         raise CheckpointError(f"teacher checkpoint for {name} ({cfg.DATASET.TYPE}) not found at {path}; "
