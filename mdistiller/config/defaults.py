@@ -36,6 +36,12 @@ _C.DISTILLER.TEACHER = "resnet56"
 _C.DISTILLER.STUDENT = "resnet8"
 _C.DISTILLER.TEACHER_CKPT = ""  # empty = the published location for the teacher (see the model zoo)
 
+# timm:<name> / torchvision:<name> models (models/external.py): whether they start from their library's
+# pretrained weights, read from the library's local cache (one clear error offline when the file is missing).
+_C.MODEL = CN()
+_C.MODEL.TEACHER_PRETRAINED = True  # a library teacher without DISTILLER.TEACHER_CKPT uses the library's weights
+_C.MODEL.STUDENT_PRETRAINED = False  # a library student starts from the library's weights (a new classifier head)
+
 _C.SOLVER = CN()
 _C.SOLVER.TRAINER = "vanilla"
 _C.SOLVER.BATCH_SIZE = 64  # global batch, as in the papers

@@ -19,7 +19,7 @@ from ..data.unaugmented import unaugmented_train_loader
 from ..distillers import DISTILLER_REGISTRY, Distiller
 from ..distillers.loss_ramp import LossRamp
 from ..distillers.plus_plus import DinoTerm
-from ..models import build_model
+from ..models import build_model, is_library_model
 from ..models.frozen import FrozenTeacher
 from ..models.teacher_ckpt import build_teacher
 from ..utils import distributed
@@ -68,7 +68,8 @@ def build_distiller(cfg, data, device, teacher_state=None):
     fixed order (student, teacher, the method's modules, the dino term's projector): their random initialisations
     depend on it."""
     method, plus_plus = DISTILLER_REGISTRY.resolve(cfg.DISTILLER.TYPE, "DISTILLER.TYPE")
-    student = build_model(cfg.DISTILLER.STUDENT, num_classes=data.num_classes, image_size=data.image_size)
+    student = build_model(cfg.DISTILLER.STUDENT, num_classes=data.num_classes, image_size=data.image_size,
+                          pretrained=cfg.MODEL.STUDENT_PRETRAINED and is_library_model(cfg.DISTILLER.STUDENT))
     frozen = monitor = None
     if method.needs_teacher:
         frozen = FrozenTeacher(_load_teacher(cfg, data, teacher_state))
