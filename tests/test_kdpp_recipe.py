@@ -180,10 +180,15 @@ CIFAR = {
 }
 IMAGENET = {
     "kdpp": {"ResNet34_ResNet18": (2.5, 1.0), "ResNet50_ResNet18": (4.0, 1.0), "ResNet101_ResNet18": (3.5, 4.0),
-             "ResNet152_ResNet18": (4.0, 2.0), "ResNet50_MobileNetV1": (4.0, 1.0)},
+             "ResNet152_ResNet18": (4.0, 2.0), "ResNet50_MobileNetV1": (4.0, 1.0),
+             # ViT teachers (ImageNet/ViT/train.sh:L4-5)
+             "ViT-S_ResNet18": (1.5, 1.0), "ViT-B_ResNet18": (2.0, 1.0)},
     "dkdpp": {"ResNet34_ResNet18": (0.8, 0.5, 1.0), "ResNet50_ResNet18": (0.6, 0.5, 2.0),
               "ResNet101_ResNet18": (0.8, 0.5, 1.0), "ResNet152_ResNet18": (1.0, 1.0, 1.0),
-              "ResNet50_MobileNetV1": (0.8, 1.0, 1.0)},
+              "ResNet50_MobileNetV1": (0.8, 1.0, 1.0),
+              # ViT teachers: ImageNet/ViT/train.sh's command lines and the README (its comment table gives ViT-S
+              # alpha 1.0, beta 1.0)
+              "ViT-S_ResNet18": (1.4, 0.5, 2.0), "ViT-B_ResNet18": (1.4, 0.5, 2.0)},
     "reviewkdpp": {"ResNet34_ResNet18": (1.0, 3.0), "ResNet50_ResNet18": (3.0, 2.0), "ResNet101_ResNet18": (3.0, 1.0),
                    "ResNet152_ResNet18": (3.0, 1.0), "ResNet50_MobileNetV1": (8.0, 4.0)},
 }
@@ -264,3 +269,16 @@ def test_a_family_run_trains_without_the_term_in_its_first_epoch(tmp_path):
         first, second = [json.loads(line) for line in f]
     assert first["loss/kd"] == 0.0 and second["loss/kd"] > 0
     assert first["loss/dino"] > 0 and second["loss/dino"] > 0
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "kdpp", "dkdpp"])
+def test_table_b2_vit_teachers_are_timms_pretrained_vits(method):
+    # KD++ table B2 (ImageNet/ViT/train_kd.py:L469-472): timm's vit_small/base_patch16_224 with pretrained=True.
+    from mdistiller.engine.launch import run_name
+
+    for stem, model in (("ViT-S_ResNet18", "timm:vit_small_patch16_224"),
+                        ("ViT-B_ResNet18", "timm:vit_base_patch16_224")):
+        cfg = load_config(os.path.join(ROOT, "configs", "imagenet", method, f"{stem}.yaml"))
+        assert (cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT) == (model, "ResNet18")
+        assert cfg.MODEL.TEACHER_PRETRAINED and cfg.DISTILLER.TEACHER_CKPT == ""
+        assert ":" not in run_name(cfg) and model.split(":")[1] in run_name(cfg)

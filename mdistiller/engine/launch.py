@@ -49,6 +49,7 @@ def run_name(cfg):
         return cfg.EXPERIMENT.NAME
     d = cfg.DISTILLER
     models = d.STUDENT if d.TYPE == "NONE" else f"{d.TEACHER}_{d.STUDENT}"
+    models = models.replace(":", "-")  # timm:vit_small_patch16_224 -> timm-vit_small_patch16_224 (a portable folder)
     trainer = "" if cfg.SOLVER.TRAINER == "vanilla" else f"_{cfg.SOLVER.TRAINER}"
     return f"{cfg.DATASET.TYPE}_{d.TYPE.lower()}{trainer}_{models}_{cfg.EXPERIMENT.TAG}_seed{cfg.EXPERIMENT.SEED}"
 
