@@ -144,11 +144,13 @@ def test_list_shows_every_implemented_cell_with_a_config():
     for table, (cells, with_config, not_impl, missing) in rows.items():
         assert cells == with_config + not_impl + missing, table
     for table in ("dot-3a", "dot-3b", "dot-3c", "dot-1", "dot-2", "dot-4", "dot-5", "dot-6", "dot-7", "dot-8",
-                  "kdpp-1", "kdpp-2", "kdpp-b3", "dkd-a.1", "mdistiller-dkd", "proxy-fmnist"):
+                  "kdpp-1", "kdpp-2", "kdpp-b2", "kdpp-b3", "dkd-a.1", "mdistiller-dkd", "proxy-fmnist"):
         assert rows[table][3] == 0, table
     assert rows["proxy-fmnist"] == [13, 13, 0, 0]
     # every published cell of these three tables has a config (FitNet, RKD, PKT, OFD, SRRL rows included)
     assert rows["kdpp-1"] == [90, 90, 0, 0] and rows["kdpp-2"] == [20, 20, 0, 0] and rows["dot-3c"] == [18, 18, 0, 0]
+    # KD++ table B2: ResNet and ViT (timm) teachers into ResNet18, baselines included
+    assert rows["kdpp-b2"] == [31, 31, 0, 0]
 
 
 # ---------------------------------------------------------------- scripts
