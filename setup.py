@@ -9,7 +9,8 @@ from setuptools import find_packages, setup
 #   (torch.amp.GradScaler(device) 2.3, torch.utils.flop_counter 2.1, torch.compile 2.0, ao.quantization FX 1.13).
 # - torchvision 0.21: the release built for torch 2.6 (only its datasets and download helpers are used).
 # The tests run on the pinned versions, which these ranges include (tests/test_tools_ux.py checks that).
-MINIMUM = {"torch": "torch>=2.6", "torchvision": "torchvision>=0.21"}
+# - timm: the tested release or newer (models/external.py uses forward_intermediates and feature_info).
+MINIMUM = {"torch": "torch>=2.6", "torchvision": "torchvision>=0.21", "timm": "timm>=1.0.31"}
 
 
 def _name(requirement):
