@@ -51,5 +51,6 @@ def build_dataloaders(cfg, device, rank=0, world_size=1, only_test=False, bundle
         num_train, train_targets = len(train), train.targets.to("cpu", torch.int64).clone()
     meta = DatasetMeta(name=name, num_classes=c, image_size=bundle.image_size, num_train=num_train,
                        num_test=len(test), mean=tuple(bundle.mean), std=tuple(bundle.std),
-                       train_targets=train_targets, sources=tuple(bundle.sources))
+                       train_targets=train_targets, sources=tuple(bundle.sources),
+                       classes=tuple(bundle.classes))
     return train_loader, test_loader, meta

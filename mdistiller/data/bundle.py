@@ -26,6 +26,8 @@ class DatasetMeta:
     train_targets: torch.Tensor = field(repr=False)
     # the files (or folders) the data was read from: what the run's dataset fingerprint is computed over
     sources: Tuple[str, ...] = ()
+    # class names in label order (folder datasets: the class folders), so predictions map back to names; () = unnamed
+    classes: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,3 +74,4 @@ class DatasetBundle:
     train: Callable[[], object]
     test: Callable[[], object]
     sources: Tuple[str, ...] = ()  # files (in-memory datasets) or split folders (folder datasets) read
+    classes: Tuple[str, ...] = ()  # class names in label order, where the dataset names them

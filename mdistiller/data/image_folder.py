@@ -52,4 +52,4 @@ def folder_bundle(name, train_dir, val_dir, image_size, mean, std, transforms_fo
     return DatasetBundle(name=name, num_classes=len(classes), image_size=image_size, mean=mean, std=std,
                          train=lambda: open_folder(train_dir, transforms_for(True), classes),
                          test=lambda: open_folder(val_dir, transforms_for(False), classes),
-                         sources=(train_dir, val_dir))
+                         sources=(train_dir, val_dir), classes=tuple(classes))

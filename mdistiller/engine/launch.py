@@ -303,7 +303,7 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
                  "versions": package_versions(), "dataset_sources": list(run.data.sources),
                  "dataset_fingerprint": fingerprint(run.data.sources),
                  "device": describe_device(run.device), "world_size": ctx.world_size,
-                 "num_train": run.data.num_train, "num_test": run.data.num_test,
+                 "num_train": run.data.num_train, "num_test": run.data.num_test, "classes": list(run.data.classes),
                  "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
                  "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": run.speed.as_dict()}
         summary_hook = SummaryHook(summary_file, run.evaluation, extra)

@@ -78,7 +78,18 @@ def teacher_train_command(cfg):
     words += ["LOG.PREFIX", cfg.LOG.PREFIX]
     if cfg.DATASET.ROOT != get_cfg_defaults().DATASET.ROOT:  # the teacher trains on the same copy of the data
         words += ["DATASET.ROOT", cfg.DATASET.ROOT]
+    words += _dataset_section_pairs(cfg)
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _dataset_section_pairs(cfg):
+    """KEY VALUE words for the keys of the dataset's own config section (IMAGE_FOLDER for image_folder: input size,
+    normalisation) that differ from their defaults, so the teacher is trained on the same inputs."""
+    section, defaults = cfg.DATASET.TYPE.upper(), get_cfg_defaults()
+    if section not in cfg or section not in defaults:
+        return []
+    return [w for key, value in cfg[section].items() if value != defaults[section][key]
+            for w in (f"{section}.{key}", str(value))]
 
 
 def teacher_run_ckpt(cfg):
