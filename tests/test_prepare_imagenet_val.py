@@ -11,6 +11,7 @@ import pytest
 
 from mdistiller.config import load_config
 from mdistiller.data import build_dataloaders
+from mdistiller.utils.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "prepare_imagenet_val.py")
@@ -131,12 +132,14 @@ def test_sorted_folder_loads_as_imagenet_val(tmp_path, run):
     val = tmp_path / "imagenet" / "val"
     write_flat(str(val))
     write_csv(tmp_path / "s.csv")
-    assert run(val, "--labels", tmp_path / "s.csv", "--allow-partial").returncode == 0
     for c in WNIDS:  # a train split with the same classes
         os.makedirs(tmp_path / "imagenet" / "train" / c)
-        (tmp_path / "imagenet" / "train" / c / "x.JPEG").write_bytes((val / c / os.listdir(val / c)[0]).read_bytes())
+        (tmp_path / "imagenet" / "train" / c / "x.JPEG").write_bytes((val / name(1)).read_bytes())
     cfg = load_config(None, ["DATASET.TYPE", "imagenet", "DATASET.ROOT", str(tmp_path), "DATASET.NUM_WORKERS", "0",
                              "DATASET.TEST.BATCH_SIZE", "4"])
+    with pytest.raises(DataError, match=f"{val} has no class folders.*prepare_imagenet_val.py {val} --labels"):
+        build_dataloaders(cfg, "cpu", only_test=True)
+    assert run(val, "--labels", tmp_path / "s.csv", "--allow-partial").returncode == 0
     _, test, meta = build_dataloaders(cfg, "cpu", only_test=True)
     assert meta.num_test == N and meta.classes == WNIDS
     ds = test.loader.dataset.dataset
