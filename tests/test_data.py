@@ -138,6 +138,7 @@ def test_cifar_batches_and_index(cifar):
     assert (meta.num_train, meta.num_test) == (250, 30)
     assert meta.train_targets.dtype == torch.int64 and meta.train_targets.device == CPU
     assert meta.train_targets.tolist() == arrays["train"][1].tolist()
+    assert meta.classes == tuple(f"class{i}" for i in range(100))  # the archive's meta file, label order
     assert len(train) == 32 and len(test) == 5  # 250/8 -> 31 full + a final batch of 2; 30/7 -> 5
     images, labels, index = next(iter(train))
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.device == CPU
@@ -284,6 +285,9 @@ def test_fashion_mnist_from_debian_dir(fmnist):
     train, test, meta = build_dataloaders(make_cfg("fashion_mnist", root, batch=10), CPU)
     assert (meta.num_classes, meta.image_size, meta.num_train, meta.num_test) == (10, 32, 40, 20)
     assert meta.mean == (0.2190,) * 3 and meta.std == (0.3318,) * 3
+    # the dataset's published label names (github.com/zalandoresearch/fashion-mnist), in label order
+    assert meta.classes == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                            "Bag", "Ankle boot")
     x, y, i = next(iter(test))
     assert x.shape == (7, 3, 32, 32)
     raw = unnormalise(x, meta)

@@ -95,6 +95,18 @@ def read_split(path):
     return TensorSplit(images, torch.from_numpy(labels))
 
 
+def class_names(directory):
+    """The 100 fine class names in label order from the archive's meta file; () where it is missing or unreadable
+    (names are a convenience for reading predictions, not needed to train)."""
+    try:
+        with open(os.path.join(directory, "meta"), "rb") as f:
+            names = pickle.load(f, encoding="bytes")[b"fine_label_names"]
+        names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    except Exception:
+        return ()
+    return names if len(names) == NUM_CLASSES else ()
+
+
 @DATASET_REGISTRY.register("cifar100")
 def load(cfg):
     root = cfg.DATASET.ROOT
@@ -107,5 +119,5 @@ def load(cfg):
         if not all(os.path.isfile(p) for p in paths.values()):
             raise DataError("the CIFAR-100 download did not contain train and test; " + _how_to_get(directory))
     return DatasetBundle(name="cifar100", num_classes=NUM_CLASSES, image_size=32, mean=MEAN, std=STD,
-                         train=lambda: read_split(paths["train"]), test=lambda: read_split(paths["test"]),
+                         classes=class_names(directory), train=lambda: read_split(paths["train"]), test=lambda: read_split(paths["test"]),
                          sources=(paths["train"], paths["test"]))

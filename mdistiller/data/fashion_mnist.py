@@ -86,5 +86,5 @@ def read_split(images_path, labels_path):
 def load(cfg):
     files = find_files(cfg)
     return DatasetBundle(name="fashion_mnist", num_classes=len(CLASSES), image_size=32, mean=MEAN, std=STD,
-                         train=lambda: read_split(*files["train"]), test=lambda: read_split(*files["test"]),
+                         classes=CLASSES, train=lambda: read_split(*files["train"]), test=lambda: read_split(*files["test"]),
                          sources=(*files["train"], *files["test"]))
