@@ -16,6 +16,7 @@ import math
 
 from ..utils.autoimport import import_submodules
 from ..utils.errors import ConfigError
+from .external import build_library_model  # imports timm / torchvision.models only when it builds a model
 from .registry import MODEL_REGISTRY
 
 # family -> the input size its architectures were designed for
@@ -87,8 +88,6 @@ def build_model(name, dataset=None, num_classes=None, image_size=None, pretraine
     if num_classes is None or image_size is None:
         raise TypeError("build_model needs num_classes and image_size (or a built-in dataset's name)")
     if is_library_model(name):
-        from .external import build_library_model
-
         return build_library_model(name, num_classes, image_size, pretrained)
     if pretrained:
         raise ConfigError(f"pretrained weights are for timm:/torchvision: models; '{name}' is one of ours: give its "
