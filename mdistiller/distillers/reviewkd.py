@@ -122,6 +122,11 @@ class ReviewKD(Distiller):
         super().__init__(student, teacher)
         self.ce_weight, self.reviewkd_weight, self.warmup_epochs = ce_weight, reviewkd_weight, warmup_epochs
         self.stu_preact = stu_preact
+        for role, model in (("STUDENT", student), ("TEACHER", self.teacher.model)):
+            if not getattr(model, "feature_pyramid", True):  # e.g. a ViT's blocks, all at one token grid
+                raise ConfigError(f"config key DISTILLER.{role}: REVIEWKD fuses a feature pyramid (each stage's map "
+                                  f"smaller than the one before), and {getattr(model, 'library_name', role)}'s "
+                                  "stage maps all have one size; pair CNNs, or use another method")
         c_s, c_t = review_channels(student, stem=True), review_channels(self.teacher, stem=False)
         self.num_levels = min(len(c_s), len(c_t))
         c_s, c_t = c_s[-self.num_levels:], c_t[-self.num_levels:]

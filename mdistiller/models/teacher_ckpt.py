@@ -7,6 +7,8 @@ DISTILLER.TEACHER_CKPT empty means "the usual place":
 - imagenet: torchvision's ImageNet weights in torch's hub cache, downloaded on first use when online;
 - fashion_mnist: no published teachers; the student_best.pth of our own vanilla run of the teacher
   (configs/fashion_mnist/vanilla/<name>.yaml, seed 0) under LOG.PREFIX.
+A timm:/torchvision: teacher with MODEL.TEACHER_PRETRAINED uses its library's weights from the local cache
+(models/external/pretrained.py), which must classify the run's classes.
 """
 
 import json
@@ -17,7 +19,8 @@ import warnings
 import torch
 
 from ..config import get_cfg_defaults
-from . import build_model, dataset_shape
+from . import build_model, dataset_shape, is_library_model
+from .external import build_library_model, pretrained_num_classes, pretrained_weights_file
 from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
 from ..utils.env import REPO_ROOT
@@ -50,8 +53,17 @@ def torchvision_weights_path(name):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(TORCHVISION_WEIGHTS[name]))
 
 
+def library_pretrained_teacher(cfg):
+    """Whether the teacher's weights are its library's pretrained ones: a timm:/torchvision: teacher, no
+    DISTILLER.TEACHER_CKPT, MODEL.TEACHER_PRETRAINED."""
+    return (is_library_model(cfg.DISTILLER.TEACHER) and not cfg.DISTILLER.TEACHER_CKPT
+            and cfg.MODEL.TEACHER_PRETRAINED)
+
+
 def default_teacher_ckpt(cfg):
     name, dataset = cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE
+    if library_pretrained_teacher(cfg):
+        return pretrained_weights_file(name, "MODEL.TEACHER_PRETRAINED")
     if dataset == "cifar100":
         return os.path.join(ckpt_dir(), "cifar_teachers", f"{name}_vanilla", "ckpt_epoch_240.pth")
     if dataset == "tiny_imagenet":
@@ -137,6 +149,8 @@ def build_teacher(cfg, num_classes, image_size=None):
     name = cfg.DISTILLER.TEACHER
     if image_size is None:
         image_size = dataset_shape(cfg.DATASET.TYPE)[1]
+    if library_pretrained_teacher(cfg):
+        return _library_teacher(name, num_classes, image_size)
     teacher = build_model(name, num_classes=num_classes, image_size=image_size)
     path = teacher_ckpt_path(cfg)
     if not os.path.isfile(path):
@@ -147,6 +161,18 @@ def build_teacher(cfg, num_classes, image_size=None):
                       "config.yaml but no summary.json): this run distils from a partly trained teacher; finish "
                       "or --resume the teacher's run first", stacklevel=2)
     return load_weights(teacher, path, name, how_to_get(cfg))
+
+
+def _library_teacher(name, num_classes, image_size):
+    """The teacher with its library's pretrained weights, which must classify this run's classes."""
+    classes = pretrained_num_classes(name, "MODEL.TEACHER_PRETRAINED")
+    if classes != num_classes:
+        raise CheckpointError(
+            f"DISTILLER.TEACHER {name}: its library's pretrained weights classify {classes} classes and this "
+            f"dataset has {num_classes}: fine-tune the teacher on this dataset first (train it as a student: "
+            f"DISTILLER.TYPE NONE DISTILLER.STUDENT {name} MODEL.STUDENT_PRETRAINED True), then pass that run's "
+            "student_best.pth as DISTILLER.TEACHER_CKPT")
+    return build_library_model(name, num_classes, image_size, True, "MODEL.TEACHER_PRETRAINED")
 
 
 def teacher_run_finished(path):
@@ -191,6 +217,7 @@ def teacher_record(cfg):
     (of the file's content, full hex), "top1" (its test top-1 when known, else None), "top1_source"}. The run's
     config.yaml keeps DISTILLER.TEACHER_CKPT as the user gave it (often empty: the default location)."""
     path = os.path.abspath(teacher_ckpt_path(cfg))
-    top1, source = _teacher_top1(cfg, path)
+    # library weights (often safetensors) carry no top-1 on this dataset
+    top1, source = (None, None) if library_pretrained_teacher(cfg) else _teacher_top1(cfg, path)
     return {"name": cfg.DISTILLER.TEACHER, "checkpoint": path, "sha256": file_sha256(path), "top1": top1,
             "top1_source": source, "run_finished": teacher_run_finished(path)}
