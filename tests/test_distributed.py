@@ -106,6 +106,24 @@ def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
     assert (w1 - w0).abs().max() > 1e-3  # the steps did move the weights
 
 
+def test_two_processes_equal_one_process_with_a_timm_student(teacher_ckpt, tmp_path):
+    # A library model under DDP: its features come from timm's forward_intermediates (models/external), and the
+    # two ranks' averaged gradients must still be the whole batch's, as for our own models above.
+    args = ["--steps", "2", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
+            *small(tmp_path, "eqt", "DISTILLER.TEACHER_CKPT", teacher_ckpt, "DISTILLER.STUDENT", "timm:resnet10t",
+                   "SOLVER.TRAINER", "dot")]
+    two = torchrun(WORKER, "steps", str(tmp_path / "two.pt"), *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, WORKER, "steps", str(tmp_path / "one.pt"), *args], capture_output=True,
+                         text=True, env=ENV, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["final"].keys() == b["final"].keys() and "student.fc.weight" in a["final"]
+    for key in a["final"]:
+        assert torch.allclose(a["final"][key], b["final"][key], rtol=0, atol=1e-10), key
+    assert (a["final"]["student.fc.weight"] - a["initial"]["student.fc.weight"]).abs().max() > 1e-4
+
+
 def test_two_process_resume_is_exact(teacher_ckpt, tmp_path):
     # CRD+DOT: the most state there is to restore (two DOT buffers per parameter, two memory banks, Z).
     cfg = ["--cfg", os.path.join(FM, "crd", "resnet20_resnet8.yaml")]
