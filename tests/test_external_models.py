@@ -348,3 +348,18 @@ def test_a_library_teacher_loads_our_own_runs_student_best(caches):
     model = build_teacher(cfg, 10, 32).eval()
     with torch.no_grad():
         assert torch.allclose(F.softmax(model(X)[0], 1), F.softmax(plain(X), 1), atol=1e-6)
+
+
+def test_a_library_teacher_is_looked_for_where_its_own_run_lands(tmp_path):
+    # The teacher trained alone (DISTILLER.TYPE NONE, TAG vanilla) lands in a folder named after the model with the
+    # library prefix made portable; a distillation run without TEACHER_CKPT (pretrained off) looks exactly there.
+    from mdistiller.config import load_config
+    from mdistiller.engine.launch import run_dir_for
+    from mdistiller.models.teacher_ckpt import default_teacher_ckpt
+
+    teacher_run = load_config(None, ["DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", "timm:resnet10t",
+                                     "EXPERIMENT.TAG", "vanilla", "LOG.PREFIX", str(tmp_path)])
+    kd = load_config(None, ["DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "timm:resnet10t", "DISTILLER.STUDENT",
+                            "resnet8", "MODEL.TEACHER_PRETRAINED", "False", "LOG.PREFIX", str(tmp_path)])
+    assert default_teacher_ckpt(kd) == os.path.join(run_dir_for(teacher_run), "student_best.pth")
+    assert ":" not in os.path.basename(run_dir_for(teacher_run))

@@ -29,6 +29,7 @@ from ..utils.run_lock import RunLock
 from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
 from .build import build_run
+from ..models import folder_name
 from ..models.teacher_ckpt import teacher_ckpt_path, teacher_record
 from .wandb_hook import WandbHook
 
@@ -49,7 +50,7 @@ def run_name(cfg):
         return cfg.EXPERIMENT.NAME
     d = cfg.DISTILLER
     models = d.STUDENT if d.TYPE == "NONE" else f"{d.TEACHER}_{d.STUDENT}"
-    models = models.replace(":", "-")  # timm:vit_small_patch16_224 -> timm-vit_small_patch16_224 (a portable folder)
+    models = folder_name(models)  # timm:vit_small_patch16_224 -> timm-vit_small_patch16_224
     trainer = "" if cfg.SOLVER.TRAINER == "vanilla" else f"_{cfg.SOLVER.TRAINER}"
     return f"{cfg.DATASET.TYPE}_{d.TYPE.lower()}{trainer}_{models}_{cfg.EXPERIMENT.TAG}_seed{cfg.EXPERIMENT.SEED}"
 

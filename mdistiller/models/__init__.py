@@ -35,6 +35,11 @@ def is_library_model(name):
     return name.startswith(LIBRARY_PREFIXES)
 
 
+def folder_name(name):
+    """`name` as a portable folder-name part: timm:vit_small_patch16_224 -> timm-vit_small_patch16_224."""
+    return name.replace(":", "-")
+
+
 def dataset_shape(dataset):
     """(classes, input size) of a built-in dataset."""
     if dataset not in DATASET_SHAPES:
@@ -98,4 +103,5 @@ def build_model(name, dataset=None, num_classes=None, image_size=None, pretraine
 import_submodules(__name__, __path__)
 
 __all__ = ["MODEL_REGISTRY", "DATASET_SHAPES", "build_model", "check_model_name", "dataset_shape", "family_for",
+           "folder_name",
            "is_library_model", "model_names", "num_classes_for"]

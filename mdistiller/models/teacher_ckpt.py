@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from ..config import get_cfg_defaults
-from . import build_model, dataset_shape, is_library_model
+from . import build_model, dataset_shape, folder_name, is_library_model
 from .external import build_library_model, pretrained_num_classes, pretrained_weights_file
 from ..data.fingerprint import file_sha256
 from ..utils.checkpoint import checkpoint_top1, load_file, load_weights
@@ -106,7 +106,7 @@ def _dataset_section_pairs(cfg):
 
 def teacher_run_ckpt(cfg):
     """Where teacher_train_command's run leaves the teacher's best weights."""
-    run = f"{cfg.DATASET.TYPE}_none_{cfg.DISTILLER.TEACHER}_vanilla_seed0"
+    run = f"{cfg.DATASET.TYPE}_none_{folder_name(cfg.DISTILLER.TEACHER)}_vanilla_seed0"
     return os.path.join(cfg.LOG.PREFIX, run, "student_best.pth")
 
 
