@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mdistiller.config import load_config
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
