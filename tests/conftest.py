@@ -2,6 +2,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# SPEED.AMP auto follows the CPU's native bf16 (utils/hardware.py); the suite pins the answer "no" so that no test
+# depends on the CPU kind it runs on (subprocesses inherit it). Tests of the decision itself set it themselves.
+os.environ["MDISTILLER_CPU_BF16"] = "0"
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -15,6 +15,7 @@ what a teacher loses before it is used in int8.
 
 import argparse
 import json
+import os
 import sys
 
 import _path  # noqa: F401
@@ -23,7 +24,7 @@ import torch
 from mdistiller.config import load_config
 from mdistiller.data import build_dataloaders
 from mdistiller.engine import evaluate
-from mdistiller.engine.speed import resolve_speed
+from mdistiller.engine.speed import recorded_plan, resolve_speed
 from mdistiller.models import build_model
 from mdistiller.utils.checkpoint import load_weights
 from mdistiller.utils.cli import run_cli
@@ -73,7 +74,8 @@ def main(argv=None):
     model.to(device)
     speed = None
     if args.run_config:
-        speed = resolve_speed(cfg, device)
+        # the fast paths the run resolved (its summary.json), so that "auto" means here what it meant there
+        speed = resolve_speed(cfg, device, recorded=recorded_plan(os.path.dirname(args.run_config)))
         if speed.channels_last:
             model.to(memory_format=torch.channels_last)
     result = evaluate(model, test_loader, speed=speed)

@@ -28,7 +28,7 @@ from ..utils.errors import CheckpointError
 from .ddp_wrap import wrap_for_training
 from .lr_schedule import LRSchedule
 from .speed import SpeedPlan, apply_speed, resolve_speed
-from .train_hooks import EpochLogHook, EvalHook, FiniteGuardHook, LRScheduleHook, MonitorHook
+from .train_hooks import EpochLogHook, EvalHook, FiniteGuardHook, LRScheduleHook, MonitorHook, SpeedPlanHook
 from .trainer import Trainer
 from .update_rule import UPDATE_RULE_REGISTRY, UpdateRule
 
@@ -99,17 +99,18 @@ def standard_hooks(cfg, run_dir, distiller, test_loader, speed, device, monitor_
     evaluation = EvalHook(distiller, distiller.student, test_loader, speed)
     skipped = cfg.SOLVER.MAX_SKIPPED_STEPS if speed.needs_scaler else 0
     return [LRScheduleHook(LRSchedule.from_config(cfg)), MonitorHook(cfg.LOG.MONITOR_T, monitor_teacher, speed),
-            FiniteGuardHook(device, skipped, run_dir), evaluation, EpochLogHook()], evaluation
+            FiniteGuardHook(device, skipped, run_dir), evaluation, EpochLogHook(), SpeedPlanHook(speed)], evaluation
 
 
-def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None):
+def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None, recorded_speed=None):
     """The run `cfg` describes. `device`: this process's device (launch.py has joined the process group and
     chosen it), else resolved here; `bundle`: a DatasetBundle (in-memory data) to train on instead of
-    DATASET.TYPE's files; `teacher_state`: the teacher's weights instead of DISTILLER.TEACHER's checkpoint."""
+    DATASET.TYPE's files; `teacher_state`: the teacher's weights instead of DISTILLER.TEACHER's checkpoint;
+    `recorded_speed`: the fast paths a resumed run recorded (its "auto" choices are kept)."""
     if device is None:
         _, device = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
     rank, world_size = distributed.rank(), distributed.world_size()
-    speed = resolve_speed(cfg, device)  # SPEED's "auto" decided once, before any data is read
+    speed = resolve_speed(cfg, device, recorded_speed)  # SPEED's "auto" decided once, before any data is read
     seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
     # Steps that can fail on one rank only go through agree(): every rank stops, with one message.
     train_loader, test_loader, data = distributed.agree(build_dataloaders, cfg, device, rank, world_size,

@@ -30,6 +30,8 @@ from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
 from .build import build_run
 from ..models import folder_name
+from ..utils.hardware import cpu_kind
+from .speed import recorded_plan
 from ..models.teacher_ckpt import teacher_ckpt_path, teacher_record
 from .wandb_hook import WandbHook
 
@@ -264,8 +266,11 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
     logger = setup_logger(os.path.join(path, "train.log") if ctx.is_main else None, console=ctx.is_main,
                           defer_file=True)  # one voice: rank 0 logs for the job
     logger.info("run directory %s%s", path, f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
+    # The fast paths a resumed run started with: its "auto" choices stand even where this machine decides otherwise.
+    recorded = distributed.broadcast_object(
+        distributed.agree(lambda: recorded_plan(path) if ctx.is_main and plan.checkpoint else None))
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
-    run = build_run(cfg, device=device, run_dir=path)
+    run = build_run(cfg, device=device, run_dir=path, recorded_speed=recorded)
     trainer = run.trainer
     if plan.checkpoint:
         trainer.resume(plan.checkpoint)
@@ -306,7 +311,8 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
                  "device": describe_device(run.device), "world_size": ctx.world_size,
                  "num_train": run.data.num_train, "num_test": run.data.num_test, "classes": list(run.data.classes),
                  "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
-                 "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": run.speed.as_dict()}
+                 "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": run.speed.as_dict(),
+                 "speed_decisions": list(run.speed.notes), "cpu": cpu_kind()}
         summary_hook = SummaryHook(summary_file, run.evaluation, extra)
         hooks = [
             MetricsHook(os.path.join(path, "metrics.jsonl")),
@@ -320,6 +326,8 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
     logger.info("training %s on %s, %d train / %d test images, device %s", cfg.DISTILLER.STUDENT, run.data.name,
                 run.data.num_train, run.data.num_test, describe_device(run.device))
     logger.info("fast paths: %s", run.speed.describe())
+    for note in run.speed.notes:
+        logger.info("  %s", note)
     trainer.train()
     summary = distributed.broadcast_object(summary_hook.summary if summary_hook is not None else None)
     logger.info("done: best top-1 %.2f (epoch %d), last top-1 %.2f, %.0f img/s", summary["best_top1"],

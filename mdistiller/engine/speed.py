@@ -18,12 +18,15 @@ so their cache never depends on these switches) and before DDP wraps the model.
 """
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..utils.errors import ConfigError
+from ..utils.hardware import cpu_bf16_decision
 from .teacher_int8 import install_int8_forward
 
 #: the torch.compile backend; tests swap in a cheap one to check the wiring without inductor's compile time
@@ -46,6 +49,8 @@ class SpeedPlan:
     teacher_dtype: Optional[torch.dtype] = None  # None = the teacher in float32
     teacher_int8: bool = False
     int8_calibration: int = 0  # images the int8 teacher is calibrated on
+    # why each "auto" came out as it did, and what a resume kept (train.log, summary.json "speed_decisions")
+    notes: Tuple[str, ...] = ()
 
     @property
     def needs_scaler(self):
@@ -81,24 +86,56 @@ def _cuda_bf16(device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def resolve_speed(cfg, device):
-    """SpeedPlan for `cfg` on `device` (a torch.device); raises ConfigError for a choice the device cannot run."""
+_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _auto_amp(device):
+    """(amp, why) of SPEED.AMP auto on `device`."""
+    if device.type == "cuda":
+        if _cuda_bf16(device):
+            return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16"
+        return "off", f"{torch.cuda.get_device_name(device)} has no bf16"
+    native, why = cpu_bf16_decision()
+    return ("bf16" if native else "off"), why
+
+
+def _keep_recorded(key, resolved, recorded, valid, notes):
+    """A resumed run keeps its recorded choice of an "auto" key (exactness first) where this device can run it."""
+    if recorded is None or recorded == resolved:
+        return resolved
+    if not valid:
+        notes.append(f"SPEED.{key} auto: the run recorded {recorded}, which this device cannot run; using "
+                     f"{resolved}")
+        return resolved
+    notes.append(f"SPEED.{key} auto: kept the run's recorded {recorded} (this machine would choose {resolved})")
+    return recorded
+
+
+def resolve_speed(cfg, device, recorded=None):
+    """SpeedPlan for `cfg` on `device` (a torch.device); raises ConfigError for a choice the device cannot run.
+    `recorded`: the plan (SpeedPlan.as_dict()) a resumed run was started with; its "auto" choices are kept."""
     s, device = cfg.SPEED, torch.device(device)
     cuda = device.type == "cuda"
+    recorded = recorded or {}
+    notes = []
     if s.TEACHER_INT8 and device.type != "cpu":  # config validation catches an explicit cuda; this is auto's
         raise ConfigError(f"config key SPEED.TEACHER_INT8: the int8 teacher runs on the CPU, this run is on "
                           f"{device.type}; on a GPU use SPEED.TEACHER_HALF")
     amp = s.AMP
     if amp == "auto":
-        # The CPU stays in float32: bf16 autocast was slower on the CPUs measured (docs/speed.md).
-        amp = "bf16" if _cuda_bf16(device) else "off"
+        amp, why = _auto_amp(device)
+        notes.append(f"SPEED.AMP auto -> {amp}: {why}")
+        amp = _keep_recorded("AMP", amp, recorded.get("amp"),
+                             recorded.get("amp") != "fp16" or cuda, notes)
     if amp == "fp16" and not cuda:
         raise ConfigError("config key SPEED.AMP: fp16 autocast is for CUDA GPUs; on the CPU use bf16 or off")
     if amp == "bf16" and cuda and not _cuda_bf16(device):
         raise ConfigError(f"config key SPEED.AMP: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or off")
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    amp_dtype = _DTYPES[amp]
 
     channels_last = s.CHANNELS_LAST == "on" or (s.CHANNELS_LAST == "auto" and (cuda or CPU_CHANNELS_LAST))
+    if s.CHANNELS_LAST == "auto":
+        channels_last = _keep_recorded("CHANNELS_LAST", channels_last, recorded.get("channels_last"), True, notes)
     teacher_half = s.TEACHER_HALF == "on" or (s.TEACHER_HALF == "auto" and amp_dtype is not None)
     teacher_half = teacher_half and not s.TEACHER_INT8  # an int8 teacher has its own precision
     teacher_dtype = None
@@ -107,9 +144,36 @@ def resolve_speed(cfg, device):
             teacher_dtype = amp_dtype  # the teacher computes in the dtype the student's autocast uses
         else:
             teacher_dtype = torch.bfloat16 if not cuda or _cuda_bf16(device) else torch.float16
+    if s.TEACHER_HALF == "auto" and not s.TEACHER_INT8 and "teacher_half" in recorded:
+        name = _keep_recorded("TEACHER_HALF", _DTYPE_NAMES.get(teacher_dtype, "off"), recorded["teacher_half"],
+                              recorded["teacher_half"] != "fp16" or cuda, notes)
+        teacher_dtype = _DTYPES[name]
     return SpeedPlan(device_type=device.type, amp=amp_dtype, channels_last=channels_last, compile=bool(s.COMPILE),
                      teacher_inference_mode=bool(s.TEACHER_INFERENCE_MODE), teacher_dtype=teacher_dtype,
-                     teacher_int8=bool(s.TEACHER_INT8), int8_calibration=int(s.TEACHER_INT8_CALIBRATION))
+                     teacher_int8=bool(s.TEACHER_INT8), int8_calibration=int(s.TEACHER_INT8_CALIBRATION),
+                     notes=tuple(notes))
+
+
+def recorded_plan(run_dir):
+    """The fast paths (SpeedPlan.as_dict()) a run in `run_dir` recorded: its latest.pth's, else its summary.json's;
+    None for a run that recorded none (started before plans were recorded, or not started)."""
+    ckpt = os.path.join(run_dir, "latest.pth")
+    if os.path.isfile(ckpt):
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # our own run's file
+        except Exception:
+            state = None  # a damaged checkpoint is reported by the resume that reads it
+        if isinstance(state, dict) and isinstance(state.get("speed"), dict):
+            return state["speed"]
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary):
+        try:
+            with open(summary) as f:
+                speed = json.load(f).get("speed")
+        except (OSError, ValueError):
+            return None
+        return speed if isinstance(speed, dict) else None
+    return None
 
 
 def compile_forward(module):

@@ -138,3 +138,14 @@ class EpochLogHook(HookBase):
         logger.info("epoch %d/%d  lr %.5f  train_loss %.4f  test_top1 %.2f  test_top5 %.2f  best %.2f  %.0f img/s",
                     record["epoch"], self.trainer.max_epochs, record["lr"], record["train_loss"],
                     record["test_top1"], record["test_top5"], record["best_top1"], record["images_per_s"])
+
+
+class SpeedPlanHook(HookBase):
+    """Records the run's resolved fast paths in its checkpoints ("speed"), so that a resume on a machine whose
+    "auto" decides otherwise keeps them (launch.py reads them back before building the run)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def state_dict(self):
+        return {"speed": self.plan.as_dict()}
