@@ -1,0 +1,1 @@
+"""Object detection: torchvision Faster R-CNN + FPN models, COCO data/evaluation and distillation glue."""
