@@ -97,3 +97,26 @@ def class_means_from_detectron2(means):
         raise ValueError(f"expected {NUM_CLASSES} rows of class means (80 categories + background), got "
                          f"{means.shape[0]}")
     return torch.cat([means[NUM_CLASSES - 1:], means[:NUM_CLASSES - 1]], dim=0)
+
+
+def coco91_state_dict_to_contiguous(state_dict, category_ids):
+    """A torchvision COCO detector's state dict (91 outputs indexed by COCO category id, 0 background) -> ours
+    (0 background, label i = category_ids[i - 1], category_ids sorted as data.CocoDetection has them), by keeping
+    the predictor's rows of those classes (4 box-regression rows per class). Everything else is unchanged."""
+    ids = list(category_ids)
+    if ids != sorted(ids) or len(set(ids)) != len(ids):
+        raise ValueError("category_ids must be the dataset's COCO category ids, sorted and distinct")
+    out = dict(state_dict)
+    prefix = "roi_heads.box_predictor."
+    if prefix + "cls_score.weight" not in out:
+        raise ValueError("not a Faster R-CNN state dict: no roi_heads.box_predictor.cls_score.weight")
+    num_rows = out[prefix + "cls_score.weight"].shape[0]
+    if max(ids) >= num_rows:
+        raise ValueError(f"category id {max(ids)} has no row in this predictor ({num_rows} outputs)")
+    rows = torch.tensor([BACKGROUND] + ids)
+    box_rows = (rows.unsqueeze(1) * 4 + torch.arange(4)).flatten()
+    for name, index in (("cls_score", rows), ("bbox_pred", box_rows)):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{name}.{kind}"
+            out[key] = out[key][index].clone()
+    return out
