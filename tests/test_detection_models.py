@@ -252,3 +252,28 @@ def test_coco91_checkpoint_to_contiguous_labels():
         coco91_state_dict_to_contiguous(m91.state_dict(), [13, 2])
     with pytest.raises(ValueError, match="no row"):
         coco91_state_dict_to_contiguous(m91.state_dict(), [1, 91])
+
+
+def test_image_without_boxes():
+    """COCO has images without annotations: all their proposals are background, the losses stay finite."""
+    student = _model()
+    glue = RCNNDistillGlue(student, _model(seed=1)).train()
+    images, targets = _batch()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    torch.manual_seed(2)
+    step = glue(images, targets)
+    torch.manual_seed(2)
+    reference = student(images, targets)
+    torch.testing.assert_close(F.cross_entropy(step.student_logits, step.labels), reference["loss_classifier"])
+    second = step.labels[len(step.proposals[0]):]
+    assert len(second) > 0 and (second == BACKGROUND).all()
+    assert all(torch.isfinite(v) for v in step.losses.values())
+    assert torch.isfinite(dkd_term(step).value) and torch.isfinite(kd_term(step).value)
+
+
+def test_degenerate_box_is_refused():
+    glue = _glue()
+    images, targets = _batch()
+    targets[0]["boxes"][1] = torch.tensor([70., 20., 70., 90.])
+    with pytest.raises(ValueError, match="image 0 has a box with zero or negative width"):
+        glue(images, targets)
