@@ -277,3 +277,31 @@ def test_degenerate_box_is_refused():
     targets[0]["boxes"][1] = torch.tensor([70., 20., 70., 90.])
     with pytest.raises(ValueError, match="image 0 has a box with zero or negative width"):
         glue(images, targets)
+
+
+def test_teacher_with_other_normalisation_sees_its_own_input():
+    """A teacher normalising differently (here Detectron2-zoo style: BGR, 0-255 means, std 1) gets the student's
+    batch in its own normalisation, equal to its own transform of the same images; padding stays zero."""
+    from mdistiller.detection.rcnn_distill import teacher_input
+    student = _model()
+    teacher = _model(seed=1, image_mean=[103.53 / 255, 116.28 / 255, 123.675 / 255], image_std=[1 / 255] * 3)
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 128, 96, generator=g), torch.rand(3, 96, 128, generator=g)]  # padded to 128x128
+    student.eval(), teacher.eval()
+    with torch.no_grad():
+        s_list, _ = student.transform(images)
+        t_list, _ = teacher.transform([im.flip(0) for im in images])  # what a BGR teacher is given
+        mapped = teacher_input(s_list, student.transform, teacher.transform, flip_channels=True)
+    assert s_list.image_sizes == t_list.image_sizes
+    torch.testing.assert_close(mapped, t_list.tensors, rtol=1e-5, atol=1e-3)  # 0-255 scale
+    glue = RCNNDistillGlue(student, teacher, teacher_flip_channels=True).train()
+    step = glue(images, [{"boxes": torch.tensor([[5., 5., 60., 80.]]), "labels": torch.tensor([2])}] * 2)
+    with torch.no_grad():
+        pooled = teacher.roi_heads.box_roi_pool(teacher.backbone(t_list.tensors), step.proposals, t_list.image_sizes)
+        want = teacher.roi_heads.box_head(pooled)
+    scale = want.abs().max().item()  # the inputs are on a 0-255 scale: float rounding scales with them
+    torch.testing.assert_close(step.teacher_features, want, rtol=1e-4, atol=1e-4 * scale)
+    with torch.no_grad():  # the check discriminates: the student's tensor as such gives other features
+        pooled = teacher.roi_heads.box_roi_pool(teacher.backbone(s_list.tensors), step.proposals, s_list.image_sizes)
+        unmapped = teacher.roi_heads.box_head(pooled)
+    assert (unmapped - want).abs().max() > 100 * 1e-4 * scale

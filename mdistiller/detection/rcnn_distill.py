@@ -53,19 +53,46 @@ def _check_pair(student, teacher):
         raise ConfigError(f"student and teacher detectors have {_num_classes(student)} and {_num_classes(teacher)} "
                           f"classes: give both the same label set (COCO: 81 with background 0; a 91-class "
                           f"torchvision COCO checkpoint must be mapped to 81 first)")
+
+
+def _same_normalisation(student, teacher):
     s, t = student.transform, teacher.transform
-    if list(s.image_mean) != list(t.image_mean) or list(s.image_std) != list(t.image_std):
-        raise ConfigError("student and teacher detectors normalise images differently (image_mean/image_std); the "
-                          "teacher sees the student's transformed tensor, so build both with the same normalisation")
+    return list(s.image_mean) == list(t.image_mean) and list(s.image_std) == list(t.image_std)
+
+
+def teacher_input(image_list, student_transform, teacher_transform, flip_channels=False):
+    """The student's normalised, resized, padded batch re-expressed in the teacher's normalisation (and channel
+    order if flip_channels, e.g. a Detectron2-zoo BGR teacher), padding zero again as each model's own transform
+    pads it. Resizing commutes with the per-channel affine map, so this equals the teacher's own transform of the
+    same images at the student's size."""
+    x = image_list.tensors
+
+    def channel(values):
+        return torch.as_tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+    raw = x * channel(student_transform.image_std) + channel(student_transform.image_mean)
+    if flip_channels:
+        raw = raw.flip(1)
+    out = (raw - channel(teacher_transform.image_mean)) / channel(teacher_transform.image_std)
+    mask = torch.zeros_like(out[:, :1])
+    for index, (h, w) in enumerate(image_list.image_sizes):
+        mask[index, :, :h, :w] = 1
+    return out * mask
 
 
 class RCNNDistillGlue(nn.Module):
-    """Student Faster R-CNN (trained) + frozen teacher Faster R-CNN, exposing what the box-head losses need."""
+    """Student Faster R-CNN (trained) + frozen teacher Faster R-CNN, exposing what the box-head losses need.
 
-    def __init__(self, student, teacher):
+    The teacher sees the student's transformed batch (same size, so the student's proposals need no rescaling),
+    renormalised when its transform's image_mean/image_std differ (teacher_input); teacher_flip_channels reverses
+    the channel order for a teacher trained on BGR input."""
+
+    def __init__(self, student, teacher, teacher_flip_channels=False):
         super().__init__()
         _check_pair(student, teacher)
         self.student, self.teacher = student, teacher
+        self.teacher_flip_channels = teacher_flip_channels
+        self.renormalise = teacher_flip_channels or not _same_normalisation(student, teacher)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
@@ -106,7 +133,9 @@ class RCNNDistillGlue(nn.Module):
     def teacher_box_outputs(self, image_list, proposals):
         """The teacher's box-head features and class logits on `proposals` (boxes in image_list's coordinates)."""
         t = self.teacher
-        features = t.backbone(image_list.tensors)
+        tensors = teacher_input(image_list, self.student.transform, t.transform, self.teacher_flip_channels) \
+            if self.renormalise else image_list.tensors
+        features = t.backbone(tensors)
         pooled = t.roi_heads.box_roi_pool(features, [p.detach() for p in proposals], image_list.image_sizes)
         box_features = t.roi_heads.box_head(pooled)
         logits, _ = t.roi_heads.box_predictor(box_features)
