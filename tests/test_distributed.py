@@ -82,15 +82,8 @@ def test_two_process_run(cfg, teacher_ckpt, tmp_path):
         assert torch.equal(r0[key], r1[key]), key
 
 
-@pytest.mark.parametrize("trainer", ["vanilla", "dot"])
-def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
-    # Per rank, BatchNorm in training mode normalises with the statistics of its half of the batch, which one
-    # process with the whole batch does not: the two are different computations, not different roundings. With
-    # the student's BatchNorm in eval mode every sample is processed independently, so averaging the two ranks'
-    # gradients (each the mean over its half) is exactly the gradient of the mean over the whole batch. In
-    # float64, so that what is compared is that algebra and not float32 rounding amplified over steps.
-    args = ["--steps", "3", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
-            *small(tmp_path, "eq", "DISTILLER.TEACHER_CKPT", teacher_ckpt, "SOLVER.TRAINER", trainer)]
+def _one_and_two_processes(tmp_path, args):
+    """The "steps" worker's saved states (before, after) in one process and in two (torchrun, gloo)."""
     two = torchrun(WORKER, "steps", str(tmp_path / "two.pt"), *args)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, WORKER, "steps", str(tmp_path / "one.pt"), *args], capture_output=True,
@@ -99,9 +92,22 @@ def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for key in a["initial"]:
         assert torch.equal(a["initial"][key], b["initial"][key]), key  # same start (same seed)
-    assert a["final"].keys() == b["final"].keys()
+    assert a["final"].keys() == b["final"].keys() and "student.fc.weight" in a["final"]
     for key in a["final"]:
         assert torch.allclose(a["final"][key], b["final"][key], rtol=0, atol=1e-10), key
+    return a
+
+
+@pytest.mark.parametrize("trainer", ["vanilla", "dot"])
+def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
+    # Per rank, BatchNorm in training mode normalises with the statistics of its half of the batch, which one
+    # process with the whole batch does not: the two are different computations, not different roundings. With
+    # the student's BatchNorm in eval mode every sample is processed independently, so averaging the two ranks'
+    # gradients (each the mean over its half) is exactly the gradient of the mean over the whole batch. In
+    # float64, so that what is compared is that algebra and not float32 rounding amplified over steps.
+    a = _one_and_two_processes(tmp_path, ["--steps", "3", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
+                                          *small(tmp_path, "eq", "DISTILLER.TEACHER_CKPT", teacher_ckpt,
+                                                 "SOLVER.TRAINER", trainer)])
     w0, w1 = a["initial"]["student.fc.weight"], a["final"]["student.fc.weight"]
     assert (w1 - w0).abs().max() > 1e-3  # the steps did move the weights
 
@@ -109,18 +115,9 @@ def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
 def test_two_processes_equal_one_process_with_a_timm_student(teacher_ckpt, tmp_path):
     # A library model under DDP: its features come from timm's forward_intermediates (models/external), and the
     # two ranks' averaged gradients must still be the whole batch's, as for our own models above.
-    args = ["--steps", "2", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
-            *small(tmp_path, "eqt", "DISTILLER.TEACHER_CKPT", teacher_ckpt, "DISTILLER.STUDENT", "timm:resnet10t",
-                   "SOLVER.TRAINER", "dot")]
-    two = torchrun(WORKER, "steps", str(tmp_path / "two.pt"), *args)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, WORKER, "steps", str(tmp_path / "one.pt"), *args], capture_output=True,
-                         text=True, env=ENV, cwd=ROOT)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert a["final"].keys() == b["final"].keys() and "student.fc.weight" in a["final"]
-    for key in a["final"]:
-        assert torch.allclose(a["final"][key], b["final"][key], rtol=0, atol=1e-10), key
+    a = _one_and_two_processes(tmp_path, ["--steps", "2", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
+                                          *small(tmp_path, "eqt", "DISTILLER.TEACHER_CKPT", teacher_ckpt,
+                                                 "DISTILLER.STUDENT", "timm:resnet10t", "SOLVER.TRAINER", "dot")])
     assert (a["final"]["student.fc.weight"] - a["initial"]["student.fc.weight"]).abs().max() > 1e-4
 
 
