@@ -28,7 +28,8 @@ DETECTOR_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_r
 @dataclass
 class DetectionStep:
     """One training forward: the student's standard losses and, on its sampled proposals (all images concatenated
-    in order), the assigned labels and both models' box-head features and class logits."""
+    in order), the assigned labels and both models' box-head features and class logits; also both models' FPN
+    outputs (levels "0".."3", "pool"; the teacher's without gradient) for ReviewKD on the features."""
 
     losses: dict
     proposals: List[torch.Tensor]
@@ -38,6 +39,8 @@ class DetectionStep:
     teacher_features: torch.Tensor
     teacher_logits: torch.Tensor
     image_sizes: list = field(default_factory=list)
+    student_fpn: dict = field(default_factory=dict)
+    teacher_fpn: dict = field(default_factory=dict)
 
 
 def _num_classes(model):
@@ -124,18 +127,27 @@ class RCNNDistillGlue(nn.Module):
         labels = torch.cat(labels, dim=0)
         loss_classifier, loss_box_reg = fastrcnn_loss(logits, box_regression, [labels],
                                                       [torch.cat(regression_targets, dim=0)])
-        teacher_features, teacher_logits = self.teacher_box_outputs(image_list, proposals)
+        teacher_fpn = self.teacher_fpn(image_list)
+        teacher_features, teacher_logits = self.teacher_box_outputs(image_list, proposals, teacher_fpn)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **rpn_losses}
         return DetectionStep(losses, proposals, labels, box_features, logits, teacher_features, teacher_logits,
-                             list(image_list.image_sizes))
+                             list(image_list.image_sizes), features, teacher_fpn)
 
     @torch.no_grad()
-    def teacher_box_outputs(self, image_list, proposals):
-        """The teacher's box-head features and class logits on `proposals` (boxes in image_list's coordinates)."""
+    def teacher_fpn(self, image_list):
+        """The teacher's FPN outputs on the student's batch, in the teacher's input convention."""
         t = self.teacher
         tensors = teacher_input(image_list, self.student.transform, t.transform, self.teacher_flip_channels) \
             if self.renormalise else image_list.tensors
-        features = t.backbone(tensors)
+        return t.backbone(tensors)
+
+    @torch.no_grad()
+    def teacher_box_outputs(self, image_list, proposals, features=None):
+        """The teacher's box-head features and class logits on `proposals` (boxes in image_list's coordinates);
+        `features`: its FPN outputs when already computed (teacher_fpn)."""
+        t = self.teacher
+        if features is None:
+            features = self.teacher_fpn(image_list)
         pooled = t.roi_heads.box_roi_pool(features, [p.detach() for p in proposals], image_list.image_sizes)
         box_features = t.roi_heads.box_head(pooled)
         logits, _ = t.roi_heads.box_predictor(box_features)
