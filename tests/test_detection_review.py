@@ -10,29 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdistiller.detection.models import build_faster_rcnn
-from mdistiller.detection.rcnn_distill import DetectionStep, RCNNDistillGlue, detector_task_terms, dkd_term
+from mdistiller.detection.rcnn_distill import DetectionStep, detector_task_terms, dkd_term
 from mdistiller.detection.review import FPN_LEVELS, FPNReview, reviewkd_term
+from test_detection_models import _batch, _glue  # the same tiny detectors and batch
 
-SMALL = dict(min_size=128, max_size=128, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
-             box_batch_size_per_image=32, rpn_batch_size_per_image=64)
 SHAPES = [(16, 24), (8, 12), (4, 8), (2, 4), (1, 2)]  # P2..P6 of a wide image; block pooling divides evenly
-
-
-def _glue():
-    torch.manual_seed(0)
-    student = build_faster_rcnn("resnet18", **SMALL)
-    torch.manual_seed(1)
-    teacher = build_faster_rcnn("resnet18", **SMALL)
-    return RCNNDistillGlue(student, teacher).train()
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 128, 128, generator=g) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10., 12., 60., 70.], [70., 20., 120., 90.]]), "labels": torch.tensor([3, 17])},
-               {"boxes": torch.tensor([[30., 30., 100., 110.]]), "labels": torch.tensor([80])}]
-    return images, targets
 
 
 def _fpn(seed, channels=256):
