@@ -18,8 +18,7 @@ from yacs.config import CfgNode as CN
 import torch.nn.functional as F
 
 from .at import matching_size, paired_stages
-from .base import Distiller
-from .losses import StepOutput, ce_term, distill_loss
+from .feature_loss import FeatureLossMethod
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -47,23 +46,10 @@ def nst_loss(feats_student, feats_teacher):
 
 
 @DISTILLER_REGISTRY.register("NST", config=_cfg)
-class NST(Distiller):
+class NST(FeatureLossMethod):
+    section = "NST"
     ramped_terms = ("nst",)
+    default_feat_weight = 50.0
 
-    def __init__(self, student, teacher, ce_weight=1.0, feat_weight=50.0):
-        super().__init__(student, teacher)
-        self.ce_weight, self.feat_weight = ce_weight, feat_weight
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher, data):
-        c = cfg.NST
-        return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
-
-    def forward_train(self, images, labels, epoch, index=None):
-        logits, features = self.student(images)
-        logits_t, features_t = self.teacher(images)
-        loss = nst_loss(features["feats"], features_t["feats"])
-        return StepOutput(logits, {
-            "ce": ce_term(logits, labels, self.ce_weight),
-            "nst": distill_loss(self.feat_weight * loss),
-        }, features, logits_t, features_t)
+    def feature_loss(self, features, features_t):
+        return nst_loss(features["feats"], features_t["feats"])

@@ -15,8 +15,7 @@ large weight compensates for; the weight is therefore tied to this reduction and
 import torch
 from yacs.config import CfgNode as CN
 
-from .base import Distiller
-from .losses import StepOutput, ce_term, distill_loss
+from .feature_loss import FeatureLossMethod
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -41,23 +40,10 @@ def pkt_loss(f_s, f_t, eps=1e-7):
 
 
 @DISTILLER_REGISTRY.register("PKT", config=_cfg)
-class PKT(Distiller):
+class PKT(FeatureLossMethod):
+    section = "PKT"
     ramped_terms = ("pkt",)
+    default_feat_weight = 30000.0
 
-    def __init__(self, student, teacher, ce_weight=1.0, feat_weight=30000.0):
-        super().__init__(student, teacher)
-        self.ce_weight, self.feat_weight = ce_weight, feat_weight
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher, data):
-        c = cfg.PKT
-        return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
-
-    def forward_train(self, images, labels, epoch, index=None):
-        logits, features = self.student(images)
-        logits_t, features_t = self.teacher(images)
-        loss = pkt_loss(features["pooled_feat"], features_t["pooled_feat"])
-        return StepOutput(logits, {
-            "ce": ce_term(logits, labels, self.ce_weight),
-            "pkt": distill_loss(self.feat_weight * loss),
-        }, features, logits_t, features_t)
+    def feature_loss(self, features, features_t):
+        return pkt_loss(features["pooled_feat"], features_t["pooled_feat"])

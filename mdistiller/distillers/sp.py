@@ -15,8 +15,7 @@ same value as a scalar, as every loss term here is.
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from .base import Distiller
-from .losses import StepOutput, ce_term, distill_loss
+from .feature_loss import FeatureLossMethod
 from .registry import DISTILLER_REGISTRY
 
 _cfg = CN()
@@ -38,23 +37,10 @@ def sp_loss(f_s, f_t):
 
 
 @DISTILLER_REGISTRY.register("SP", config=_cfg)
-class SP(Distiller):
+class SP(FeatureLossMethod):
+    section = "SP"
     ramped_terms = ("sp",)
+    default_feat_weight = 3000.0
 
-    def __init__(self, student, teacher, ce_weight=1.0, feat_weight=3000.0):
-        super().__init__(student, teacher)
-        self.ce_weight, self.feat_weight = ce_weight, feat_weight
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher, data):
-        c = cfg.SP
-        return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
-
-    def forward_train(self, images, labels, epoch, index=None):
-        logits, features = self.student(images)
-        logits_t, features_t = self.teacher(images)
-        loss = sp_loss(features["feats"][-1], features_t["feats"][-1])
-        return StepOutput(logits, {
-            "ce": ce_term(logits, labels, self.ce_weight),
-            "sp": distill_loss(self.feat_weight * loss),
-        }, features, logits_t, features_t)
+    def feature_loss(self, features, features_t):
+        return sp_loss(features["feats"][-1], features_t["feats"][-1])
