@@ -155,8 +155,18 @@ def resolve_speed(cfg, device, recorded=None):
 
 
 def recorded_plan(run_dir):
-    """The fast paths (SpeedPlan.as_dict()) a run in `run_dir` recorded: its latest.pth's, else its summary.json's;
-    None for a run that recorded none (started before plans were recorded, or not started)."""
+    """The fast paths (SpeedPlan.as_dict()) a run in `run_dir` recorded: its summary.json's (a finished run; the
+    small file first), else its latest.pth's; None for a run that recorded none (started before checkpoints
+    recorded plans, or not started). Both are written from the same plan."""
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary):
+        try:
+            with open(summary) as f:
+                speed = json.load(f).get("speed")
+        except (OSError, ValueError, AttributeError):
+            speed = None
+        if isinstance(speed, dict):
+            return speed
     ckpt = os.path.join(run_dir, "latest.pth")
     if os.path.isfile(ckpt):
         try:
@@ -165,14 +175,6 @@ def recorded_plan(run_dir):
             state = None  # a damaged checkpoint is reported by the resume that reads it
         if isinstance(state, dict) and isinstance(state.get("speed"), dict):
             return state["speed"]
-    summary = os.path.join(run_dir, "summary.json")
-    if os.path.isfile(summary):
-        try:
-            with open(summary) as f:
-                speed = json.load(f).get("speed")
-        except (OSError, ValueError):
-            return None
-        return speed if isinstance(speed, dict) else None
     return None
 
 
