@@ -10,6 +10,7 @@ from mdistiller.config import load_config
 from mdistiller.engine.launch import train_from_config
 from mdistiller.engine.speed import resolve_speed
 from mdistiller.utils import hardware
+from mdistiller.utils.errors import ConfigError
 from test_engine import CrashAfterEpoch, read_metrics, small_cfg, without_timing
 
 CPU = torch.device("cpu")
@@ -66,6 +67,9 @@ def test_environment_override_pins_the_decision(cpu, monkeypatch):
     cpu(amx=False, avx512_bf16=False)
     monkeypatch.setenv(hardware.ENV_OVERRIDE, "1")
     assert hardware.cpu_bf16_decision()[0] is True
+    monkeypatch.setenv(hardware.ENV_OVERRIDE, "yes")  # not silently ignored: one line naming the variable
+    with pytest.raises(ConfigError, match="MDISTILLER_CPU_BF16='yes': must be 0 .* or 1"):
+        resolve_speed(load_config(None, []), CPU)
 
 
 def test_recorded_plan_is_kept_where_the_device_can_run_it(cpu):

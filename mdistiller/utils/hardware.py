@@ -15,6 +15,8 @@ import platform
 
 import torch
 
+from .errors import ConfigError
+
 ENV_OVERRIDE = "MDISTILLER_CPU_BF16"
 # /proc/cpuinfo flags that matter for the fast paths, in the order they are reported
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
@@ -65,6 +67,9 @@ def cpu_bf16_decision():
     override = os.environ.get(ENV_OVERRIDE, "").strip()
     if override in ("0", "1"):
         return override == "1", f"{ENV_OVERRIDE}={override} in the environment"
+    if override:
+        raise ConfigError(f"environment variable {ENV_OVERRIDE}={override!r}: must be 0 (float32 on this CPU) or 1 "
+                          "(bf16), or unset to detect the CPU's native bf16")
     units = native_bf16_units()
     if units:
         return True, f"the CPU computes bf16 natively ({', '.join(units)})"
