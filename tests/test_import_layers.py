@@ -12,7 +12,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "mdistiller")
 LAYERS = {"reference": 0, "utils": 0, "config": 1, "data": 2, "models": 3, "distillers": 4, "engine": 5,
-          "detection": 4, "bench": 6, "reproduce": 6, "analysis": 6}
+          "detection": 6, "bench": 7, "reproduce": 7, "analysis": 7}
 TOP = 7  # mdistiller/__init__.py
 
 

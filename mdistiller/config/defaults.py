@@ -13,6 +13,11 @@ from yacs.config import CfgNode as CN
 
 _C = CN()
 
+# What is trained: "classification" (image classifiers, the default) or "detection" (Faster R-CNN + FPN on COCO,
+# mdistiller/detection: its DETECTION section, DISTILLER.TYPE among its own methods, SOLVER.EPOCHS counting
+# DETECTION.ITERS_PER_EPOCH iterations each). Each task checks and builds its own runs.
+_C.TASK = "classification"
+
 _C.EXPERIMENT = CN()
 _C.EXPERIMENT.NAME = ""  # run directory name under LOG.PREFIX; empty = derived from dataset/method/models/seed
 _C.EXPERIMENT.TAG = "default"

@@ -18,9 +18,10 @@ REGISTRIES = {}
 
 
 class Registry:
-    def __init__(self, kind, key=None):
-        """`key`: the config key ("SECTION.KEY") whose value names the component to use, if there is one."""
-        self.kind, self.key = kind, key
+    def __init__(self, kind, key=None, task="classification"):
+        """`key`: the config key ("SECTION.KEY", or a top-level "KEY") whose value names the component to use, if
+        there is one; `task`: the TASK whose configs select from it (None: every task's)."""
+        self.kind, self.key, self.task = kind, key, task
         self._items = {}
         self._meta = {}
         if key is not None:
@@ -74,8 +75,14 @@ class Registry:
 
     def selected(self, cfg):
         """The name the config key selects."""
-        section, leaf = self.key.split(".")
-        return cfg[section][leaf]
+        node = cfg
+        for part in self.key.split("."):
+            node = node[part]
+        return node
+
+    def applies_to(self, cfg):
+        """Whether this config selects from this registry (its TASK is the registry's)."""
+        return self.task is None or self.task == cfg.get("TASK", "classification")
 
     def check_name(self, cfg):
         """ConfigError unless the config key names a registered component."""
@@ -95,3 +102,8 @@ class Registry:
 
     def __iter__(self):
         return iter(self.names())
+
+
+# TASK -> the task (classification in engine/task.py, detection in mdistiller/detection): how its runs are checked
+# and built. Made here, first, so that an unknown TASK is the first error and nothing below config is needed.
+TASK_REGISTRY = Registry("task", key="TASK", task=None)

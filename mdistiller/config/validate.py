@@ -17,7 +17,7 @@ from .registry import REGISTRIES
 
 # Loss-term weights whose names do not end in WEIGHT: DKD's alpha (TCKD) and beta (NCKD), DIST's beta (inter-class)
 # and gamma (intra-class).
-LOSS_WEIGHT_KEYS = {"DKD.ALPHA", "DKD.BETA", "DIST.BETA", "DIST.GAMMA"}
+LOSS_WEIGHT_KEYS = {"DKD.ALPHA", "DKD.BETA", "DIST.BETA", "DIST.GAMMA", "DETECTION.DKD.ALPHA", "DETECTION.DKD.BETA"}
 
 
 def _check(ok, key, message):
@@ -68,7 +68,8 @@ def validate_config(cfg):
     """Every check, in order: the whole tree, the names the registries select (dataset, method and its models,
     update rule), the core sections, then each chosen component's own checks."""
     validate_tree(cfg)
-    for registry in REGISTRIES.values():
+    registries = [r for r in REGISTRIES.values() if r.applies_to(cfg)]  # TASK's registry first: it is made first
+    for registry in registries:
         registry.check_name(cfg)
     s, d = cfg.SOLVER, cfg.DATASET
     _check(d.NUM_WORKERS >= 0, "DATASET.NUM_WORKERS", f"must be >= 0, got {d.NUM_WORKERS}")
@@ -119,5 +120,5 @@ def validate_config(cfg):
 
     for check in _EXTRA_CHECKS:
         check(cfg)
-    for registry in REGISTRIES.values():
+    for registry in registries:
         registry.validate(cfg)

@@ -1,8 +1,8 @@
-"""Object detection: torchvision Faster R-CNN + FPN models, COCO data/evaluation and distillation glue.
-
-Not imported by `mdistiller/__init__`: classification users need neither COCO nor pycocotools (which coco_eval
-imports only when it evaluates).
+"""Object detection (TASK detection): torchvision Faster R-CNN + FPN students and teachers on COCO, distilled with
+KD, DKD, KD++, ReviewKD, ReviewKD+DKD and ReviewKD++ on the same loop, update rules and run directory as
+classification. pycocotools is imported only when AP is computed.
 """
 
+from .build import DetectionTask, build_detection_run  # noqa: F401  (registers TASK detection)
 from .coco_eval import evaluate  # noqa: F401
 from .data import CocoDetection, collate, to_original  # noqa: F401

@@ -140,6 +140,10 @@ class CocoDetection(torch.utils.data.Dataset):
         return boxes, labels
 
     def __getitem__(self, index):
+        return self.load(index)
+
+    def load(self, index, generator=None):
+        """Item `index`, its random augmentation drawn from `generator` (default: torch's global RNG)."""
         info = self.images[index]
         path = os.path.join(self.image_dir, info["file_name"])
         try:
@@ -152,7 +156,8 @@ class CocoDetection(torch.utils.data.Dataset):
                             f"{info['width']}x{info['height']}: the image or the annotation file is not COCO's")
         boxes, labels = self.boxes_and_labels(info["id"])
         orig_size = (image.height, image.width)
-        image, boxes = self.transform(image, boxes)
+        image, boxes = self.transform(image, boxes, generator=generator) if generator is not None else \
+            self.transform(image, boxes)
         boxes, labels = clip_and_drop_empty(boxes, labels, image.height, image.width)
         tensor = pil_to_tensor(image).float().div_(255)
         return tensor, {"boxes": boxes, "labels": labels, "image_id": info["id"], "orig_size": orig_size,

@@ -91,18 +91,22 @@ class RCNNDistillGlue(nn.Module):
     the channel order for a teacher trained on BGR input."""
 
     def __init__(self, student, teacher, teacher_flip_channels=False):
+        """`teacher` None: the student's training forward alone (a baseline or a teacher being trained); the
+        step's teacher fields are then None."""
         super().__init__()
-        _check_pair(student, teacher)
+        _check_pair(student, teacher if teacher is not None else student)
         self.student, self.teacher = student, teacher
         self.teacher_flip_channels = teacher_flip_channels
-        self.renormalise = teacher_flip_channels or not _same_normalisation(student, teacher)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.renormalise = teacher is not None and (teacher_flip_channels or not _same_normalisation(student, teacher))
+        if teacher is not None:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
 
     def train(self, mode=True):
         """The teacher stays in eval mode whatever the glue's mode."""
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def forward(self, images, targets):
@@ -127,8 +131,10 @@ class RCNNDistillGlue(nn.Module):
         labels = torch.cat(labels, dim=0)
         loss_classifier, loss_box_reg = fastrcnn_loss(logits, box_regression, [labels],
                                                       [torch.cat(regression_targets, dim=0)])
-        teacher_fpn = self.teacher_fpn(image_list)
-        teacher_features, teacher_logits = self.teacher_box_outputs(image_list, proposals, teacher_fpn)
+        teacher_fpn, teacher_features, teacher_logits = {}, None, None
+        if self.teacher is not None:
+            teacher_fpn = self.teacher_fpn(image_list)
+            teacher_features, teacher_logits = self.teacher_box_outputs(image_list, proposals, teacher_fpn)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **rpn_losses}
         return DetectionStep(losses, proposals, labels, box_features, logits, teacher_features, teacher_logits,
                              list(image_list.image_sizes), features, teacher_fpn)

@@ -133,7 +133,8 @@ class TensorBoardHook(HookBase):
 
     def after_epoch(self, record):
         step = self.trainer.global_step
-        for key in ("test_top1", "test_top5", "test_loss", "train_loss", "train_top1", "lr", "images_per_s"):
+        for key in ("test_top1", "test_top5", "test_loss", "train_loss", "train_top1", "lr", "images_per_s",
+                    "test_AP", "test_AP50", "test_AP75"):
             if key in record:
                 self.writer.add_scalar(f"epoch/{key}", record[key], step)
         self.writer.flush()
@@ -161,7 +162,8 @@ class CheckpointHook(HookBase):
     def after_epoch(self, record):
         t = self.trainer
         state = {**t.state_dict(), "config": self.config_text}
-        student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, "test_top1": record["test_top1"]}
+        metric = f"test_{self.evaluation.metric}"  # test_top1; a detector's test_AP
+        student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, metric: record.get(metric)}
         atomic_save(student, self._path("student_last.pth"))
         if self.evaluation.best["epoch"] == t.epoch:
             atomic_save(state, self._path("best.pth"))
@@ -180,15 +182,11 @@ class SummaryHook(HookBase):
         self.summary = None
 
     def after_train(self):
-        t, best, last = self.trainer, self.evaluation.best, self.evaluation.last
+        t = self.trainer
         if t.epoch < t.max_epochs:
             return
         summary = {
-            "best_top1": best["top1"],
-            "best_top5": best["top5"],
-            "best_epoch": best["epoch"],
-            "last_top1": last["top1"],
-            "last_top5": last["top5"],
+            **self.evaluation.summary_fields(),  # best_top1, best_top5, best_epoch, last_top1, last_top5
             "epochs": t.epoch,
             "images_per_s": t.images_per_s(),
             "train_time_s": t.counters["train_time_s"],

@@ -28,11 +28,11 @@ from ..utils.run_dir_io import RunDirError, remove_leftovers, writing
 from ..utils.run_lock import RunLock
 from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
-from .build import build_run
+from .task import TASK_REGISTRY
 from ..models import folder_name
 from ..utils.hardware import cpu_kind
 from .speed import recorded_plan
-from ..models.teacher_ckpt import teacher_ckpt_path, teacher_record
+from ..models.teacher_ckpt import teacher_ckpt_path
 from .wandb_hook import WandbHook
 
 
@@ -270,7 +270,8 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
     recorded = distributed.broadcast_object(
         distributed.agree(lambda: recorded_plan(path) if ctx.is_main and plan.checkpoint else None))
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
-    run = build_run(cfg, device=device, run_dir=path, recorded_speed=recorded)
+    task = TASK_REGISTRY.get(cfg.TASK, "TASK")
+    run = task.build_run(cfg, device=device, run_dir=path, recorded_speed=recorded)
     trainer = run.trainer
     if plan.checkpoint:
         trainer.resume(plan.checkpoint)
@@ -297,11 +298,11 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
     if ctx.is_main:
         # The teacher the run loaded: the method's, or the loss monitor's (the student alone, LOG.MONITOR_TEACHER).
         loaded = run.distiller.teacher is not None or run.monitor_teacher is not None
-        teacher = teacher_record(cfg) if loaded else None
+        teacher = task.teacher_record(cfg) if loaded else None
         if teacher:
             top1 = "unknown" if teacher["top1"] is None else f"{teacher['top1']:.2f} ({teacher['top1_source']})"
-            logger.info("teacher %s: checkpoint %s, sha256 %s, test top-1 %s", teacher["name"],
-                        teacher["checkpoint"], teacher["sha256"], top1)
+            logger.info("teacher %s: checkpoint %s, sha256 %s, test %s %s", teacher["name"],
+                        teacher["checkpoint"], teacher["sha256"], teacher.get("metric", "top-1"), top1)
         sha, dirty = git_info()
         extra = {"seed": cfg.EXPERIMENT.SEED, "git_sha": sha, "git_dirty": dirty, "teacher": teacher,
                  "torch_version": torch.__version__,
@@ -311,7 +312,7 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
                  "device": describe_device(run.device), "world_size": ctx.world_size,
                  "num_train": run.data.num_train, "num_test": run.data.num_test, "classes": list(run.data.classes),
                  "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
-                 "dataset": cfg.DATASET.TYPE, "run_dir": path, "speed": run.speed.as_dict(),
+                 "dataset": cfg.DATASET.TYPE, "task": cfg.TASK, "run_dir": path, "speed": run.speed.as_dict(),
                  "speed_decisions": list(run.speed.notes), "cpu": cpu_kind()}
         summary_hook = SummaryHook(summary_file, run.evaluation, extra)
         hooks = [
@@ -330,6 +331,5 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
         logger.info("  %s", note)
     trainer.train()
     summary = distributed.broadcast_object(summary_hook.summary if summary_hook is not None else None)
-    logger.info("done: best top-1 %.2f (epoch %d), last top-1 %.2f, %.0f img/s", summary["best_top1"],
-                summary["best_epoch"], summary["last_top1"], summary["images_per_s"])
+    logger.info("done: %s, %.0f img/s", task.result_line(summary), summary["images_per_s"])
     return summary

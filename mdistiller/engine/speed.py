@@ -64,7 +64,7 @@ class SpeedPlan:
 
     def batch(self, images):
         """The batch in the layout the models were converted to."""
-        if self.channels_last and images.dim() == 4:
+        if self.channels_last and torch.is_tensor(images) and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
 

@@ -105,6 +105,8 @@ class EvalHook(HookBase):
     Ranks first take rank 0's BatchNorm statistics (their last training step updated them from their own shard),
     so every rank evaluates the very model rank 0 saves; tools/eval.py on that file agrees."""
 
+    metric = "top1"  # the record's test_<metric> is what best.pth is chosen by
+
     def __init__(self, model, student, loader, speed=None):
         """`model(images)` gives the logits (the distiller's evaluation forward); `student` owns the buffers."""
         self.model, self.student, self.loader, self.speed = model, student, loader, speed
@@ -123,6 +125,11 @@ class EvalHook(HookBase):
             self.best = {"top1": test["top1"], "top5": test["top5"], "epoch": epoch}
         record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
                        "best_top1": self.best["top1"]})
+
+    def summary_fields(self):
+        """The result as summary.json has it."""
+        return {"best_top1": self.best["top1"], "best_top5": self.best["top5"], "best_epoch": self.best["epoch"],
+                "last_top1": self.last["top1"], "last_top5": self.last["top5"]}
 
     def state_dict(self):
         return {"best": dict(self.best), "last": dict(self.last)}

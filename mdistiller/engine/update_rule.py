@@ -16,7 +16,7 @@ from ..distillers.losses import total_loss
 from .finite_guard import largest_abs
 
 # SOLVER.TRAINER -> UpdateRule subclass
-UPDATE_RULE_REGISTRY = Registry("trainer", key="SOLVER.TRAINER")
+UPDATE_RULE_REGISTRY = Registry("trainer", key="SOLVER.TRAINER", task=None)  # every task's loop
 
 
 class UpdateRule:

@@ -1,0 +1,252 @@
+"""TASK detection: the builder of a detection run and its registration. Same loop, update rules, hooks, run
+directory, resume and DDP as classification (engine/); what differs is built here: COCO loaders cut into epochs of
+DETECTION.ITERS_PER_EPOCH iterations, Faster R-CNN student and teacher, the detection distiller, the LR by
+iteration, and COCO AP as the evaluation."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config.registry import TASK_REGISTRY
+from ..config.validate import _check
+from ..data.fingerprint import file_sha256
+from ..engine.build import Run
+from ..engine.ddp_wrap import wrap_for_training
+from ..engine.speed import SpeedPlan
+from ..engine.task import Task
+from ..engine.train_hooks import FiniteGuardHook, LRScheduleHook, SpeedPlanHook
+from ..engine.trainer import Trainer
+from ..engine.update_rule import UPDATE_RULE_REGISTRY
+from ..models.external.pretrained import torch_hub_checkpoints
+from ..utils import distributed
+from ..utils.checkpoint import atomic_save, load_file
+from ..utils.env import resolve_device, seed_everything
+from ..utils.errors import CheckpointError, ConfigError
+from .config import BACKBONES, DETECTION_CFG, METHODS
+from .data import CocoDetection, DetectionTransform, annotation_path
+from .hooks import COCOEvalHook, DetectionLogHook, IterLRSchedule
+from .loader import PeriodLoader, test_loader
+from .method import DetectionDistiller, collect_class_means
+from .models import _imagenet_weights, build_faster_rcnn, class_means_from_detectron2, \
+    coco91_state_dict_to_contiguous
+
+logger = logging.getLogger("mdistiller")
+
+TORCHVISION_TEACHER = "torchvision"  # DISTILLER.TEACHER_CKPT: torchvision's COCO weights (resnet50 only)
+CLASS_MEANS_FILE = "class_means.pt"  # in the run directory: the collected ND class means, reused on resume
+
+
+@dataclass
+class DetectionData:
+    """What launch.py records about the data (summary.json)."""
+
+    name: str
+    num_train: int
+    num_test: int
+    classes: list
+    sources: list
+    category_ids: list
+    image_size: object = None
+    num_classes: int = 81
+
+
+def _model_kwargs(d):
+    return dict(min_size=d.TEST_SHORT_SIDE, max_size=d.MAX_SIZE, _skip_resize=True,
+                rpn_pre_nms_top_n_train=d.RPN_PRE_NMS_TOPK_TRAIN, rpn_post_nms_top_n_train=d.RPN_POST_NMS_TOPK_TRAIN,
+                rpn_pre_nms_top_n_test=d.RPN_PRE_NMS_TOPK_TEST, rpn_post_nms_top_n_test=d.RPN_POST_NMS_TOPK_TEST,
+                rpn_batch_size_per_image=d.RPN_BATCH_SIZE_PER_IMAGE, box_batch_size_per_image=d.ROI_BATCH_SIZE_PER_IMAGE,
+                box_detections_per_img=d.DETECTIONS_PER_IMAGE)
+
+
+def _hub_file(weights, key):
+    path = os.path.join(torch_hub_checkpoints(), os.path.basename(weights.url))
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{key}: torchvision's weights file {path} is missing and runs never download; fetch "
+                              f"it once with python -c \"import torchvision; torchvision.models.get_weight("
+                              f"'{weights.__class__.__name__}.{weights.name}').get_state_dict()\"")
+    return path
+
+
+def build_student(cfg):
+    d = cfg.DETECTION
+    if d.STUDENT_PRETRAINED:
+        _hub_file(_imagenet_weights(cfg.DISTILLER.STUDENT), "DETECTION.STUDENT_PRETRAINED")
+    return build_faster_rcnn(cfg.DISTILLER.STUDENT, pretrained_backbone=d.STUDENT_PRETRAINED,
+                             trainable_layers=None if d.TRAINABLE_LAYERS < 0 else d.TRAINABLE_LAYERS,
+                             **_model_kwargs(d))
+
+
+def teacher_file(cfg):
+    """The file DISTILLER.TEACHER_CKPT names (torchvision's COCO weights file for "torchvision")."""
+    ckpt = cfg.DISTILLER.TEACHER_CKPT
+    if ckpt == TORCHVISION_TEACHER:
+        from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+        return _hub_file(FasterRCNN_ResNet50_FPN_Weights.COCO_V1, "DISTILLER.TEACHER_CKPT")
+    if not ckpt:
+        raise ConfigError(f"config key DISTILLER.TEACHER_CKPT: a detection teacher needs its weights: the "
+                          f"student_best.pth of a run of configs/coco/teacher/{cfg.DISTILLER.TEACHER}.yaml"
+                          + (", or 'torchvision' (torchvision's COCO weights)" if cfg.DISTILLER.TEACHER == "resnet50"
+                             else ""))
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"DISTILLER.TEACHER_CKPT {ckpt} not found: train the teacher with "
+                              f"configs/coco/teacher/{cfg.DISTILLER.TEACHER}.yaml and point this key at its "
+                              f"student_best.pth")
+    return ckpt
+
+
+def build_teacher(cfg, category_ids, state=None):
+    """The teacher detector with its weights (`state` instead of its file when given); frozen by the distiller."""
+    model = build_faster_rcnn(cfg.DISTILLER.TEACHER, **_model_kwargs(cfg.DETECTION))
+    if state is None:
+        path = teacher_file(cfg)
+        raw = load_file(path, "detection teacher")
+        if cfg.DISTILLER.TEACHER_CKPT == TORCHVISION_TEACHER:
+            state = coco91_state_dict_to_contiguous(raw, category_ids)
+        else:
+            state = raw.get("model", raw) if isinstance(raw, dict) else raw
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"the detection teacher's weights do not fit a {cfg.DISTILLER.TEACHER} Faster R-CNN "
+                              f"with 81 classes ({first}); use a checkpoint of configs/coco/teacher/"
+                              f"{cfg.DISTILLER.TEACHER}.yaml") from None
+    return model
+
+
+def _datasets(cfg):
+    d = cfg.DETECTION
+    root = cfg.DATASET.ROOT
+    train = CocoDetection(root, "train", DetectionTransform(d.TRAIN_SHORT_SIDES, d.MAX_SIZE, flip_prob=0.5))
+    test = CocoDetection(root, "val", DetectionTransform((d.TEST_SHORT_SIDE,), d.MAX_SIZE, flip_prob=0.0))
+    if cfg.DATASET.TRAIN_SUBSET:
+        train.images = train.images[:cfg.DATASET.TRAIN_SUBSET]
+    if cfg.DATASET.TEST_SUBSET:
+        test.images = test.images[:cfg.DATASET.TEST_SUBSET]
+    return train, test
+
+
+def class_means(cfg, distiller, train, device, run_dir):
+    """ND's teacher class means: from DETECTION.ND.CLASS_MEANS_FILE, else the run directory's cache, else collected
+    from the teacher (and cached there)."""
+    nd = cfg.DETECTION.ND
+    if nd.CLASS_MEANS_FILE:
+        try:
+            with open(nd.CLASS_MEANS_FILE) as f:
+                rows = json.load(f)
+            means = torch.tensor([rows[str(k)] for k in range(len(rows))], dtype=torch.float32)
+            return class_means_from_detectron2(means)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"DETECTION.ND.CLASS_MEANS_FILE {nd.CLASS_MEANS_FILE}: cannot read KD++ class "
+                                  f"means ({e}); it must be a JSON object with keys \"0\"..\"80\" of 1024 numbers") from None
+    cached = os.path.join(run_dir, CLASS_MEANS_FILE) if run_dir else None
+    if cached and os.path.isfile(cached):
+        return load_file(cached, "class means")
+    loader = PeriodLoader(train, cfg.SOLVER.BATCH_SIZE, nd.CLASS_MEANS_ITERS, cfg.EXPERIMENT.SEED + 1,
+                          distributed.rank(), distributed.world_size(), cfg.DATASET.NUM_WORKERS)
+    logger.info("collecting the teacher's class means over %d iterations", nd.CLASS_MEANS_ITERS)
+    with torch.random.fork_rng(devices=[]):  # the training's random stream is the same with or without this
+        means = collect_class_means(distiller.teacher, loader, nd.CLASS_MEANS_ITERS, device)
+    if cached and distributed.rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_save(means, cached)
+    return means
+
+
+def build_detection_run(cfg, device=None, run_dir=None, recorded_speed=None, teacher_state=None):
+    """The detection run `cfg` describes (a build.Run). `teacher_state`: the teacher's weights instead of
+    DISTILLER.TEACHER_CKPT's file (tests)."""
+    if device is None:
+        _, device = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
+    device = torch.device(device)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    speed = SpeedPlan(device.type, notes=("detection runs in float32 with its models in NCHW: SPEED's fast paths "
+                                          "are for classification",))
+    seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
+    d = cfg.DETECTION
+    train, test = distributed.agree(_datasets, cfg)
+    data = DetectionData("coco", len(train), len(test), list(train.class_names),
+                         [annotation_path(cfg.DATASET.ROOT, "train"), annotation_path(cfg.DATASET.ROOT, "val")],
+                         list(train.category_ids))
+    if len(train.category_ids) != 80 or train.category_ids != test.category_ids:
+        raise ConfigError(f"DATASET.ROOT {cfg.DATASET.ROOT}: the detectors have COCO's 80 categories; the "
+                          f"annotations list {len(train.category_ids)} (train) and {len(test.category_ids)} (val)")
+    train_loader = PeriodLoader(train, cfg.SOLVER.BATCH_SIZE, d.ITERS_PER_EPOCH, cfg.EXPERIMENT.SEED, rank,
+                                world_size, cfg.DATASET.NUM_WORKERS)
+    evaluation_loader = test_loader(test, cfg.DATASET.TEST.BATCH_SIZE, rank, world_size, cfg.DATASET.NUM_WORKERS)
+    terms = METHODS[cfg.DISTILLER.TYPE]
+    student = distributed.agree(build_student, cfg)
+    teacher = distributed.agree(build_teacher, cfg, data.category_ids, teacher_state) if terms else None
+    distiller = DetectionDistiller(student, teacher, terms, d.KD.WEIGHT, d.KD.T, d.DKD.ALPHA, d.DKD.BETA, d.DKD.T,
+                                   d.ND.WEIGHT, d.REVIEWKD.WEIGHT, d.TEACHER_FLIP_CHANNELS).to(device)
+    if "nd" in terms:
+        distiller.class_means.copy_(distributed.agree(class_means, cfg, distiller, train, device, run_dir))
+    model = wrap_for_training(distiller, device, False, cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
+    rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER").from_config(
+        cfg, distiller.learnable_parameters(), device, fp16=False)
+    image_ids = [im["id"] for im in test.images]
+    evaluation = COCOEvalHook(distiller.student, evaluation_loader, annotation_path(cfg.DATASET.ROOT, "val"),
+                              data.category_ids, image_ids, device, d.EVAL_PERIOD)
+    schedule = IterLRSchedule(cfg.SOLVER.LR, d.STEPS, cfg.SOLVER.LR_DECAY_RATE, d.WARMUP_ITERS, d.WARMUP_FACTOR)
+    hooks = [LRScheduleHook(schedule), FiniteGuardHook(device, 0, run_dir), evaluation, DetectionLogHook(),
+             SpeedPlanHook(speed)]
+    trainer = Trainer(distiller, model, train_loader, rule, hooks, speed=speed, max_epochs=cfg.SOLVER.EPOCHS,
+                      device=device, print_freq=cfg.LOG.PRINT_FREQ, track_accuracy=False)
+    return Run(trainer, distiller, rule, evaluation, train_loader, evaluation_loader, data, speed, device)
+
+
+def detection_teacher_record(cfg):
+    """summary.json's "teacher" of a detection run: the weights file and its AP when the file records one."""
+    path = os.path.abspath(teacher_file(cfg))
+    ap = None
+    if cfg.DISTILLER.TEACHER_CKPT != TORCHVISION_TEACHER:
+        raw = load_file(path, "detection teacher")
+        ap = raw.get("test_AP") if isinstance(raw, dict) else None
+    return {"name": cfg.DISTILLER.TEACHER, "checkpoint": path, "sha256": file_sha256(path), "top1": ap,
+            "top1_source": "its checkpoint" if ap is not None else None, "metric": "AP"}
+
+
+def validate_detection(cfg):
+    d, s = cfg.DETECTION, cfg.SOLVER
+    _check(cfg.DATASET.TYPE == "coco", "DATASET.TYPE", f"TASK detection trains on coco, got '{cfg.DATASET.TYPE}'")
+    _check(cfg.DISTILLER.TYPE in METHODS, "DISTILLER.TYPE",
+           f"TASK detection has the methods {', '.join(METHODS)}; got '{cfg.DISTILLER.TYPE}'")
+    for role in ("STUDENT", "TEACHER") if METHODS.get(cfg.DISTILLER.TYPE) else ("STUDENT",):
+        _check(cfg.DISTILLER[role] in BACKBONES, f"DISTILLER.{role}",
+               f"detection backbones are {', '.join(BACKBONES)}; got '{cfg.DISTILLER[role]}'")
+    _check(d.ITERS_PER_EPOCH > 0, "DETECTION.ITERS_PER_EPOCH", f"must be > 0, got {d.ITERS_PER_EPOCH}")
+    _check(d.EVAL_PERIOD > 0, "DETECTION.EVAL_PERIOD", f"must be > 0 epochs, got {d.EVAL_PERIOD}")
+    _check(list(d.STEPS) == sorted(d.STEPS) and all(x > 0 for x in d.STEPS), "DETECTION.STEPS",
+           f"must be increasing positive iterations, got {list(d.STEPS)}")
+    _check(d.WARMUP_ITERS >= 0, "DETECTION.WARMUP_ITERS", f"must be >= 0, got {d.WARMUP_ITERS}")
+    _check(0 < d.WARMUP_FACTOR <= 1, "DETECTION.WARMUP_FACTOR", f"must be in (0, 1], got {d.WARMUP_FACTOR}")
+    _check(len(d.TRAIN_SHORT_SIDES) > 0 and all(x > 0 for x in d.TRAIN_SHORT_SIDES), "DETECTION.TRAIN_SHORT_SIDES",
+           f"must list positive sizes, got {list(d.TRAIN_SHORT_SIDES)}")
+    _check(0 < d.TEST_SHORT_SIDE <= d.MAX_SIZE, "DETECTION.TEST_SHORT_SIDE", "must be in (0, DETECTION.MAX_SIZE]")
+    _check(not s.LR_DECAY_STAGES, "SOLVER.LR_DECAY_STAGES",
+           "TASK detection decays the LR at DETECTION.STEPS (iterations); leave this empty")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before the process group exists
+    _check(s.BATCH_SIZE % world == 0, "SOLVER.BATCH_SIZE",
+           f"the global batch {s.BATCH_SIZE} must divide among the {world} processes")
+    _check(d.ND.CLASS_MEANS_ITERS > 0, "DETECTION.ND.CLASS_MEANS_ITERS", "must be > 0")
+    sp = cfg.SPEED
+    _check(sp.AMP in ("auto", "off"), "SPEED.AMP", "TASK detection trains in float32: set auto or off")
+    _check(sp.CHANNELS_LAST in ("auto", "off") and not sp.COMPILE and not sp.TEACHER_INT8
+           and sp.TEACHER_HALF in ("auto", "off"), "SPEED",
+           "TASK detection has none of the classification fast paths: leave SPEED at its defaults")
+    _check(not cfg.DISTRIBUTED.SYNC_BN, "DISTRIBUTED.SYNC_BN", "the detectors' BatchNorm is frozen: set it False")
+
+
+@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION")
+class DetectionTask(Task):
+    build_run = staticmethod(build_detection_run)
+    teacher_record = staticmethod(detection_teacher_record)
+    validate_config = staticmethod(validate_detection)
+
+    @staticmethod
+    def result_line(summary):
+        return (f"best AP {summary['best_AP']:.2f} (epoch {summary['best_epoch']})  last AP {summary['last_AP']:.2f}"
+                f"  AP50 {summary['last_AP50']:.2f}  AP75 {summary['last_AP75']:.2f}")

@@ -1,0 +1,59 @@
+"""The DETECTION config section (TASK detection): input recipe, model settings, schedule in iterations, and the
+detection methods' weights. Defaults are Detectron2's (what the KD++ and mdistiller detection results were trained
+with) where torchvision differs: RPN post-NMS top-k 1000 per image in training (torchvision: 2000)."""
+
+from yacs.config import CfgNode as CN
+
+from .data import MAX_SIZE, TEST_SHORT_SIDE, TRAIN_SHORT_SIDES
+
+# DISTILLER.TYPE under TASK detection -> the terms added to the detector's four losses.
+METHODS = {
+    "NONE": (),  # the detector alone: baselines and teachers
+    "KD": ("kd",),
+    "DKD": ("dkd",),
+    "KD++": ("kd", "nd"),  # KD++ detection: KD (T 1) + ND on the box head (kdpp_recipes.md 3.1)
+    "REVIEWKD": ("reviewkd",),
+    "REVIEWKD_DKD": ("reviewkd", "dkd"),  # mdistiller's ReviewKD+DKD
+    "REVIEWKD++": ("reviewkd", "nd"),  # ReviewKD++: HCL on the FPN + ND on the box head, no KD
+}
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
+
+_D = CN()
+_D.TRAIN_SHORT_SIDES = list(TRAIN_SHORT_SIDES)  # short side drawn from these per training image
+_D.TEST_SHORT_SIDE = TEST_SHORT_SIDE
+_D.MAX_SIZE = MAX_SIZE  # long side cap (train and test)
+# The loop's "epoch" is a period of this many iterations: each ends with evaluation (every EVAL_PERIOD epochs and
+# the last), metrics.jsonl's line and the checkpoints. SOLVER.EPOCHS x ITERS_PER_EPOCH = Detectron2's MAX_ITER.
+_D.ITERS_PER_EPOCH = 5000
+_D.EVAL_PERIOD = 1  # evaluate on the test split every N epochs (and always after the last)
+_D.STEPS = [60000, 80000]  # iterations after which the LR is multiplied by SOLVER.LR_DECAY_RATE (Detectron2 1x)
+_D.WARMUP_ITERS = 1000  # linear warm-up from WARMUP_FACTOR x LR (Detectron2's WarmupMultiStepLR)
+_D.WARMUP_FACTOR = 0.001
+_D.STUDENT_PRETRAINED = True  # ImageNet backbone weights from the torch hub cache (never downloaded by a run)
+_D.TRAINABLE_LAYERS = -1  # -1: Detectron2's defaults (ResNet FREEZE_AT 2 = 3 stages trained; MobileNetV2 all)
+_D.TEACHER_FLIP_CHANNELS = False  # the teacher was trained on BGR input (a converted Detectron2-zoo model)
+_D.RPN_PRE_NMS_TOPK_TRAIN = 2000
+_D.RPN_POST_NMS_TOPK_TRAIN = 1000
+_D.RPN_PRE_NMS_TOPK_TEST = 1000
+_D.RPN_POST_NMS_TOPK_TEST = 1000
+_D.RPN_BATCH_SIZE_PER_IMAGE = 256
+_D.ROI_BATCH_SIZE_PER_IMAGE = 512
+_D.DETECTIONS_PER_IMAGE = 100
+_D.KD = CN()
+_D.KD.WEIGHT = 1.0
+_D.KD.T = 1.0
+_D.DKD = CN()  # the DKD appendix's detection settings
+_D.DKD.ALPHA = 1.0
+_D.DKD.BETA = 0.25
+_D.DKD.T = 1.0
+_D.ND = CN()  # KD++'s ND (dino) term on the 1024-d box-head features
+_D.ND.WEIGHT = 1.0
+# Teacher class means (81 x 1024, background included): a JSON file in KD++'s layout (keys "0".."80", Detectron2's
+# label order: 80 = background), or empty to collect them from the teacher over CLASS_MEANS_ITERS training
+# iterations before the first step (KD++: 30,000), saved in the run directory and reused on resume.
+_D.ND.CLASS_MEANS_FILE = ""
+_D.ND.CLASS_MEANS_ITERS = 30000
+_D.REVIEWKD = CN()  # ReviewKD's HCL on the five FPN levels
+_D.REVIEWKD.WEIGHT = 1.0
+
+DETECTION_CFG = _D
