@@ -120,7 +120,8 @@ def build_teacher(cfg, category_ids, state=None):
 def _datasets(cfg):
     d = cfg.DETECTION
     root = cfg.DATASET.ROOT
-    train = CocoDetection(root, "train", DetectionTransform(d.TRAIN_SHORT_SIDES, d.MAX_SIZE, flip_prob=0.5))
+    train = CocoDetection(root, "train", DetectionTransform(d.TRAIN_SHORT_SIDES, d.MAX_SIZE,
+                                                               flip_prob=0.5 if d.RANDOM_FLIP else 0.0))
     test = CocoDetection(root, "val", DetectionTransform((d.TEST_SHORT_SIDE,), d.MAX_SIZE, flip_prob=0.0))
     if cfg.DATASET.TRAIN_SUBSET:
         train.images = train.images[:cfg.DATASET.TRAIN_SUBSET]

@@ -22,6 +22,7 @@ _D = CN()
 _D.TRAIN_SHORT_SIDES = list(TRAIN_SHORT_SIDES)  # short side drawn from these per training image
 _D.TEST_SHORT_SIDE = TEST_SHORT_SIDE
 _D.MAX_SIZE = MAX_SIZE  # long side cap (train and test)
+_D.RANDOM_FLIP = True  # horizontal flip with probability 0.5 in training (Detectron2's INPUT.RANDOM_FLIP)
 # The loop's "epoch" is a period of this many iterations: each ends with evaluation (every EVAL_PERIOD epochs and
 # the last), metrics.jsonl's line and the checkpoints. SOLVER.EPOCHS x ITERS_PER_EPOCH = Detectron2's MAX_ITER.
 _D.ITERS_PER_EPOCH = 5000

@@ -33,6 +33,10 @@ class DetectionDistiller(RCNNDistillGlue):
     def train_forward(self, images, targets, epoch=None, index=None):
         """One training batch (lists of images and targets) -> StepOutput: the four detector losses as task terms
         plus the method's distillation terms; logits are the student's box logits on its sampled proposals."""
+        weight = self.student.roi_heads.box_predictor.cls_score.weight
+        images = [im.to(weight.device, weight.dtype, non_blocking=True) for im in images]
+        device = weight.device
+        targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
         step = self(images, targets)
         terms = detector_task_terms(step)
         if "kd" in self.terms:
@@ -64,7 +68,8 @@ def collect_class_means(teacher, batches, iters, device):
         for it, (images, targets, _) in enumerate(batches):
             if it >= iters:
                 break
-            images = [im.to(device) for im in images]
+            dtype = heads.box_predictor.cls_score.weight.dtype
+            images = [im.to(device, dtype) for im in images]
             targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
             image_list, targets = teacher.transform(images, targets)
             features = teacher.backbone(image_list.tensors)

@@ -20,8 +20,12 @@ def coco_categories():
             if n not in ("__background__", "N/A")]
 
 
-def _image(rng, width, height, boxes_per_image):
+def _image(rng, width, height, boxes_per_image, layout=None):
     pixels = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)
+    if layout is not None:  # the same boxes, other pixels
+        for category, x, y, w, h in layout:
+            pixels[y:y + h, x:x + w] = DRAWN[category]
+        return Image.fromarray(pixels), list(layout)
     boxes = []
     for _ in range(boxes_per_image):
         category = int(rng.choice(list(DRAWN)))
@@ -32,9 +36,12 @@ def _image(rng, width, height, boxes_per_image):
     return Image.fromarray(pixels), boxes
 
 
-def write_sample_coco(root, num_train=16, num_val=8, width=96, height=72, boxes_per_image=2, seed=0):
-    """Write the dataset under `root`; returns root. Same arguments, same files (JPEG quality 95)."""
+def write_sample_coco(root, num_train=16, num_val=8, width=96, height=72, boxes_per_image=2, seed=0,
+                      same_layout=False):
+    """Write the dataset under `root`; returns root. Same arguments, same files (JPEG quality 95).
+    `same_layout`: every image has the first image's boxes (tests that need equal sample counts per image)."""
     rng = np.random.default_rng(seed)
+    layout = None
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     next_image, next_ann = 1, 1
     for split, count in (("train", num_train), ("val", num_val)):
@@ -42,7 +49,9 @@ def write_sample_coco(root, num_train=16, num_val=8, width=96, height=72, boxes_
         os.makedirs(folder, exist_ok=True)
         images, annotations = [], []
         for _ in range(count):
-            image, boxes = _image(rng, width, height, boxes_per_image)
+            image, boxes = _image(rng, width, height, boxes_per_image, layout)
+            if same_layout:
+                layout = boxes
             name = f"{next_image:012d}.jpg"
             image.save(os.path.join(folder, name), quality=95)
             images.append({"id": next_image, "file_name": name, "width": width, "height": height})
