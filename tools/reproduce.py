@@ -7,7 +7,8 @@
     python tools/reproduce.py --table dot-3a --collect [--prefix output/repro] [--out-md F] [--out-csv F]
 
 Cells map to configs by convention (mdistiller/reproduce/plan.py); runs are told apart by seed and, for sweep
-rows, by an EXPERIMENT.TAG built from the overrides. Published numbers: mdistiller/reference/paper_results.csv.
+rows, by an EXPERIMENT.TAG built from the overrides. Published numbers: mdistiller/reference/paper_results.csv
+(top-1) and detection_results.csv (COCO AP, AP50, AP75: table kdpp-3).
 A run that reads the checkpoint of a teacher the plan trains runs in a later stage, after that teacher finished
 (mdistiller/reproduce/stages.py). --collect groups runs by their config (mdistiller/reproduce/runkey.py) and
 refuses to average runs of different configs.
@@ -170,7 +171,7 @@ def main(argv=None):
         from mdistiller.reproduce.collect import collect, to_markdown, write_csv
 
         rows = collect(plans, args.prefix, repo_root, args.ignore_key)
-        md = to_markdown(table, rows)
+        md = to_markdown(table, rows, plans[0].cell.metric)
         if args.out_md:
             with open(args.out_md, "w") as f:
                 f.write(md)

@@ -7,7 +7,9 @@ whose runs disagree is refused (no mean, the differing keys in the status) rathe
 with each other but not with the plan are counted and flagged. A seed present twice counts once.
 
 std is the sample standard deviation (n - 1 in the denominator); with one seed it is undefined and left empty.
-`diff` is our best-epoch mean minus the paper's number (DKD/DOT report best-epoch accuracy, protocols.md).
+The table's metric (table.METRICS) is read from summary.json as best_<metric> and last_<metric>, its further columns
+(detection: AP50, AP75) as last_<column>. `diff` is our mean minus the paper's number: best epoch for top-1 (DKD/DOT
+report best-epoch accuracy, protocols.md), last epoch for AP (Detectron2 evaluates the final model).
 """
 
 import csv
@@ -24,8 +26,11 @@ from ..config.flat import default_values
 from ..engine.launch import run_name
 from ..models.teacher_ckpt import default_teacher_ckpt
 from ..utils.errors import UserError
-from .plan import tag_suffix
+from .table import METRICS
 from .runkey import TEACHER_CKPT, differences, keyed, run_key, same_config, semantic, teacher_sha256
+
+# Which of our two numbers the paper's is, per metric.
+COMPARED = {"top1": "best", "AP": "last"}
 
 
 def mean_std(values):
@@ -88,10 +93,7 @@ def scan(prefix, defaults, ignore=()):
 
 
 def _planned_cfg(plan, prefix, repo_root, seed=0):
-    opts = list(plan.overrides) + ["EXPERIMENT.SEED", str(seed), "LOG.PREFIX", prefix]
-    if plan.overrides:
-        opts += ["EXPERIMENT.TAG", tag_suffix(plan.overrides)]
-    return load_config(os.path.join(repo_root, plan.config), opts)
+    return load_config(os.path.join(repo_root, plan.config), plan.planned_run(seed).opts(prefix))
 
 
 def cell_runs(plan, prefix, repo_root, runs, defaults, ignore=()):
@@ -166,8 +168,9 @@ def collect(plans, prefix, repo_root, ignore=()):
     for p in plans:
         c = p.cell
         status, counted, key = judged.get(id(p), (p.status, {}, ""))
-        best = mean_std([r.summary["best_top1"] for r in counted.values()])
-        last = mean_std([r.summary["last_top1"] for r in counted.values()])
+        best = mean_std([r.summary[f"best_{c.metric}"] for r in counted.values()])
+        last = mean_std([r.summary[f"last_{c.metric}"] for r in counted.values()])
+        ours = best if COMPARED[c.metric] == "best" else last
         teacher_used = ""
         if c.method == "teacher":
             used = set()
@@ -179,9 +182,12 @@ def collect(plans, prefix, repo_root, ignore=()):
             "teacher": c.teacher, "student": c.student, "method": c.method, "note": c.note, "status": status,
             "n": len(counted), "seeds": " ".join(str(k) for k in sorted(counted)),
             "best_mean": best[0], "best_std": best[1], "last_mean": last[0], "last_std": last[1],
-            "paper": c.top1, "diff": None if best[0] is None or c.top1 is None else best[0] - c.top1,
+            "paper": c.published, "diff": None if ours[0] is None or c.published is None else ours[0] - c.published,
             "teacher_used": teacher_used, "config_key": key,
         })
+        for column, published in c.extra:  # detection: AP50, AP75 of the last epoch beside the paper's
+            rows[-1][f"last_{column}_mean"] = mean_std([r.summary[f"last_{column}"] for r in counted.values()])[0]
+            rows[-1][f"paper_{column}"] = published
     return rows
 
 
@@ -195,19 +201,28 @@ def _pm(mean, std):
     return f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
 
 
-def to_markdown(table, rows):
+def _paper(v):
+    return "-" if v is None else format(v, ".2f")
+
+
+def to_markdown(table, rows, metric="top1"):
+    extras = METRICS[metric]
+    more = "".join(f"; ours {c} = mean of the last epochs' test {c}" for c in extras)
     lines = [f"Table {table}: ours = mean ± sample std (n-1) over the n seeds of the best-epoch and last-epoch test "
-             "top-1 of finished runs with one config; diff = ours (best) - paper.", "",
-             "| teacher | student | method | note | n | ours best | ours last | paper | diff | status / teacher used |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{'top-1' if metric == 'top1' else metric} of finished runs with one config; diff = ours "
+             f"({COMPARED[metric]}) - paper{more}.", "",
+             "| teacher | student | method | note | n | ours best | ours last | paper | diff | "
+             + "".join(f"ours {c} | paper {c} | " for c in extras) + "status / teacher used |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(extras)]
     for r in rows:
         extra = r["status"] + (f"; teacher used: {r['teacher_used']}" if r["teacher_used"] else "")
         diff = "" if r["diff"] is None else f"{r['diff']:+.2f}"
         ours = ("refused", "refused") if r["status"].startswith("refused") else (
             _pm(r["best_mean"], r["best_std"]), _pm(r["last_mean"], r["last_std"]))
+        beside = "".join(f"{'missing' if r[f'last_{c}_mean'] is None else format(r[f'last_{c}_mean'], '.2f')} | "
+                         f"{_paper(r[f'paper_{c}'])} | " for c in extras)
         lines.append(f"| {r['teacher']} | {r['student']} | {r['method']} | {r['note']} | {r['n']} | "
-                     f"{ours[0]} | {ours[1]} | "
-                     f"{'-' if r['paper'] is None else format(r['paper'], '.2f')} | {diff} | {extra} |")
+                     f"{ours[0]} | {ours[1]} | {_paper(r['paper'])} | {diff} | {beside}{extra} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,4 +232,4 @@ def write_csv(rows, path):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (_f(v) if isinstance(v, float) and k != "paper" else v) for k, v in r.items()})
+            w.writerow({k: (_f(v) if isinstance(v, float) and not k.startswith("paper") else v) for k, v in r.items()})

@@ -5,7 +5,12 @@ The mapping is a naming convention plus two small tables, so a new table needs c
 - a method M: configs/<dataset>/<METHOD_DIRS[M]>/<teacher>_<student>.yaml;
 - X+DOT: configs/<dataset>/dot/<METHOD_DIRS[X]>_<teacher>_<student>.yaml;
 - the note column of sweep rows ("delta=0.05", "momentum=0.9") becomes overrides through NOTE_KEYS;
-- the note "seeds=N" caps a cell's seeds (a proxy table's teacher is trained once and shared by every seed).
+- the note "seeds=N" caps a cell's seeds (a proxy table's teacher is trained once and shared by every seed);
+- a dataset in LAYOUTS keeps its configs elsewhere: its folder, its model names, its teacher and student rows'
+  folders (COCO: configs/coco/teacher/resnet101.yaml, configs/coco/baseline/resnet18.yaml);
+- a config with a fixed EXPERIMENT.NAME is one run directory, so one seed;
+- a DISTILLER.TEACHER_CKPT under the default LOG.PREFIX (a teacher run, e.g. output/coco_teacher_resnet101/...) is
+  read from the same place under the study's prefix, where the study trains that teacher.
 Methods the framework does not implement are reported as such and are never counted as missing configs.
 """
 
@@ -13,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..config import load_config
+from ..config import get_cfg_defaults, load_config
 from ..utils.env import REPO_ROOT
 
 CONFIGS_ROOT = os.path.join(REPO_ROOT, "configs")
@@ -24,6 +29,24 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "FitNet": "fitnet", "RKD": "rkd", "PKT": "pkt", "OFD": "ofd", "SRRL": "srrl", "VID": "vid",
                "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd"}
 NOT_IMPLEMENTED = {"FT", "AB", "FSP", "CC", "MLKD"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset's configs are when they do not follow configs/<dataset>/vanilla/<published name>.yaml."""
+
+    folder: str  # configs/<folder>
+    models: dict  # published model name -> the name in config file names
+    teacher_dir: str = "vanilla"  # the teacher row's config folder
+    student_dir: str = "vanilla"  # the student-alone row's config folder
+    not_implemented: frozenset = frozenset()  # methods not implemented for this dataset, beyond NOT_IMPLEMENTED
+
+
+# KD++ table 3: detection teachers on the 1x schedule, students alone on the pairs' schedule (configs/coco/); TASK
+# detection has no FitNet (hint-layer regression) and no FGFI (imitation masks).
+LAYOUTS = {"coco2017_val": Layout("coco", {"ResNet101": "resnet101", "ResNet50": "resnet50", "ResNet18": "resnet18",
+                                           "MobileNetV2": "mobilenet_v2"}, "teacher", "baseline",
+                                  frozenset({"FitNet", "FGFI"}))}
 
 
 def _one(key):
@@ -45,7 +68,9 @@ NOTE_KEYS = {
     "alpha(task weight)": _task_weight,
 }
 # Notes that describe the published number rather than the run.
-INFORMATIVE_NOTES = {"train task loss", "mean of 5 trials"}
+INFORMATIVE_NOTES = {"train task loss", "mean of 5 trials", "teacher R101 itself", "teacher R50 itself",
+                     "student R18 without distillation", "student R50 without distillation",
+                     "student MV2 without distillation", "AP75 as printed (below AP; likely a typo)"}
 
 OK, MISSING, NOT_IMPL, UNMAPPED = "ok", "missing config", "not implemented", "unmapped"
 
@@ -58,10 +83,14 @@ class CellPlan:
     overrides: tuple = ()  # ("KEY", "VALUE", ...)
     reason: str = ""
     max_seeds: int = 0  # 0: as many as asked for
+    teacher_run: str = ""  # DISTILLER.TEACHER_CKPT relative to LOG.PREFIX when it reads a run under the prefix
 
     @property
     def runnable(self):
         return self.status == OK
+
+    def planned_run(self, seed):
+        return PlannedRun(self.config, self.overrides, seed, tag_suffix(self.overrides), self.teacher_run)
 
 
 @dataclass(frozen=True)
@@ -70,6 +99,7 @@ class PlannedRun:
     overrides: tuple
     seed: int
     tag_suffix: str  # keeps sweep points of one config apart in the run directory name
+    teacher_run: str = ""  # as CellPlan.teacher_run
 
     def opts(self, prefix=None):
         """The KEY VALUE list for load_config / tools/train.py."""
@@ -78,30 +108,38 @@ class PlannedRun:
             out += ["EXPERIMENT.TAG", self.tag_suffix]
         if prefix:
             out += ["LOG.PREFIX", prefix]
+            if self.teacher_run:
+                out += ["DISTILLER.TEACHER_CKPT", os.path.join(prefix, self.teacher_run)]
         return out
 
 
 def _config_path(cell):
     """(relative config path, None) or (None, (status, reason))."""
     method = cell.method
+    layout = LAYOUTS.get(cell.dataset, Layout(cell.dataset, {}))
+    teacher, student = (layout.models.get(m, m) for m in (cell.teacher, cell.student))
     if method in ("teacher", "student"):
-        model = cell.teacher if method == "teacher" else cell.student
-        return os.path.join("configs", cell.dataset, "vanilla", f"{model}.yaml"), None
+        model, folder = (teacher, layout.teacher_dir) if method == "teacher" else (student, layout.student_dir)
+        return os.path.join("configs", layout.folder, folder, f"{model}.yaml"), None
     dot = method.endswith("+DOT")
     base = method[:-len("+DOT")] if dot else method
     if base in NOT_IMPLEMENTED:
         return None, (NOT_IMPL, f"{base} is not implemented in mdistiller")
+    if base in layout.not_implemented:
+        return None, (NOT_IMPL, f"{base} is not implemented in mdistiller for {cell.dataset}")
     if base not in METHOD_DIRS:
         return None, (UNMAPPED, f"method {method!r} has no entry in METHOD_DIRS/NOT_IMPLEMENTED")
-    pair = f"{cell.teacher}_{cell.student}"
+    pair = f"{teacher}_{student}"
     if dot:
-        return os.path.join("configs", cell.dataset, "dot", f"{METHOD_DIRS[base]}_{pair}.yaml"), None
-    return os.path.join("configs", cell.dataset, METHOD_DIRS[base], f"{pair}.yaml"), None
+        return os.path.join("configs", layout.folder, "dot", f"{METHOD_DIRS[base]}_{pair}.yaml"), None
+    return os.path.join("configs", layout.folder, METHOD_DIRS[base], f"{pair}.yaml"), None
 
 
 def _note_overrides(cell):
     """(overrides tuple, max seeds or 0, None) or (None, 0, reason)."""
     out, max_seeds = [], 0
+    if cell.note in INFORMATIVE_NOTES:  # a whole note may hold a ";"
+        return (), 0, None
     for part in filter(None, (p.strip() for p in cell.note.split(";"))):
         if "=" not in part:
             if part in INFORMATIVE_NOTES:
@@ -130,7 +168,19 @@ def plan_cell(cell, configs_root=CONFIGS_ROOT):
     full = os.path.join(configs_root, os.path.relpath(path, "configs"))
     if not os.path.isfile(full):
         return CellPlan(cell, MISSING, path, overrides, reason=f"{path} does not exist", max_seeds=max_seeds)
-    return CellPlan(cell, OK, path, _drop_config_values(full, overrides), max_seeds=max_seeds)
+    cfg = load_config(full, validate=False)
+    if cfg.EXPERIMENT.NAME:
+        max_seeds = 1
+    return CellPlan(cell, OK, path, _drop_config_values(full, overrides), max_seeds=max_seeds,
+                    teacher_run=_teacher_run(cfg.DISTILLER.TEACHER_CKPT))
+
+
+def _teacher_run(ckpt):
+    """`ckpt` relative to the default LOG.PREFIX when it lies under it (a teacher the study trains), else ''."""
+    default = get_cfg_defaults().LOG.PREFIX
+    if ckpt and not os.path.isabs(ckpt) and os.path.normpath(ckpt).startswith(default + os.sep):
+        return os.path.relpath(ckpt, default)
+    return ""
 
 
 def _drop_config_values(path, overrides):
@@ -166,6 +216,5 @@ def plan_table(cells, seeds=1, configs_root=CONFIGS_ROOT):
     for p in plans:
         if p.runnable:
             for seed in range(min(seeds, p.max_seeds or seeds)):
-                run = PlannedRun(p.config, p.overrides, seed, tag_suffix(p.overrides))
-                runs.setdefault(run, None)
+                runs.setdefault(p.planned_run(seed), None)
     return plans, sorted(runs, key=lambda r: r.seed)
