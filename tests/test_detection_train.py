@@ -24,9 +24,9 @@ from mdistiller.detection.loader import PeriodLoader
 from mdistiller.detection.models import build_faster_rcnn
 from mdistiller.detection.sample import write_sample_coco
 from mdistiller.detection.data import CocoDetection
-from mdistiller.engine.hooks import HookBase
 from mdistiller.engine.launch import train_from_config
 from mdistiller.utils.errors import ConfigError
+from test_engine import CrashAfterEpoch  # a run killed right after an epoch's checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "configs", "coco", "sample", "_recipe.yaml")
@@ -158,22 +158,13 @@ def test_two_ranks_read_what_one_process_reads(coco):
     assert sorted(first_pass) == sorted(im["id"] for im in ds.images)
 
 
-class StopAfterEpoch(HookBase):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def after_epoch(self, record):
-        if self.trainer.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_resume_is_bit_exact(coco, teacher_file, tmp_path):
     opts = ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet18", "DISTILLER.TEACHER_CKPT", teacher_file]
     straight = load_config(SAMPLE, tiny(coco, tmp_path, "straight", *opts))
     train_from_config(straight)
     stopped = load_config(SAMPLE, tiny(coco, tmp_path, "stopped", *opts))
     with pytest.raises(KeyboardInterrupt):
-        train_from_config(stopped, extra_hooks=[StopAfterEpoch(1)])
+        train_from_config(stopped, extra_hooks=[CrashAfterEpoch(1)])
     assert not (tmp_path / "stopped" / "summary.json").exists()
     train_from_config(stopped, resume=True)
     a = torch.load(tmp_path / "straight" / "latest.pth", weights_only=False)
