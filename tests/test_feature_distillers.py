@@ -182,7 +182,7 @@ def _config_pairs():
         if os.path.basename(path).startswith("_"):
             continue
         cfg = load_config(path)
-        if DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).needs_teacher:
+        if cfg.TASK == "classification" and DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).needs_teacher:
             pairs.add((cfg.DATASET.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT))
     return sorted(pairs)
 
