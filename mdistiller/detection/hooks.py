@@ -3,7 +3,6 @@
 
 import bisect
 import logging
-import math
 
 import torch
 
@@ -79,7 +78,7 @@ class COCOEvalHook(HookBase):
             return
         result = self.evaluate()
         self.last = dict(result)
-        if result["AP"] > self.best["AP"] or (math.isnan(self.best["AP"]) and not math.isnan(result["AP"])):
+        if result["AP"] > self.best["AP"]:
             self.best = {"AP": result["AP"], "epoch": epoch}
         record.update({f"test_{name}": value for name, value in result.items()})
         record["best_AP"] = self.best["AP"]

@@ -76,7 +76,7 @@ def collect_class_means(teacher, batches, iters, device):
             proposals, _ = teacher.rpn(image_list, features)
             proposals, _, labels, _ = heads.select_training_samples(proposals, targets)
             box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
-            acc.update(_Features(torch.cat(labels), box_features))
+            acc.add(torch.cat(labels), box_features)
     finally:
         teacher.transform.train(was_training)
     sums = distributed.all_reduce_sum(acc.sums.to(device)).cpu()
@@ -84,9 +84,3 @@ def collect_class_means(teacher, batches, iters, device):
     acc.sums, acc.counts = sums, counts
     return acc.means()
 
-
-class _Features:
-    """What BoxFeatureClassMeans.update reads from a step."""
-
-    def __init__(self, labels, teacher_features):
-        self.labels, self.teacher_features = labels, teacher_features

@@ -194,8 +194,12 @@ class BoxFeatureClassMeans:
         self.counts = torch.zeros(num_classes, dtype=torch.int64)
 
     def update(self, step):
-        labels = step.labels.detach().cpu()
-        self.sums.index_add_(0, labels, step.teacher_features.detach().double().cpu())
+        self.add(step.labels, step.teacher_features)
+
+    def add(self, labels, features):
+        """Sum `features` (N, D) into the rows of their `labels` (N,)."""
+        labels = labels.detach().cpu()
+        self.sums.index_add_(0, labels, features.detach().double().cpu())
         self.counts += torch.bincount(labels, minlength=self.counts.numel())
 
     def means(self, decimals=4):
