@@ -25,7 +25,7 @@ from mdistiller.detection.models import build_faster_rcnn
 from mdistiller.detection.sample import write_sample_coco
 from mdistiller.detection.data import CocoDetection
 from mdistiller.engine.launch import train_from_config
-from mdistiller.utils.errors import ConfigError
+from mdistiller.utils.errors import CheckpointError, ConfigError
 from test_engine import CrashAfterEpoch  # a run killed right after an epoch's checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +179,29 @@ def test_resume_is_bit_exact(coco, teacher_file, tmp_path):
     drop = ("epoch_time_s", "images_per_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rb]
+
+
+def test_class_means_cache_serves_only_its_own_teacher(coco, teacher_file, tmp_path):
+    opts = ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet18"]
+    cfg = load_config(SAMPLE, tiny(coco, tmp_path, "cm", *opts, "DISTILLER.TEACHER_CKPT", teacher_file))
+    run_dir = tmp_path / "cm"
+    collected = build_detection_run(cfg, run_dir=str(run_dir)).distiller.class_means.clone()
+    saved = torch.load(run_dir / "class_means.pt")
+    assert torch.equal(saved["means"], collected) and collected.abs().sum() > 0
+    torch.save({"key": saved["key"], "means": torch.full_like(collected, 7.0)}, run_dir / "class_means.pt")
+    assert (build_detection_run(cfg, run_dir=str(run_dir)).distiller.class_means == 7).all()  # the cache is read
+    torch.manual_seed(4)
+    other_file = str(tmp_path / "other_teacher.pth")
+    torch.save({"model": build_faster_rcnn("resnet18").state_dict()}, other_file)
+    other = load_config(SAMPLE, tiny(coco, tmp_path, "cm", *opts, "DISTILLER.TEACHER_CKPT", other_file))
+    assert not (build_detection_run(other, run_dir=str(run_dir)).distiller.class_means == 7).any()  # not reused
+
+
+def test_teacher_of_another_architecture_is_one_checkpoint_error(coco, teacher_file):
+    cfg = load_config(SAMPLE, ["DATASET.ROOT", coco, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet50",
+                               "DISTILLER.TEACHER_CKPT", teacher_file])
+    with pytest.raises(CheckpointError, match="does not fit model resnet50.*configs/coco/teacher/resnet50.yaml"):
+        build_detection_run(cfg)
 
 
 def test_bad_detection_config_is_one_config_error(coco):

@@ -3,6 +3,7 @@ directory, resume and DDP as classification (engine/); what differs is built her
 DETECTION.ITERS_PER_EPOCH iterations, Faster R-CNN student and teacher, the detection distiller, the LR by
 iteration, and COCO AP as the evaluation."""
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from ..engine.trainer import Trainer
 from ..engine.update_rule import UPDATE_RULE_REGISTRY
 from ..models.external.pretrained import torch_hub_checkpoints
 from ..utils import distributed
-from ..utils.checkpoint import atomic_save, load_file
+from ..utils.checkpoint import atomic_save, extract_state_dict, load_file, load_weights
 from ..utils.env import resolve_device, seed_everything
 from ..utils.errors import CheckpointError, ConfigError
 from .config import BACKBONES, DETECTION_CFG, METHODS
@@ -49,8 +50,6 @@ class DetectionData:
     classes: list
     sources: list
     category_ids: list
-    image_size: object = None
-    num_classes: int = 81
 
 
 def _model_kwargs(d):
@@ -100,20 +99,14 @@ def teacher_file(cfg):
 def build_teacher(cfg, category_ids, state=None):
     """The teacher detector with its weights (`state` instead of its file when given); frozen by the distiller."""
     model = build_faster_rcnn(cfg.DISTILLER.TEACHER, **_model_kwargs(cfg.DETECTION))
-    if state is None:
+    if state is None and cfg.DISTILLER.TEACHER_CKPT != TORCHVISION_TEACHER:
+        return load_weights(model, teacher_file(cfg), f"{cfg.DISTILLER.TEACHER} (Faster R-CNN, 81 classes)",
+                            hint=f"use a checkpoint of configs/coco/teacher/{cfg.DISTILLER.TEACHER}.yaml")
+    if state is None:  # torchvision's 91-output COCO layout
         path = teacher_file(cfg)
-        raw = load_file(path, "detection teacher")
-        if cfg.DISTILLER.TEACHER_CKPT == TORCHVISION_TEACHER:
-            state = coco91_state_dict_to_contiguous(raw, category_ids)
-        else:
-            state = raw.get("model", raw) if isinstance(raw, dict) else raw
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise CheckpointError(f"the detection teacher's weights do not fit a {cfg.DISTILLER.TEACHER} Faster R-CNN "
-                              f"with 81 classes ({first}); use a checkpoint of configs/coco/teacher/"
-                              f"{cfg.DISTILLER.TEACHER}.yaml") from None
+        state = coco91_state_dict_to_contiguous(extract_state_dict(load_file(path, "detection teacher"), path),
+                                                category_ids)
+    model.load_state_dict(state)
     return model
 
 
@@ -144,8 +137,20 @@ def class_means(cfg, distiller, train, device, run_dir):
             raise CheckpointError(f"DETECTION.ND.CLASS_MEANS_FILE {nd.CLASS_MEANS_FILE}: cannot read KD++ class "
                                   f"means ({e}); it must be a JSON object with keys \"0\"..\"80\" of 1024 numbers") from None
     cached = os.path.join(run_dir, CLASS_MEANS_FILE) if run_dir else None
-    if cached and os.path.isfile(cached):
-        return load_file(cached, "class means")
+    key = _class_means_key(cfg, distiller.teacher)
+
+    def read_cache():  # rank 0 decides and tells the others: ranks on other nodes may not see the run directory
+        if distributed.rank() != 0 or not cached or not os.path.isfile(cached):
+            return None
+        saved = load_file(cached, "class means")
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return saved["means"]
+        logger.info("%s was collected from another teacher or recipe: collecting again", cached)
+        return None
+
+    means = distributed.broadcast_object(read_cache())
+    if means is not None:
+        return means
     loader = PeriodLoader(train, cfg.SOLVER.BATCH_SIZE, nd.CLASS_MEANS_ITERS, cfg.EXPERIMENT.SEED + 1,
                           distributed.rank(), distributed.world_size(), cfg.DATASET.NUM_WORKERS)
     logger.info("collecting the teacher's class means over %d iterations", nd.CLASS_MEANS_ITERS)
@@ -153,8 +158,21 @@ def class_means(cfg, distiller, train, device, run_dir):
         means = collect_class_means(distiller.teacher, loader, nd.CLASS_MEANS_ITERS, device)
     if cached and distributed.rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        atomic_save(means, cached)
+        atomic_save({"key": key, "means": means}, cached)
     return means
+
+
+def _class_means_key(cfg, teacher):
+    """What the collected class means depend on: the teacher's weights, the data, the input and sampler settings,
+    the batch and the seed. A cache with another key is not used."""
+    h = hashlib.sha256()
+    for name, tensor in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    recipe = {"teacher": h.hexdigest(), "detection": cfg.DETECTION.dump(), "batch": cfg.SOLVER.BATCH_SIZE,
+              "seed": cfg.EXPERIMENT.SEED, "root": os.path.abspath(cfg.DATASET.ROOT),
+              "train_subset": cfg.DATASET.TRAIN_SUBSET}
+    return json.dumps(recipe, sort_keys=True)
 
 
 def build_detection_run(cfg, device=None, run_dir=None, recorded_speed=None, teacher_state=None):
