@@ -3,39 +3,20 @@ schedules (kdpp_recipes.md 3.2, written out here); tools/reproduce.py lists tabl
 stage before the students that read them (their checkpoint under the study's prefix), and --collect puts our AP,
 AP50 and AP75 from fabricated finished runs beside the published numbers (means and differences by hand)."""
 
-import contextlib
 import csv
 import glob
-import io
 import json
 import math
 import os
-import sys
-import types
 
 import pytest
 
 from mdistiller.config import load_config
 from mdistiller.reproduce.table import load_cells
-from mdistiller.utils.errors import UserError
+from test_reproduce import reproduce  # tools/reproduce.py in process, errors as it prints them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO = os.path.join(ROOT, "configs", "coco")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import reproduce as tool  # noqa: E402
-
-
-def reproduce(*args):
-    """tools/reproduce.py in process; errors as the tool prints them."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = tool.main(list(args)) or 0
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            code = e.exit_code
-    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 ALL = sorted(glob.glob(os.path.join(COCO, "**", "*.yaml"), recursive=True))

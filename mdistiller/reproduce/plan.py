@@ -171,7 +171,7 @@ def plan_cell(cell, configs_root=CONFIGS_ROOT):
     cfg = load_config(full, validate=False)
     if cfg.EXPERIMENT.NAME:
         max_seeds = 1
-    return CellPlan(cell, OK, path, _drop_config_values(full, overrides), max_seeds=max_seeds,
+    return CellPlan(cell, OK, path, _drop_config_values(full, cfg, overrides), max_seeds=max_seeds,
                     teacher_run=_teacher_run(cfg.DISTILLER.TEACHER_CKPT))
 
 
@@ -183,12 +183,13 @@ def _teacher_run(ckpt):
     return ""
 
 
-def _drop_config_values(path, overrides):
+def _drop_config_values(path, base, overrides):
     """Overrides minus those the config already has, so a sweep point at the config's own value ("delta=0.075" on
-    the KD+DOT config) is the config's run itself and is trained once, not again under another name."""
+    the KD+DOT config) is the config's run itself and is trained once, not again under another name. `base`: the
+    config `path` holds, loaded without overrides."""
     if not overrides:
         return overrides
-    base, swept = load_config(path, validate=False), load_config(path, list(overrides), validate=False)
+    swept = load_config(path, list(overrides), validate=False)
     keep = []
     for key, value in zip(overrides[0::2], overrides[1::2]):
         a, b = base, swept

@@ -4,13 +4,11 @@ and the detection tables of detection_results.csv (kdpp-3), whose number is COCO
 A CSV's metric is the first of METRICS its header has."""
 
 import csv
-import os
 from dataclasses import dataclass
 
-from ..reference import PAPER_RESULTS_CSV, PROXY_TABLES_CSV
+from ..reference import DETECTION_RESULTS_CSV, PAPER_RESULTS_CSV, PROXY_TABLES_CSV
 from ..utils.errors import UserError
 
-DETECTION_RESULTS_CSV = os.path.join(os.path.dirname(PAPER_RESULTS_CSV), "detection_results.csv")
 # metric column -> the further published columns shown beside it (collect reads last_<column> of each)
 METRICS = {"top1": (), "AP": ("AP50", "AP75")}
 
