@@ -31,5 +31,7 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements,
     # wandb: the optional Weights & Biases logger (LOG.WANDB True), beside TensorBoard
-    extras_require={"test": ["pytest>=7"], "wandb": ["wandb>=0.16"]},
+    # imagenet: scipy reads the ILSVRC2012 devkit's meta.mat (tools/prepare_imagenet_val.py; not needed with
+    # Kaggle's LOC_val_solution.csv or a "filename wnid" file)
+    extras_require={"test": ["pytest>=7"], "wandb": ["wandb>=0.16"], "imagenet": ["scipy>=1.7"]},
 )

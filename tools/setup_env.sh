@@ -2,7 +2,7 @@
 # Create or refresh .venv/ at the repository root and install mdistiller into it (editable).
 # Idempotent: pip runs only when requirements.txt or setup.py changed since the last successful install.
 #   bash tools/setup_env.sh          # requirements.txt's exact pins, then mdistiller itself
-#   bash tools/setup_env.sh --test   # also the test extras (setup.py's "test" and "wandb"), for tools/run_tests.sh
+#   bash tools/setup_env.sh --test   # also the extras the tests exercise (setup.py's "test", "wandb", "imagenet")
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,14 +23,16 @@ else
 fi
 if [ "${1:-}" = "--test" ]; then
     # The extras on top of the pins: setup.py's ranges are met by the pinned torch, so nothing is replaced.
-    # Without a package index the wandb logger's test is skipped; the attempt is recorded so it is not repeated.
+    # Without a package index the wandb logger's and the ImageNet devkit's tests are skipped; the attempt is
+    # recorded so it is not repeated.
     test_stamp=.venv/.mdistiller-test-extras
     if [ "$(cat "$test_stamp" 2>/dev/null)" != "$want" ]; then
-        echo "[setup] installing the test extras (pytest, wandb)"
+        echo "[setup] installing the test extras (pytest, wandb, scipy)"
         if ! .venv/bin/python -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 \
-                -e ".[test,wandb]" >.venv/.mdistiller-test-extras.log 2>&1; then
-            echo "[setup] warning: could not install wandb (log: .venv/.mdistiller-test-extras.log); its test" \
-                 "will be skipped. Add it later with: .venv/bin/python -m pip install -e '.[wandb]'" >&2
+                -e ".[test,wandb,imagenet]" >.venv/.mdistiller-test-extras.log 2>&1; then
+            echo "[setup] warning: could not install wandb and scipy (log: .venv/.mdistiller-test-extras.log);" \
+                 "their tests will be skipped. Add them later with:" \
+                 ".venv/bin/python -m pip install -e '.[wandb,imagenet]'" >&2
         fi
         echo "$want" > "$test_stamp"
     fi
