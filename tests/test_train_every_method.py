@@ -4,8 +4,10 @@ vanilla trainer and with DOT.
 Each method runs from its own Fashion-MNIST config where there is one (so the shipped configs are exercised end
 to end), else from the KD config with DISTILLER.TYPE overridden (which is how a "++" variant of any method is
 selected). The teacher is a resnet20 trained here for one epoch. What is checked is the contract a user relies
-on: the run completes, its metrics.jsonl has one finite `loss/<term>` per loss term (a distillation method has
-at least one term beside the cross-entropy; a "++" method has `loss/dino`), and summary.json is written.
+on: the run completes, its metrics.jsonl has exactly the method's own loss terms, each finite and non-zero (the
+cross-entropy plus the distillation terms its paper defines, named in OWN_TERMS below; a "++" method adds
+`loss/dino`), and summary.json is written. A method that silently stops adding its distillation term, or adds it
+with weight zero, fails here.
 """
 
 import glob
@@ -19,6 +21,26 @@ import pytest
 import yaml
 
 from mdistiller.distillers import DISTILLER_REGISTRY
+
+# Each method's distillation terms, by the names its runs log (`loss/<name>`), written out here rather than read
+# from the distillers, so that a term the code drops or renames is caught. Every method also logs `ce`.
+OWN_TERMS = {
+    "NONE": (), "KD": ("kd",), "DKD": ("dkd",), "CTKD": ("kd",), "DIST": ("dist",), "CRD": ("crd",),
+    "REVIEWKD": ("reviewkd",), "AT": ("at",), "FITNET": ("fitnet",), "KDSVD": ("kdsvd",), "NST": ("nst",),
+    "OFD": ("ofd",), "PKT": ("pkt",), "RKD": ("rkd",), "SP": ("sp",), "SRRL": ("fm", "sr"), "VID": ("vid",),
+}
+
+
+def expected_terms(method):
+    """{"loss/ce", "loss/<term>", ...} for `method`; "X++" is X's terms plus the dino term."""
+    base = method[:-2] if method.endswith("++") else method
+    names = ("ce",) + OWN_TERMS[base] + (("dino",) if method.endswith("++") else ())
+    return {f"loss/{n}" for n in names}
+
+
+def test_every_registered_method_has_its_terms_written_out():
+    assert {m[:-2] if m.endswith("++") else m for m in DISTILLER_REGISTRY.names()} == set(OWN_TERMS)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FM_CONFIGS = os.path.join(ROOT, "configs", "fashion_mnist")
@@ -71,11 +93,16 @@ def test_train_tool_runs_one_epoch(method, trainer, teacher_ckpt, tmp_path):
     with open(run / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 1 and records[0]["epoch"] == 1
-    terms = {k: v for k, v in records[0].items() if k.startswith("loss/")}
-    assert terms and all(math.isfinite(v) for v in terms.values()), terms
-    if DISTILLER_REGISTRY.get(method).needs_teacher:
-        assert len(terms) >= 2, f"{method} logged only {sorted(terms)}"
-    if method.endswith("++"):
-        assert "loss/dino" in terms
+    record = records[0]
+    totals = {k: record[k] for k in ("loss/task_total", "loss/distill_total") if k in record}
+    terms = {k: v for k, v in record.items() if k.startswith("loss/") and k not in totals}
+    assert set(terms) == expected_terms(method), f"{method} logged {sorted(terms)}"
+    bad = {k: v for k, v in terms.items() if not (math.isfinite(v) and v != 0)}
+    assert not bad, f"{method}: terms that are zero or not finite: {bad}"
+    # the per-kind totals (what DOT balances) are the terms' sums: the task total is the CE, the rest distill
+    distill = sum(v for k, v in terms.items() if k != "loss/ce")
+    assert totals.get("loss/task_total", terms["loss/ce"]) == pytest.approx(terms["loss/ce"], rel=1e-5)
+    assert totals.get("loss/distill_total", 0.0) == pytest.approx(distill, rel=1e-5)
+    assert record["train_loss"] == pytest.approx(terms["loss/ce"] + distill, rel=1e-5)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distiller"] == method and summary["trainer"] == trainer and summary["epochs"] == 1
