@@ -86,18 +86,27 @@ def test_recorded_plan_is_kept_where_the_device_can_run_it(cpu):
     assert "SPEED.AMP auto: the run recorded fp16, which this device cannot run; using off" in plan.notes
 
 
-def test_run_records_cpu_kind_and_decision(cpu, tmp_path):
-    cpu(amx=False, avx512_bf16=True, flags=("avx2", "avx512f", "avx512_bf16"), model="AMD EPYC 9999")
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-present", "bf16-absent"])
+def test_run_records_cpu_kind_and_decision(cpu, tmp_path, native):
+    # The capability is forced either way, so each case checks one decision whatever CPU runs the test.
+    flags = ("avx2", "avx512f", "avx512_bf16") if native else ("avx2", "avx512f")
+    cpu(amx=False, avx512_bf16=native, flags=flags, model="AMD EPYC 9999")
     summary = train_from_config(small_cfg(tmp_path, "SPEED.AMP", "auto", "SOLVER.EPOCHS", "1",
                                           "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.WARMUP_EPOCHS", "0"))
-    assert summary["speed"]["amp"] == "bf16" and summary["speed"]["teacher_half"] in ("bf16", "off")
-    assert summary["speed_decisions"] == ["SPEED.AMP auto -> bf16: the CPU computes bf16 natively (avx512_bf16)"]
-    assert summary["cpu"]["model"] == "AMD EPYC 9999" and summary["cpu"]["native_bf16"] == ["avx512_bf16"]
-    assert summary["cpu"]["flags"] == ["avx2", "avx512f", "avx512_bf16"]
+    amp = "bf16" if native else "off"
+    # the (monitor) teacher follows the student's autocast: SPEED.TEACHER_HALF auto
+    assert summary["speed"]["amp"] == amp and summary["speed"]["teacher_half"] == amp
+    why = ("the CPU computes bf16 natively (avx512_bf16)" if native else
+           "the CPU has no native bf16 (no AMX, no AVX512-BF16): bf16 would be emulated, slower than float32")
+    assert summary["speed_decisions"] == [f"SPEED.AMP auto -> {amp}: {why}"]
+    assert summary["cpu"]["model"] == "AMD EPYC 9999"
+    assert summary["cpu"]["native_bf16"] == (["avx512_bf16"] if native else [])
+    assert summary["cpu"]["flags"] == list(flags)
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "fast paths: amp bf16" in log and "SPEED.AMP auto -> bf16: the CPU computes bf16 natively" in log
+    assert f"fast paths: amp {amp}" in log and f"SPEED.AMP auto -> {amp}: {why}" in log
 
 
+@pytest.mark.kernels
 def test_resume_on_a_machine_that_decides_otherwise_keeps_the_plan(cpu, tmp_path):
     # Started where "auto" means bf16, killed after epoch 1, resumed where it means float32: the run goes on in
     # bf16 (one line says so) and ends bit-identical to the same run done in one go.
