@@ -3,7 +3,8 @@
     ddp_worker.py train STATE_DIR --cfg FILE [KEY VALUE ...]
         tools/train.py's own main(), plus a hook that saves this rank's learnable state (student, extra modules,
         CRD memory, ...) to STATE_DIR/rank<r>.pt when training ends, so a test can compare the ranks; with
-        CRASH_AFTER_EPOCH=N in the environment every rank stops after epoch N.
+        CRASH_AFTER_EPOCH=N in the environment every rank stops after epoch N; with INIT_STUDENT=PATH every rank's
+        student starts from the weights in PATH (a student_*.pth file) instead of its random initialisation.
     ddp_worker.py steps OUT --steps N --cfg FILE [KEY VALUE ...]
         N updates through the configured Trainer's run_step in float64 with the student's BatchNorm in eval mode;
         rank 0 saves the learnable state before and after to OUT (the DDP == one process comparison).
@@ -42,12 +43,27 @@ class SaveRankState(HookBase):
         torch.save(state, os.path.join(self.directory, f"rank{self.trainer.rank}.pt"))
 
 
+class InitStudent(HookBase):
+    """Loads a trained student's weights before the first step (every rank the same file, so the ranks agree)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def before_train(self):
+        state = torch.load(self.path, map_location="cpu")["model"]
+        with torch.no_grad():
+            for name, tensor in self.trainer.distiller.student.state_dict().items():
+                tensor.copy_(state[name])
+
+
 def train(state_dir, argv):
     original = launch.train_from_config
     crash = int(os.environ.get("CRASH_AFTER_EPOCH", 0))
+    init = os.environ.get("INIT_STUDENT")
 
     def with_hook(cfg, resume=False, extra_hooks=()):
         hooks = [*extra_hooks, SaveRankState(state_dir)] + ([CrashAfterEpoch(crash)] if crash else [])
+        hooks += [InitStudent(init)] if init else []
         return original(cfg, resume, hooks)
 
     train_tool.train_from_config = with_hook

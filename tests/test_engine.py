@@ -49,26 +49,32 @@ def without_timing(record):
     return {k: v for k, v in record.items() if "time" not in k and "per_s" not in k}
 
 
-def _top1_counted_here(cfg, ckpt, summary):
-    """Top-1 (%) of the checkpoint on the run's test images, counted image by image in this test (in the memory
-    layout the run evaluated in, so that both count the same logits)."""
+def predictions_here(cfg, ckpt, summary):
+    """(predicted class, label) of every test image for the checkpoint, computed in this test: the run's test
+    images, in the memory layout the run evaluated in (so that both see the same logits)."""
     from mdistiller.data.build import build_dataloaders
     from mdistiller.models import build_model
 
+    assert summary["speed"]["amp"] == "off"  # float32, as tests/conftest.py pins it
     _, test_loader, meta = build_dataloaders(cfg, "cpu", only_test=True)
     model = build_model(cfg.DISTILLER.STUDENT, num_classes=meta.num_classes, image_size=meta.image_size)
     model.load_state_dict(torch.load(ckpt)["model"])
     model.eval()
     layout = torch.channels_last if summary["speed"]["channels_last"] else torch.contiguous_format
     model.to(memory_format=layout)
-    correct = num = 0
+    out = []
     with torch.no_grad():
         for images, labels, _ in test_loader:
             logits = model(images.contiguous(memory_format=layout))[0]
-            correct += sum(int(p) == int(y) for p, y in zip(logits.argmax(dim=1), labels))
-            num += len(labels)
-    assert num == summary["num_test"]
-    return 100.0 * correct / num
+            out += [(int(p), int(y)) for p, y in zip(logits.argmax(dim=1), labels)]
+    assert len(out) == summary["num_test"]
+    return out
+
+
+def top1_counted_here(cfg, ckpt, summary):
+    """Top-1 (%) of the checkpoint on the run's test images, counted image by image here."""
+    pairs = predictions_here(cfg, ckpt, summary)
+    return 100.0 * sum(p == y for p, y in pairs) / len(pairs)
 
 
 def test_learning_rate_schedule():
@@ -123,7 +129,7 @@ def test_run_writes_every_documented_file(tmp_path):
     assert summary["best_top1"] == best["test_top1"] and summary["best_epoch"] == best["epoch"]
     assert summary["last_top1"] == records[-1]["test_top1"] and summary["epochs"] == 2
     # The reported accuracy is what the best checkpoint scores, counted here image by image.
-    assert _top1_counted_here(small_cfg(tmp_path), run / "student_best.pth", summary) == summary["best_top1"]
+    assert top1_counted_here(small_cfg(tmp_path), run / "student_best.pth", summary) == summary["best_top1"]
     # The student files are in the published format and hold the student alone.
     student = torch.load(run / "student_last.pth")
     assert set(student) >= {"model"} and "fc.weight" in student["model"]
