@@ -113,8 +113,7 @@ class FiniteGuard:
                         key=lambda item: (order[item[1]["kind"]], item[0]))
         who = f"rank {rank}: " if len(records) > 1 else ""
         error = TrainingDivergedError(f"{who}{self._describe(rec)}; {last_good}; {self._hint(rec)}")
-        error.quiet = distributed.rank() != 0  # every rank stops; rank 0 alone prints it (utils/cli.py)
-        raise error
+        distributed.raise_on_every_rank(error)
 
     def _record(self, step, weights):
         """This rank's failure as plain Python (sent to the other ranks), or None."""

@@ -21,7 +21,7 @@ def run_cli(main, argv=None):
     try:
         code = main(argv)
     except UserError as e:
-        if not getattr(e, "quiet", False):  # an error all ranks agreed on is printed by rank 0 alone
+        if not getattr(e, "quiet", False):  # an error all ranks raised was printed by rank 0 (raise_on_every_rank)
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except OSError as e:

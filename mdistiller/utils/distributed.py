@@ -15,6 +15,7 @@ process group also gets a timeout (DISTRIBUTED.TIMEOUT_MIN), the last resort aga
 import datetime
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -206,7 +207,18 @@ def agree(fn, *args, **kwargs):
     if failed:
         r, m = failed[0]
         more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-        agreed = (type(error) if error is not None and r == rank() else UserError)(f"rank {r}{more}: {m}")
-        agreed.quiet = rank() != 0  # every rank stops; rank 0 alone prints the message (utils/cli.py)
-        raise agreed
+        raise_on_every_rank((type(error) if error is not None and r == rank() else UserError)(f"rank {r}{more}: {m}"))
     return result
+
+
+def raise_on_every_rank(error):
+    """Raise `error`, which every rank raises together, with one line for the user: rank 0 prints it, and no rank
+    leaves before that line is out (a barrier), since a launcher such as torchrun kills the remaining ranks as soon
+    as one exits, which could otherwise be rank 0 before it printed. The raised error is quiet (utils/cli.py prints
+    nothing more). One process: raised as it is, for the caller to print."""
+    if active():
+        error.quiet = True
+        if rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        dist.barrier()
+    raise error
