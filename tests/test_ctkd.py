@@ -1,8 +1,11 @@
 """CTKD: the gradient reversal layer through autograd, the cosine lambda curriculum against the authors' closed form,
-the KD term at the learnable temperature against a plain-Python computation, where gradients go, bad config."""
+the KD term at the learnable temperature against a plain-Python computation, where gradients go, bad config.
+Every expected value comes from formulas written here (plain Python, or plain torch where a gradient is needed),
+never from the library's own losses."""
 
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -11,7 +14,6 @@ from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.ctkd import CTKD, GlobalTemperature, cosine_lambda, gradient_reversal
-from mdistiller.distillers.losses import kd_loss
 from mdistiller.engine.build import build_distiller
 from mdistiller.utils.errors import ConfigError
 
@@ -24,12 +26,33 @@ def softmax(row):
     return [v / sum(e) for v in e]
 
 
-def plain_kd(student_rows, teacher_rows, temperature):
+def zscore(row, eps=1e-7):
+    """LSKD's standardization: (z - mean) / (eps + sample std)."""
+    m = sum(row) / len(row)
+    return [(v - m) / (eps + statistics.stdev(row)) for v in row]
+
+
+def plain_kd(student_rows, teacher_rows, temperature, standardize=False):
+    """T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T)) (on z-scored logits with `standardize`)."""
     total = 0.0
     for s, t in zip(student_rows, teacher_rows):
+        if standardize:
+            s, t = zscore(s), zscore(t)
         ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
         total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
     return total / len(student_rows) * temperature**2
+
+
+def torch_kd(s, t, temperature):
+    """The same KD in plain torch ops, for the tests that need its gradient with respect to the temperature."""
+    log_ps, log_pt = torch.log_softmax(s / temperature, dim=1), torch.log_softmax(t / temperature, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * temperature**2
+
+
+def test_torch_kd_is_the_plain_kd():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    assert torch_kd(s, t, 3.0).item() == pytest.approx(plain_kd(s.tolist(), t.tolist(), 3.0), rel=1e-12)
 
 
 def sigmoid(x):
@@ -47,8 +70,8 @@ def test_grl_gives_the_temperature_minus_lambda_times_the_loss_gradient(lam):
     temp_grl = 1.0 + 20.0 * torch.sigmoid(gradient_reversal(through_grl, lam))
     temp_plain = 1.0 + 20.0 * torch.sigmoid(plain)
     assert torch.equal(temp_grl, temp_plain)  # identity forward
-    kd_loss(s, t, temp_grl[0]).backward()
-    kd_loss(s, t, temp_plain[0]).backward()
+    torch_kd(s, t, temp_grl[0]).backward()
+    torch_kd(s, t, temp_plain[0]).backward()
     assert plain.grad.abs().item() > 1e-6
     torch.testing.assert_close(through_grl.grad, -lam * plain.grad, rtol=1e-12, atol=0)
 
@@ -59,8 +82,8 @@ def test_grl_leaves_the_students_gradient_alone():
     s2 = s1.detach().clone().requires_grad_(True)
     t = torch.randn(3, 5, generator=g)
     module = GlobalTemperature()
-    kd_loss(s1, t, module(0.7)).backward()
-    kd_loss(s2, t, module(0.0).detach()).backward()
+    torch_kd(s1, t, module(0.7)).backward()
+    torch_kd(s2, t, module(0.0).detach()).backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=0, atol=0)
 
 
@@ -93,12 +116,12 @@ def build(*overrides):
                        mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(8) % 100)
     torch.manual_seed(0)
     distiller, _ = build_distiller(cfg, meta, torch.device("cpu"), random_teacher_state("resnet20", "cifar100"))
-    return distiller.train()
+    return distiller.double().train()  # float64: the plain-Python references hold to 1e-9
 
 
 def batch():
     g = torch.Generator().manual_seed(2)
-    return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([3, 17, 42, 99])
+    return torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.tensor([3, 17, 42, 99])
 
 
 def test_initial_temperature_is_the_authors():
@@ -115,9 +138,23 @@ def test_kd_term_uses_the_learnable_temperature():
     out = d.forward_train(x, y, epoch=3)
     temperature = 1 + 20 * sigmoid(-0.5)
     expected = 0.9 * plain_kd(out.logits.tolist(), out.teacher_logits.tolist(), temperature)
-    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-5)
-    assert out.terms["ce"].value.item() == pytest.approx(
-        0.1 * torch.nn.functional.cross_entropy(out.logits, y).item(), rel=1e-6)
+    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-9)
+    ce = -sum(math.log(softmax(row)[label]) for row, label in zip(out.logits.tolist(), y.tolist())) / len(y)
+    assert out.terms["ce"].value.item() == pytest.approx(0.1 * ce, rel=1e-9)
+
+
+def test_kd_term_with_logit_standardization():
+    """CTKD.LOGIT_STANDARDIZE (LSKD's "CTKD + ours"): the same KD on z-scored logits, at the learnable temperature."""
+    d = build("CTKD.LOGIT_STANDARDIZE", "True")
+    with torch.no_grad():
+        d.temperature.theta.fill_(0.3)
+    x, y = batch()
+    with torch.no_grad():
+        out = d.forward_train(x, y, epoch=3)
+    s, t, temperature = out.logits.tolist(), out.teacher_logits.tolist(), 1 + 20 * sigmoid(0.3)
+    expected = 0.9 * plain_kd(s, t, temperature, standardize=True)
+    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-9)
+    assert expected != pytest.approx(0.9 * plain_kd(s, t, temperature), rel=1e-3)  # standardizing matters here
 
 
 def test_gradients_of_the_kd_term_reach_student_and_temperature_not_teacher():
@@ -134,8 +171,8 @@ def test_gradients_of_the_kd_term_reach_student_and_temperature_not_teacher():
         out = d.forward_train(x, y, epoch=epoch)
     theta = d.temperature.theta.detach().clone().requires_grad_(True)
     temperature = (1.0 + 20.0 * torch.sigmoid(theta))[0]
-    (0.9 * kd_loss(out.logits, out.teacher_logits, temperature)).backward()
-    torch.testing.assert_close(theta_grad, -0.5 * theta.grad, rtol=1e-4, atol=1e-9)
+    (0.9 * torch_kd(out.logits, out.teacher_logits, temperature)).backward()
+    torch.testing.assert_close(theta_grad, -0.5 * theta.grad, rtol=1e-9, atol=0)
     assert any(p is d.temperature.theta for p in d.learnable_parameters())  # the run's optimizer trains it
 
 

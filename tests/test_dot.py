@@ -2,6 +2,7 @@
 vanilla trainer, both ways of computing the two gradients, config checks, and exact resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from mdistiller.config import load_config
 from mdistiller.engine import build_run
 from mdistiller.engine.dot import batched_grads, reachable_leaves, two_pass_grads
 from mdistiller.engine.dot_optimizer import DOTOptimizer
+from mdistiller.engine.hooks import HookBase
 from mdistiller.engine.launch import train_from_config
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
@@ -163,15 +165,51 @@ def test_delta_zero_equals_vanilla_trainer(method, teacher, random_teachers, tmp
     assert any(not torch.allclose(a[k], c[k], atol=1e-6) for k in a if a[k].is_floating_point())
 
 
+class CosinesByHand(HookBase):
+    """After every step: cos(v_task, v) and cos(v_distill, v), v = v_task + v_distill, computed here from the
+    optimizer's two momentum buffers as they stand after the update (the step that was just taken), over every
+    parameter that has both (the ones both losses reach), as one flattened vector; next to what the step logged."""
+
+    def __init__(self):
+        self.rows = []
+
+    def after_step(self, step):
+        dot = task_norm = distill_norm = v_norm = distill_dot = 0.0
+        both = 0
+        for p in self.trainer.optimizer.params():
+            state = self.trainer.optimizer.state.get(p, {})
+            if "task_buffer" not in state:
+                continue
+            both += 1
+            vt, vd = state["task_buffer"].double(), state["distill_buffer"].double()
+            v = vt + vd
+            dot += float((vt * v).sum())
+            distill_dot += float((vd * v).sum())
+            task_norm += float((vt * vt).sum())
+            distill_norm += float((vd * vd).sum())
+            v_norm += float((v * v).sum())
+        by_hand = (dot / math.sqrt(task_norm * v_norm), distill_dot / math.sqrt(distill_norm * v_norm))
+        logged = (float(step.stats["dot/cos_task"]), float(step.stats["dot/cos_distill"]))
+        self.rows.append((by_hand, logged, len(step.labels), both))
+
+
 def test_cosines_are_logged(random_teachers, tmp_path):
     trainer = _trainer("dot", "DISTILLER.TEACHER_CKPT", random_teachers["resnet20"], "SOLVER.DOT.LOG_COSINE",
                        "True", tmp_path=tmp_path)
+    hand = CosinesByHand()
+    trainer.register_hooks([hand])
     stats = trainer.train_one_epoch(1)
-    for key in ("dot/cos_task", "dot/cos_distill", "loss/task_total", "loss/distill_total"):
-        assert key in stats, key
-    assert -1 <= stats["dot/cos_task"] <= 1 and -1 <= stats["dot/cos_distill"] <= 1
-    # v = v_task + v_distill, so the two cosines cannot both be negative.
-    assert stats["dot/cos_task"] + stats["dot/cos_distill"] > 0
+    assert len(hand.rows) == 3  # 96 images, batches of 32
+    n_params = sum(1 for p in trainer.optimizer.params() if p.requires_grad)
+    for by_hand, logged, _, both in hand.rows:
+        assert both == n_params  # KD: every student parameter is reached by both losses
+        assert logged == pytest.approx(by_hand, rel=1e-9, abs=1e-12)
+        # the two cosines are different numbers (a swap or a copy of one would show) and neither is trivial
+        assert abs(by_hand[0] - by_hand[1]) > 1e-3 and all(abs(c) < 1 - 1e-6 for c in by_hand)
+    # the epoch's figure is the image-weighted mean of the steps'
+    seen = sum(n for _, _, n, _ in hand.rows)
+    for i, key in enumerate(("dot/cos_task", "dot/cos_distill")):
+        assert stats[key] == pytest.approx(sum(row[0][i] * row[2] for row in hand.rows) / seen, rel=1e-9)
     assert stats["loss/task_total"] + stats["loss/distill_total"] == pytest.approx(stats["train_loss"], rel=1e-5)
 
 

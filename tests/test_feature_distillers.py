@@ -1,4 +1,6 @@
-"""ReviewKD, DIST and AT against hand computations, identities and every teacher/student pair of the configs."""
+"""ReviewKD, DIST and AT against hand computations, identities and every teacher/student pair of the configs.
+The distillers' terms are checked against the published formulas written out here (plain Python, or plain torch
+for feature maps), never against the library's own loss functions."""
 
 import glob
 import math
@@ -26,6 +28,78 @@ def make(distiller_type, teacher="resnet20", student="resnet8", dataset="cifar10
                              teacher, "DISTILLER.STUDENT", student, *overrides])
     method = DISTILLER_REGISTRY.get(distiller_type)
     return method.from_config(cfg, build_model(student, dataset), build_model(teacher, dataset), None)
+
+
+def images(n=4, size=32):
+    """A float64 batch: the distillers below run in float64 so that the references hold to 1e-9."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- the published formulas, written out
+
+def softmax(row):
+    top = max(row)
+    e = [math.exp(v - top) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def pearson(a, b, eps=1e-8):
+    """DIST's correlation (hunto/DIST_KD: cosine of the centred vectors, eps added to the product of norms)."""
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    da, db = [v - ma for v in a], [v - mb for v in b]
+    return sum(x * y for x, y in zip(da, db)) / (math.sqrt(sum(x * x for x in da)) *
+                                                 math.sqrt(sum(y * y for y in db)) + eps)
+
+
+def plain_dist(student_rows, teacher_rows, beta, gamma, tau):
+    """DIST (Huang et al., NeurIPS 2022): tau^2 * (beta * (1 - mean row correlation) + gamma * (1 - mean column
+    correlation)) of the probabilities softmax(z / tau)."""
+    ps = [softmax([v / tau for v in r]) for r in student_rows]
+    pt = [softmax([v / tau for v in r]) for r in teacher_rows]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ps, pt)) / len(ps)
+    columns = range(len(ps[0]))
+    intra = 1 - sum(pearson([r[j] for r in ps], [r[j] for r in pt]) for j in columns) / len(columns)
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def average_pool(f, h, w):
+    """(N, C, H, W) -> (N, C, h, w) by block means (H, W multiples of h, w: every case below)."""
+    n, c, big_h, big_w = f.shape
+    assert big_h % h == 0 and big_w % w == 0
+    return f.reshape(n, c, h, big_h // h, w, big_w // w).mean(dim=(3, 5))
+
+
+def plain_attention(f, p=2):
+    """Zagoruyko & Komodakis: the channel mean of f^p, flattened, divided by its L2 norm."""
+    a = f.pow(p).mean(dim=1).flatten(1)
+    return a / a.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def plain_at(student_feats, teacher_feats):
+    """Sum over stage pairs of mean((a_s - a_t)^2), the larger map block-averaged to the smaller's size first."""
+    total = 0.0
+    for fs, ft in zip(student_feats, teacher_feats):
+        h, w = min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1])
+        fs, ft = average_pool(fs, h, w), average_pool(ft, h, w)
+        total = total + (plain_attention(fs) - plain_attention(ft)).pow(2).mean()
+    return total
+
+
+def plain_hcl(fused, targets):
+    """ReviewKD's hierarchical context loss (dvlab-research/ReviewKD hcl): per level the MSE at full size plus the
+    MSE at 4x4, 2x2, 1x1 average pooling (each pooled size only when smaller than the map) weighted 1, 1/2, 1/4, ...
+    and divided by the sum of the weights; summed over levels."""
+    total = 0.0
+    for fs, ft in zip(fused, targets):
+        loss, weight, weights = (fs - ft).pow(2).mean(), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= fs.shape[-2]:
+                continue
+            weight /= 2
+            loss = loss + weight * (average_pool(fs, size, size) - average_pool(ft, size, size)).pow(2).mean()
+            weights += weight
+        total = total + loss / weights
+    return total
 
 
 # ---------------------------------------------------------------- DIST
@@ -86,16 +160,24 @@ def test_dist_inter_and_intra_see_different_transformations():
     assert inter_class_relation(by_col, p_t).item() > 1e-3
 
 
+def test_plain_dist_against_the_hand_computed_relations():
+    """The reference above, on the matrices whose relations are worked out by hand at the top of this section."""
+    logits_s, logits_t = (4 * P_S.log()).tolist(), (4 * P_T.log()).tolist()
+    # the eps in each correlation's denominator moves it by ~1e-6 relative here (16 x 5 x that in the sum)
+    assert plain_dist(logits_s, logits_t, 2.0, 3.0, 4.0) == pytest.approx(16 * (2 * INTER + 3 * INTRA), abs=1e-5)
+
+
 def test_dist_distiller_terms():
-    distiller = make("DIST")
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    distiller = make("DIST").double()
+    x, y = images(), torch.tensor([3, 17, 42, 99])
     out = distiller.forward_train(x, y, epoch=1)
     logits, terms = out.logits, out.terms
     assert set(terms) == {"ce", "dist"} and terms["ce"].kind == TASK and terms["dist"].kind == DISTILL
     with torch.no_grad():
         lt = distiller.teacher(x)[0]
-    assert terms["ce"].value.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
-    assert terms["dist"].value.item() == pytest.approx(dist_loss(logits, lt, 2.0, 2.0, 4.0).item(), rel=1e-5)
+    assert terms["ce"].value.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-12)
+    assert terms["dist"].value.item() == pytest.approx(plain_dist(logits.tolist(), lt.tolist(), 2.0, 2.0, 4.0),
+                                                       rel=1e-9)
     with pytest.raises(ConfigError, match="DIST.TAU"):
         load_config(None, ["DISTILLER.TYPE", "DIST", "DIST.TAU", "0"])
 
@@ -122,27 +204,30 @@ def test_at_loss_by_hand():
     second = ((1 / math.sqrt(2) - 1) ** 2 + 0.5) / 4
     assert at_loss([a, big], [b, a]).item() == pytest.approx(0.5 + second, rel=1e-6)
     assert at_loss([a, big], [b, a]).item() == pytest.approx(0.5 + (2 - math.sqrt(2)) / 4, rel=1e-6)
+    # the written-out reference used for the distiller below gives the same hand-computed numbers
+    assert plain_at([a, big], [b, a]).item() == pytest.approx(0.5 + (2 - math.sqrt(2)) / 4, rel=1e-6)
 
 
 def test_at_pairs_from_the_shallowest_stage_as_published():
     assert paired_stages(["stem", 1, 2, 3, 4], ["stem", "a", "b", "c"]) == [(1, "a"), (2, "b"), (3, "c")]
     assert paired_stages(["stem", 1, 2, 3, 4], ["stem", "a", "b", "c"], "deepest") == [(2, "a"), (3, "b"),
                                                                                        (4, "c")]
-    distiller = make("AT", "vgg13", "resnet8")  # 4 teacher stages, 3 student stages, 32/16/8 vs 16/8/4/4
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    distiller = make("AT", "vgg13", "resnet8").double()  # 4 teacher stages, 3 student stages
+    x, y = images(), torch.tensor([3, 17, 42, 99])
     out = distiller.forward_train(x, y, epoch=1)
     logits, terms = out.logits, out.terms
     with torch.no_grad():
         fs = distiller.student(x)[1]["feats"]
         ft = distiller.teacher(x)[1]["feats"]
-    expected = 1000 * at_loss(fs[1:], ft[1:4])
-    assert terms["at"].kind == DISTILL and terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-5)
-    deepest = make("AT", "vgg13", "resnet8", "cifar100", "AT.PAIRING", "deepest")
+    expected = 1000 * plain_at(fs[1:], ft[1:4])
+    assert terms["at"].kind == DISTILL and terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-9)
+    deepest = make("AT", "vgg13", "resnet8", "cifar100", "AT.PAIRING", "deepest").double()
     deepest.load_state_dict(distiller.state_dict())
     terms = deepest.forward_train(x, y, epoch=1).terms
-    expected = 1000 * at_loss(fs[1:], ft[2:])
-    assert terms["at"].value.item() == pytest.approx(expected.item(), rel=1e-5)
-    same = make("AT", "resnet8", "resnet8")
+    expected_deepest = 1000 * plain_at(fs[1:], ft[2:])
+    assert terms["at"].value.item() == pytest.approx(expected_deepest.item(), rel=1e-9)
+    assert expected_deepest.item() != pytest.approx(expected.item(), rel=1e-3)  # the pairings differ here
+    same = make("AT", "resnet8", "resnet8").double()
     same.student.load_state_dict(same.teacher.model.state_dict())
     same.eval()  # both use running BN statistics: identical features
     terms = same.forward_train(x, y, epoch=1).terms
@@ -174,6 +259,10 @@ def test_hcl_by_hand():
     total = hcl_loss([zero8, zero4, zero1, zero8], [_halves(8, 0.5), _halves(4), zero1 + 3,
                                                     checker.double()[None, None]])
     assert total.item() == pytest.approx(eight + four + 9.0 + 1 / 1.875, rel=1e-12)
+    # the written-out reference used for the distiller below gives the same hand-computed numbers
+    assert plain_hcl([zero8, zero4, zero1, zero8], [_halves(8, 0.5), _halves(4), zero1 + 3,
+                                                    checker.double()[None, None]]).item() == \
+        pytest.approx(eight + four + 9.0 + 1 / 1.875, rel=1e-12)
 
 
 def _config_pairs():
@@ -223,16 +312,20 @@ def test_reviewkd_fused_shapes_equal_teacher_shapes(dataset, teacher, student):
 
 def test_reviewkd_warmup_ramp_and_terms():
     distiller = make("REVIEWKD", "resnet20", "resnet8", "cifar100", "REVIEWKD.WARMUP_EPOCHS", "20",
-                     "REVIEWKD.LOSS.REVIEWKD_WEIGHT", "3.0")
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+                     "REVIEWKD.LOSS.REVIEWKD_WEIGHT", "3.0").double()
+    x, y = images(), torch.tensor([3, 17, 42, 99])
+    distiller.eval()  # running BN statistics in the fusion modules: the same fused maps on every forward
     with torch.no_grad():
         values = {e: distiller.forward_train(x, y, epoch=e).terms for e in (1, 10, 20, 40)}
         fused, targets = distiller.fused_and_targets(distiller.student(x)[1], distiller.teacher(x)[1])
-    full = 3.0 * hcl_loss(fused, targets).item()
-    assert values[20]["reviewkd"].value.item() == pytest.approx(full, rel=1e-5)
-    assert values[40]["reviewkd"].value.item() == pytest.approx(full, rel=1e-5)
-    assert values[10]["reviewkd"].value.item() == pytest.approx(full / 2, rel=1e-5)
-    assert values[1]["reviewkd"].value.item() == pytest.approx(full / 20, rel=1e-5)
+    # HCL of the fused student maps against the teacher's (pre-ReLU stages and the pooled vector), by the formula
+    assert [tuple(f.shape[-2:]) for f in fused] == [(32, 32), (16, 16), (8, 8), (1, 1)]
+    full = 3.0 * plain_hcl(fused, targets).item()
+    assert values[20]["reviewkd"].value.item() == pytest.approx(full, rel=1e-9)
+    assert values[40]["reviewkd"].value.item() == pytest.approx(full, rel=1e-9)
+    assert values[10]["reviewkd"].value.item() == pytest.approx(full / 2, rel=1e-9)
+    assert values[1]["reviewkd"].value.item() == pytest.approx(full / 20, rel=1e-9)
+    distiller.train()
     assert values[1]["reviewkd"].kind == DISTILL and values[1]["ce"].kind == TASK
     # the review term trains the student and the fusion modules, never the teacher
     terms = distiller.forward_train(x, y, epoch=20).terms

@@ -14,8 +14,32 @@ from mdistiller.models import build_model
 
 
 def softmax(xs):
-    e = [math.exp(x) for x in xs]
+    top = max(xs)
+    e = [math.exp(x - top) for x in xs]
     return [v / sum(e) for v in e]
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def plain_kd(student_rows, teacher_rows, temperature):
+    """Hinton's KD, written out: T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T))."""
+    total = sum(kl(softmax([v / temperature for v in t]), softmax([v / temperature for v in s]))
+                for s, t in zip(student_rows, teacher_rows))
+    return total / len(student_rows) * temperature**2
+
+
+def plain_dkd(student_rows, teacher_rows, labels, alpha, beta, temperature):
+    """DKD (Zhao et al., CVPR 2022), written out: (alpha * mean TCKD + beta * mean NCKD) * T^2, TCKD the KL of the
+    binary (target, rest) distributions, NCKD the KL of the softmax over the non-target logits (the gt-mask trick)."""
+    tckd = nckd = 0.0
+    for s, t, y in zip(student_rows, teacher_rows, labels):
+        ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
+        tckd += kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
+        nckd += kl(softmax([v / temperature for i, v in enumerate(t) if i != y]),
+                   softmax([v / temperature for i, v in enumerate(s) if i != y]))
+    return (alpha * tckd + beta * nckd) / len(labels) * temperature**2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
@@ -29,6 +53,11 @@ def test_kd_loss_by_hand(temperature):
     batch_t = torch.tensor([t, t], dtype=torch.float64)
     assert kd_loss(batch_s, batch_t, temperature).item() == pytest.approx(expected, rel=1e-12)
     assert kd_loss(batch_t, batch_t, temperature).item() == pytest.approx(0.0, abs=1e-12)
+    # rows without that symmetry, where KL(p^T || p^S) and KL(p^S || p^T) differ
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(3, 6, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    assert kd_loss(a, b, temperature).item() == pytest.approx(plain_kd(a.tolist(), b.tolist(), temperature),
+                                                              rel=1e-12)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -65,28 +94,38 @@ def test_dkd_is_finite_for_two_classes():
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     _, nckd = decoupled_kl(s, t, y, 4.0)
     assert torch.equal(nckd, torch.zeros(3))  # one non-target class: p_hat is a point mass
+    # with two classes the binary distribution is the whole one: DKD = alpha * KD
+    assert loss.item() == pytest.approx(plain_kd(s.tolist(), t.tolist(), 4.0), rel=1e-5)
+    assert loss.item() == pytest.approx(plain_dkd(s.tolist(), t.tolist(), y.tolist(), 1.0, 8.0, 4.0), rel=1e-5)
 
 
 def make(distiller_type, *overrides, dataset="cifar100"):
+    """The distiller in float64, so that the plain-Python references hold to 1e-9 rather than float32's 1e-5."""
     cfg = load_config(None, ["DATASET.TYPE", dataset, "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
                              "resnet20", "DISTILLER.STUDENT", "resnet8", *overrides])
     student, teacher = build_model("resnet8", dataset), build_model("resnet20", dataset)
-    return DISTILLER_REGISTRY.get(distiller_type).from_config(cfg, student, teacher, None), cfg
+    return DISTILLER_REGISTRY.get(distiller_type).from_config(cfg, student, teacher, None).double(), cfg
+
+
+def images(n=4):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
 
 def test_kd_distiller_terms_and_teacher_frozen():
     distiller, cfg = make("KD")
     distiller.train()
     assert not distiller.teacher.training and distiller.student.training
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    x, y = images(), torch.tensor([3, 17, 42, 99])
     out = distiller.forward_train(x, y, epoch=1)
     logits, terms = out.logits, out.terms
     assert logits.shape == (4, 100) and set(terms) == {"ce", "kd"}
     assert terms["ce"].kind == TASK and terms["kd"].kind == DISTILL
     with torch.no_grad():
         lt = distiller.teacher(x)[0]
-    assert terms["ce"].value.item() == pytest.approx(0.1 * F.cross_entropy(logits, y).item(), rel=1e-5)
-    assert terms["kd"].value.item() == pytest.approx(0.9 * kd_loss(logits, lt, 4.0).item(), rel=1e-5)
+    s, t = logits.tolist(), lt.tolist()
+    ce = -sum(math.log(softmax(row)[label]) for row, label in zip(s, y.tolist())) / len(s)
+    assert terms["ce"].value.item() == pytest.approx(0.1 * ce, rel=1e-9)
+    assert terms["kd"].value.item() == pytest.approx(0.9 * plain_kd(s, t, 4.0), rel=1e-9)
     (terms["ce"].value + terms["kd"].value).backward()
     assert all(p.grad is None for p in distiller.teacher.parameters())
     assert not any(name.startswith("teacher.") for name, _ in distiller.named_parameters()
@@ -94,12 +133,17 @@ def test_kd_distiller_terms_and_teacher_frozen():
     assert all(k.startswith("student.") for k in distiller.learnable_state_dict())
 
 
-def test_dkd_warmup_ramp():
+def test_dkd_term_and_warmup_ramp():
+    """The DKD term at the default alpha 1, beta 8, T 4 against the plain-Python DKD, ramped linearly over the
+    20 warm-up epochs (epoch / 20, then 1)."""
     distiller, cfg = make("DKD", "DKD.WARMUP", "20")
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    x, y = images(), torch.tensor([3, 17, 42, 99])
     with torch.no_grad():
-        t1 = distiller.forward_train(x, y, epoch=1).terms
-        t20 = distiller.forward_train(x, y, epoch=20).terms
-        t40 = distiller.forward_train(x, y, epoch=40).terms
-    assert t1["dkd"].value.item() == pytest.approx(t20["dkd"].value.item() / 20, rel=1e-5)
-    assert t40["dkd"].value.item() == pytest.approx(t20["dkd"].value.item(), rel=1e-6)
+        out = {e: distiller.forward_train(x, y, epoch=e) for e in (1, 5, 20, 40)}
+    s, t = out[20].logits.tolist(), out[20].teacher_logits.tolist()
+    full = plain_dkd(s, t, y.tolist(), 1.0, 8.0, 4.0)
+    assert full != pytest.approx(plain_kd(s, t, 4.0), rel=1e-2)  # beta 8 makes DKD differ from KD here
+    for epoch, ramp in ((1, 1 / 20), (5, 5 / 20), (20, 1.0), (40, 1.0)):
+        assert out[epoch].terms["dkd"].value.item() == pytest.approx(ramp * full, rel=1e-9), epoch
+    ce = -sum(math.log(softmax(row)[label]) for row, label in zip(s, y.tolist())) / len(s)
+    assert out[20].terms["ce"].value.item() == pytest.approx(ce, rel=1e-9)

@@ -1,6 +1,7 @@
 """LSKD (logit standardization, Sun et al., CVPR 2024) as the KD.LOGIT_STANDARDIZE / DKD.LOGIT_STANDARDIZE switch:
-values against plain-Python computations of the published definition, the switch off leaving KD and DKD exactly as
-they were, the "++" variants inheriting it, and the paper's CIFAR-100 configs."""
+values against plain-Python computations of the published definition (every expected number below comes from the
+formulas written in this file, never from the library's own losses), the switch off leaving KD and DKD the plain
+Hinton / Zhao et al. losses, the "++" variants inheriting it, and the paper's CIFAR-100 configs."""
 
 import math
 import os
@@ -12,16 +13,16 @@ import torch
 from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
-from mdistiller.distillers.dkd import dkd_loss
 from mdistiller.distillers.losses import kd_loss, standardize_logits
 from mdistiller.engine.build import build_distiller
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar100")
 
 
-# --- an independent plain-Python version of the published definition ---------------------------------------
+# --- an independent plain-Python version of the published definitions ---------------------------------------
 def zscore(row, eps=1e-7):
-    """(z - mean) / (eps + sample std, n - 1 in the denominator), as the authors' `normalize`."""
+    """(z - mean) / (eps + sample std, n - 1 in the denominator), as the authors' `normalize`
+    (sunshangquan/logit-standardization-KD: (logit - mean) / (1e-7 + logit.std(dim=-1)))."""
     m = sum(row) / len(row)
     return [(v - m) / (eps + statistics.stdev(row)) for v in row]
 
@@ -36,28 +37,53 @@ def kl(p, q):
     return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
 
 
-def ls_kd(student_rows, teacher_rows, temperature):
-    """T^2 * mean over samples of KL(softmax(zscore(t) / T) || softmax(zscore(s) / T))."""
+def plain_kd(student_rows, teacher_rows, temperature, standardize=False):
+    """Hinton's KD: T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T)); with `standardize`, LSKD: the
+    same on z-scored logits."""
     total = 0.0
     for s, t in zip(student_rows, teacher_rows):
-        ps = softmax([v / temperature for v in zscore(s)])
-        pt = softmax([v / temperature for v in zscore(t)])
-        total += kl(pt, ps)
+        if standardize:
+            s, t = zscore(s), zscore(t)
+        total += kl(softmax([v / temperature for v in t]), softmax([v / temperature for v in s]))
     return total / len(student_rows) * temperature**2
 
 
-def ls_dkd(student_rows, teacher_rows, labels, alpha, beta, temperature):
-    """alpha * TCKD + beta * NCKD on z-scored logits, batch means, times T^2 (DKD's definition, written out)."""
+def plain_dkd(student_rows, teacher_rows, labels, alpha, beta, temperature, standardize=False):
+    """DKD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD, batch means, times T^2. TCKD is the KL of the binary
+    (target, rest) distributions, NCKD the KL among the non-target classes (the softmax over the other C - 1 logits,
+    what DKD's gt-mask trick computes). With `standardize`, on z-scored logits (LSKD's "DKD + ours")."""
     tckd = nckd = 0.0
     for s, t, y in zip(student_rows, teacher_rows, labels):
-        ps = softmax([v / temperature for v in zscore(s)])
-        pt = softmax([v / temperature for v in zscore(t)])
+        if standardize:
+            s, t = zscore(s), zscore(t)
+        ps = softmax([v / temperature for v in s])
+        pt = softmax([v / temperature for v in t])
         tckd += kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
-        hs = [v / (1 - ps[y]) for i, v in enumerate(ps) if i != y]
-        ht = [v / (1 - pt[y]) for i, v in enumerate(pt) if i != y]
+        hs = softmax([v / temperature for i, v in enumerate(s) if i != y])
+        ht = softmax([v / temperature for i, v in enumerate(t) if i != y])
         nckd += kl(ht, hs)
     n = len(labels)
     return (alpha * tckd / n + beta * nckd / n) * temperature**2
+
+
+def ls_kd(student_rows, teacher_rows, temperature):
+    return plain_kd(student_rows, teacher_rows, temperature, standardize=True)
+
+
+def ls_dkd(student_rows, teacher_rows, labels, alpha, beta, temperature):
+    return plain_dkd(student_rows, teacher_rows, labels, alpha, beta, temperature, standardize=True)
+
+
+def test_the_plain_formulas_agree_with_each_other():
+    """The test's own references, against identities: DKD's decomposition KD = TCKD + (1 - p_t^T) NCKD per sample
+    (DKD appendix eq. 12), and KD on z-scored logits = LSKD."""
+    s, t, y, temperature = [0.3, -1.0, 2.0, 0.5], [1.5, 0.2, -0.7, 2.2], 2, 2.0
+    ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
+    tckd = plain_dkd([s], [t], [y], 1.0, 0.0, temperature) / temperature**2
+    nckd = plain_dkd([s], [t], [y], 0.0, 1.0, temperature) / temperature**2
+    assert plain_kd([s], [t], temperature) / temperature**2 == pytest.approx(tckd + (1 - pt[y]) * nckd, rel=1e-12)
+    assert ls_kd([s], [t], temperature) == pytest.approx(plain_kd([zscore(s)], [zscore(t)], temperature), rel=1e-15)
+    assert kl(pt, ps) > 0 and kl(pt, pt) == 0
 
 
 # --- the helper -----------------------------------------------------------------------------------------------
@@ -74,18 +100,9 @@ def test_standardize_logits_matches_the_definition_by_hand():
         assert statistics.pstdev(row) == pytest.approx(math.sqrt(3 / 4), rel=1e-6)
 
 
-def test_standardized_kd_is_blind_to_the_students_scale_and_shift():
-    """What the paper is after: a student whose logits are an affine map a*z + b (a > 0) of the teacher's pays no
-    KD loss once standardized (up to eps), while plain KD charges it."""
-    g = torch.Generator().manual_seed(1)
-    t = torch.randn(6, 10, generator=g, dtype=torch.float64) * 3
-    s = 0.25 * t + 5.0
-    assert kd_loss(s, t, 2.0).item() > 0.1
-    assert kd_loss(standardize_logits(s), standardize_logits(t), 2.0).item() == pytest.approx(0.0, abs=1e-10)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_standardized_kd_on_fixed_logits(temperature):
+    """The library's standardize-then-KD (what the switch runs) against the plain-Python LSKD, in float64."""
     s = [[1.0, 2.0, 3.0, 0.0, -1.0], [0.2, -0.3, 4.0, 1.0, 1.5]]
     t = [[3.0, 2.0, 1.0, 7.0, -2.0], [5.0, 0.0, 0.0, 1.0, -1.0]]
     got = kd_loss(standardize_logits(torch.tensor(s, dtype=torch.float64)),
@@ -99,17 +116,19 @@ def toy_meta():
                        mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(8) % 100)
 
 
-def build(distiller_type, *overrides):
+def build(distiller_type, *overrides, student="resnet8"):
+    """The distiller in float64, so that the plain-Python references can be held to 1e-9 (float32 rounding would
+    hide an error the size of the standardization's eps)."""
     cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
-                             "resnet20", "DISTILLER.STUDENT", "resnet8", *overrides])
+                             "resnet20", "DISTILLER.STUDENT", student, *overrides])
     torch.manual_seed(0)
     distiller, _ = build_distiller(cfg, toy_meta(), torch.device("cpu"), random_teacher_state("resnet20", "cifar100"))
-    return distiller.train(), cfg
+    return distiller.double().train(), cfg
 
 
 def batch():
     g = torch.Generator().manual_seed(2)
-    return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([3, 17, 42, 99])
+    return torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.tensor([3, 17, 42, 99])
 
 
 def test_switch_defaults_off():
@@ -123,8 +142,10 @@ def test_kd_term_with_the_switch(distiller_type):
                          "KD.LOSS.KD_WEIGHT", "9.0")
     x, y = batch()
     out = distiller.forward_train(x, y, epoch=1)
-    expected = 9.0 * ls_kd(out.logits.tolist(), out.teacher_logits.tolist(), 2.0)
-    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-5)
+    s, t = out.logits.tolist(), out.teacher_logits.tolist()
+    expected = 9.0 * ls_kd(s, t, 2.0)
+    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-9)
+    assert expected != pytest.approx(9.0 * plain_kd(s, t, 2.0), rel=1e-3)  # standardizing matters on these logits
     # gradients reach the student only, through the standardized logits
     out.terms["kd"].value.backward()
     assert all(p.grad is None for p in distiller.teacher.parameters())
@@ -138,21 +159,52 @@ def test_dkd_term_with_the_switch(distiller_type):
     x, y = batch()
     with torch.no_grad():
         out = distiller.forward_train(x, y, epoch=5)
-    expected = 5 / 20 * ls_dkd(out.logits.tolist(), out.teacher_logits.tolist(), y.tolist(), 9.0, 72.0, 2.0)
-    assert out.terms["dkd"].value.item() == pytest.approx(expected, rel=1e-5)
+    s, t = out.logits.tolist(), out.teacher_logits.tolist()
+    expected = 5 / 20 * ls_dkd(s, t, y.tolist(), 9.0, 72.0, 2.0)
+    assert out.terms["dkd"].value.item() == pytest.approx(expected, rel=1e-9)
+    assert expected != pytest.approx(5 / 20 * plain_dkd(s, t, y.tolist(), 9.0, 72.0, 2.0), rel=1e-3)
 
 
-def test_switch_off_leaves_kd_and_dkd_exactly_as_before():
-    """Off, the terms are the unstandardized losses bit for bit (the pre-LSKD code path)."""
+def test_switch_off_leaves_kd_and_dkd_the_plain_losses():
+    """Off, the terms are Hinton's KD and Zhao et al.'s DKD on the raw logits, at the default weights (KD: T 4,
+    weight 0.9; DKD: alpha 1, beta 8, T 4, warm-up 20 epochs)."""
     x, y = batch()
     kd, _ = build("KD")
     with torch.no_grad():
         out = kd.forward_train(x, y, epoch=1)
-    assert torch.equal(out.terms["kd"].value, 0.9 * kd_loss(out.logits, out.teacher_logits, 4.0))
+    s, t = out.logits.tolist(), out.teacher_logits.tolist()
+    assert out.terms["kd"].value.item() == pytest.approx(0.9 * plain_kd(s, t, 4.0), rel=1e-9)
+    assert out.terms["kd"].value.item() != pytest.approx(0.9 * ls_kd(s, t, 4.0), rel=1e-3)
     dkd, _ = build("DKD")
     with torch.no_grad():
         out = dkd.forward_train(x, y, epoch=20)
-    assert torch.equal(out.terms["dkd"].value, 1.0 * dkd_loss(out.logits, out.teacher_logits, y, 1.0, 8.0, 4.0))
+    s, t = out.logits.tolist(), out.teacher_logits.tolist()
+    assert out.terms["dkd"].value.item() == pytest.approx(plain_dkd(s, t, y.tolist(), 1.0, 8.0, 4.0), rel=1e-9)
+    assert out.terms["dkd"].value.item() != pytest.approx(ls_dkd(s, t, y.tolist(), 1.0, 8.0, 4.0), rel=1e-3)
+
+
+def test_standardized_kd_is_blind_to_the_students_scale_and_shift():
+    """What the paper is after: a student whose logits are an affine map a*z + b (a > 0) of the teacher's pays no
+    KD loss once standardized (up to eps), while plain KD charges it. The student is the teacher's network with
+    its classifier scaled by a = 1/4 and shifted by b = 5, both models in eval mode (running BN statistics), so
+    its logits are exactly a * z_teacher + b."""
+    x, y = batch()
+    losses = {}
+    for switch in ("False", "True"):
+        distiller, _ = build("KD", "KD.LOGIT_STANDARDIZE", switch, "KD.TEMPERATURE", "2.0", student="resnet20")
+        distiller.student.load_state_dict(distiller.teacher.model.state_dict())
+        with torch.no_grad():
+            distiller.student.fc.weight.mul_(0.25)
+            distiller.student.fc.bias.mul_(0.25).add_(5.0)
+            distiller.eval()
+            out = distiller.forward_train(x, y, epoch=1)
+        torch.testing.assert_close(out.logits, 0.25 * out.teacher_logits + 5.0, rtol=1e-12, atol=1e-12)
+        losses[switch] = out.terms["kd"].value.item()
+    assert losses["False"] == pytest.approx(0.9 * plain_kd(out.logits.tolist(), out.teacher_logits.tolist(), 2.0),
+                                            rel=1e-9)
+    assert losses["False"] > 0.1
+    # z-scores of a*z + b and of z differ only through eps (~1e-7 relative): a KL of order 1e-13
+    assert losses["True"] == pytest.approx(0.0, abs=1e-10)
 
 
 def test_switch_on_changes_the_term_and_not_the_ce():
