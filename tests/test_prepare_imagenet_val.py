@@ -248,8 +248,8 @@ def test_command_line(tmp_path):
     write_flat(str(val))
     write_csv(tmp_path / "s.csv")
     cmd = [sys.executable, TOOL, str(val), "--labels", str(tmp_path / "s.csv")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     one_line_error(r, "--allow-partial")
-    r = subprocess.run(cmd + ["--allow-partial"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(cmd + ["--allow-partial"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("moved 7 ") and r.stderr == "", r.stderr
     assert sorted_files(val) == expected(str(val))

@@ -70,7 +70,7 @@ def test_resume_after_the_key_value_pairs_and_before_them(tmp_path):
     run_dir = tmp_path / "cli"
     # after the pairs, through the command line: extends the 1-epoch run to 2 epochs
     proc = subprocess.run([sys.executable, TRAIN, "--cfg", STUDENT_CFG, *pairs, "SOLVER.EPOCHS", "2", "--resume"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "has no value" not in proc.stderr
     log = _log(run_dir)
@@ -145,7 +145,7 @@ def test_progress_line_every_print_freq_steps_and_warnings_land_in_train_log(tmp
         epoch_so_far = [losses[(epoch - 1) * STEPS + k] for k in range(1, step + 1)]
         assert float(m[6]) == pytest.approx(sum(epoch_so_far) / step, abs=6e-5)
         assert float(m[7]) == pytest.approx(lrs[global_step], abs=6e-6)
-        assert int(m[8]) > 0
+        assert m[8].isdigit()  # img/s, a whole number (LINE's (\d+)); its size is the machine's, not the code's
         assert datetime.timedelta(hours=int(m[9]), minutes=int(m[10]), seconds=int(m[11])) >= datetime.timedelta(0)
     # the warning, in train.log between the lines of steps 3 and 6, and still on the console as Python shows it
     at = [i for i, line in enumerate(lines) if "UserWarning: a warning raised at step 5" in line]
@@ -209,7 +209,7 @@ def test_class_means_and_int8_calibration_lines_are_in_train_log_in_order(tmp_pa
 
 # 4: bars on a terminal -----------------------------------------------------------------------------------------
 
-def _run_in_pty(argv, env, timeout=300):
+def _run_in_pty(argv, env, timeout=600):
     """(exit code, everything written to the terminal) of a command whose stdout and stderr are a pty."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns: whole postfixes
@@ -231,7 +231,7 @@ def _run_in_pty(argv, env, timeout=300):
         elif proc.poll() is not None:
             break
     os.close(master)
-    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+    return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
 
 
 @pytest.mark.skipif(not hasattr(tqdm.utils, "envwrap"), reason="tqdm < 4.66 ignores TQDM_MININTERVAL")

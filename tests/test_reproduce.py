@@ -131,7 +131,7 @@ def test_missing_config_fails_naming_the_cell(tmp_path):
 
 def test_unknown_table_is_one_line_through_the_cli():
     r = subprocess.run([sys.executable, TOOL, "--table", "dot-99", "--dry-run"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown table 'dot-99'")
     assert len(r.stderr.strip().splitlines()) == 1
 

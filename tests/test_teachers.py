@@ -55,7 +55,7 @@ def mirror(tmp_path_factory):
 
 def run_script(env_extra, *args):
     env = {**os.environ, **env_extra}
-    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_download_verify_unpack_and_idempotent(mirror, tmp_path):

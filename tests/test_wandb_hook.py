@@ -72,8 +72,9 @@ def read_wandb_file(path):
     return out
 
 
-def finished(path, timeout_s=30):
-    """`path` once wandb's writer (a separate process) has written the run's exit record."""
+def finished(path, timeout_s=300):
+    """`path` once wandb's writer (a separate process) has written the run's exit record: the signal that the file
+    is complete. `timeout_s` only guards against a writer that never finishes (a busy machine may take long)."""
     import time
 
     deadline = time.monotonic() + timeout_s
