@@ -61,7 +61,8 @@ def write_pairs(path):
 def write_devkit(root):
     """ILSVRC2012_devkit_t12/data/{meta.mat, ILSVRC2012_validation_ground_truth.txt}: synsets as a MATLAB struct
     array (ILSVRC2012_ID 1.. for the leaves, a parent node after them), ground truth one ID per line."""
-    sio = pytest.importorskip("scipy.io")
+    sio = pytest.importorskip("scipy.io", reason="scipy is not installed: `pip install -e '.[imagenet]'` "
+                                                 "(tools/setup_env.sh --test installs it)")
     data = os.path.join(root, "ILSVRC2012_devkit_t12", "data")
     os.makedirs(data)
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
