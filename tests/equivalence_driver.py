@@ -197,8 +197,11 @@ def _driver(tree, args, timeout):
 
 
 def machine():
-    """What decides the bits on a CPU besides the code: torch's build and the kernel set it dispatches to."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": THREADS}
+    """What decides the bits on a CPU besides the code (torch's build, the CPU and the ISA features its kernels
+    dispatch on, the overriding environment variables), with the thread count the runs use."""
+    from mdistiller.utils.hardware import kernel_identity  # this checkout's, as the test process imports it
+
+    return kernel_identity(threads=THREADS)
 
 
 def write_fixtures(dest=FIXTURES, data_root=os.path.join(ROOT, "data")):

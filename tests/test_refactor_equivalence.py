@@ -7,8 +7,9 @@ checkout, and the test compares: the students' `student_last.pth` tensors, the m
 their wall-clock keys, and latest.pth's optimizer buffers, all exactly.
 
 The old code comes from `git archive OLD_SHA` when this clone has the commit (any machine), else from
-tests/fixtures/refactor_equivalence/, which hold its results from one machine and apply only where torch's version
-and CPU kernel set (torch.backends.cpu.get_cpu_capability()) are the same; elsewhere the test is skipped.
+tests/fixtures/refactor_equivalence/, which hold its results from one machine and apply only where the kernels are
+the same (hardware.kernel_identity: torch's version, CPU vendor, family and model, the ISA flags oneDNN and MKL
+dispatch on, ATen's capability, the environment variables overriding them); elsewhere the test is skipped.
 Regenerate them (on a machine whose clone has OLD_SHA) with
 
     .venv/bin/python tests/equivalence_driver.py --write-fixtures
@@ -36,8 +37,9 @@ def _old_from_fixtures(new_tree, tmp_path):
     here = drv.machine()
     differ = {k: (manifest.get(k), here[k]) for k in here if manifest.get(k) != here[k]}
     if differ:
-        pytest.skip(f"commit {drv.OLD_SHA[:7]} is not in this clone's history (fetch it, e.g. `git fetch --unshallow`) "
-                    f"and the fixtures were made with other {', '.join(differ)} (fixtures vs here: {differ})")
+        pytest.skip(f"commit {drv.OLD_SHA[:7]} is not in this clone (for the exact comparison on this machine: "
+                    f"`git fetch --unshallow` or `git fetch origin {drv.OLD_SHA}`), and the fixtures come from other "
+                    f"kernels (fixtures vs here: {differ})")
     teacher = os.path.join(tmp_path, "teacher.pth")
     got = drv.write_teacher(new_tree, teacher)
     assert got == manifest["teacher_sha256"], (
@@ -47,6 +49,7 @@ def _old_from_fixtures(new_tree, tmp_path):
                      for name in drv.RUNS}
 
 
+@pytest.mark.kernels
 @pytest.mark.slow
 def test_six_runs_are_bit_identical_to_the_pre_refactor_code(tmp_path):
     data_root = os.path.join(drv.ROOT, "data")
@@ -124,6 +127,8 @@ def test_fixtures_are_of_the_old_commit_and_complete():
     with open(os.path.join(drv.FIXTURES, "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["sha"] == drv.OLD_SHA and manifest["overrides"] == drv.SMALL and manifest["runs"] == drv.RUNS
+    # the fixtures carry the whole identity of the kernels that made them, so a foreign machine skips, not fails
+    assert set(drv.machine()) <= set(manifest), sorted(set(drv.machine()) - set(manifest))
     for name in drv.RUNS:
         result = torch.load(os.path.join(drv.FIXTURES, f"{name}.pt"), weights_only=True)
         assert len(result["metrics"]) == 2 and result["model"] and result["momentum"], name
@@ -132,3 +137,19 @@ def test_fixtures_are_of_the_old_commit_and_complete():
 def test_timing_keys_are_dropped_from_metrics():
     assert drv.is_timing_key("epoch_time_s") and drv.is_timing_key("images_per_s")
     assert not any(drv.is_timing_key(k) for k in ("test_top1", "lr", "loss/kd", "monitor/kl", "best_top1"))
+
+
+@pytest.mark.parametrize("key,foreign", [("cpu_vendor", "GenuineIntel"), ("cpu_flags", ["avx2", "amx_bf16"]),
+                                         ("kernel_env", {"ONEDNN_MAX_CPU_ISA": "AVX2"}), ("torch", "2.99.0")])
+def test_fixtures_from_other_kernels_skip_with_the_way_to_the_exact_comparison(key, foreign, tmp_path, monkeypatch):
+    """A machine whose kernels differ from the fixtures' in any part of the identity skips, in one line naming the
+    difference and how to get the exact comparison there (fetch the old commit); it never compares and fails."""
+    with open(os.path.join(drv.FIXTURES, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest[key] = foreign
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(drv, "FIXTURES", str(tmp_path))
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        _old_from_fixtures(drv.ROOT, str(tmp_path))
+    message = str(skipped.value)
+    assert "\n" not in message and f"git fetch origin {drv.OLD_SHA}" in message and repr(key) in message

@@ -41,6 +41,54 @@ def _cpuinfo():
     return model, flags
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_identity_fields():
+    """/proc/cpuinfo's vendor_id, cpu family, model and stepping of the first processor ({} where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "cpu family", "model", "stepping"):
+            fields[key] = value.strip()
+    return fields
+
+
+# Flags that select oneDNN's and MKL's kernels (and so the rounding of convolutions and matrix products).
+KERNEL_FLAGS = ("fma", "f16c", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+# Environment variables that change which kernels run, or how they round.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+              "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+
+
+def kernel_identity(threads=None):
+    """Everything besides the code that decides the bits of a CPU computation: torch's build, the CPU (vendor,
+    family, model) and the ISA features oneDNN, MKL and ATen dispatch on, the environment variables that override
+    that dispatch, and the intra-op thread count (kernels split their sums by thread). Two machines with equal
+    identities take the same kernels; results saved on one apply bit for bit on the other only then."""
+    model, flags = _cpuinfo()
+    fields = _cpu_identity_fields()
+    return {
+        "torch": torch.__version__,
+        "cpu_vendor": fields.get("vendor_id") or platform.processor() or platform.machine(),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "cpu_model_name": model,
+        "cpu_flags": [f for f in KERNEL_FLAGS if f in flags],
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+        "threads": torch.get_num_threads() if threads is None else threads,
+    }
+
+
 def _torch_check(name):
     fn = getattr(torch.cpu, name, None)  # private helpers of torch.cpu (torch >= 2.3)
     try:
