@@ -11,3 +11,6 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs that take tens of seconds")
+    config.addinivalue_line("markers", "kernels: compares numbers across runs, processes or machines (resume, DDP, "
+                                       "refactor equivalence, fixtures); tools/run_tests.sh runs these a second time "
+                                       "on another CPU kernel set")

@@ -28,6 +28,7 @@ def _train(run):
     return {k: v.clone() for k, v in run.distiller.student.state_dict().items()}
 
 
+@pytest.mark.kernels
 def test_in_memory_teacher_trains_exactly_as_its_checkpoint_file(tmp_path):
     """teacher_state builds the teacher the way a checkpoint is loaded (same construction, same RNG draws), so the
     two runs are bit-identical; the data comes from a bundle, no dataset file is read (DATASET.ROOT does not

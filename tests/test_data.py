@@ -249,6 +249,7 @@ def test_augmentation_crops_and_flips_a_known_pattern(tmp_path):
     assert torch.equal(t, torch.as_tensor(imgs["test"]).float())  # test: untouched
 
 
+@pytest.mark.kernels
 def test_two_ranks_equal_one_process(cifar):
     root, _ = cifar
     cfg = make_cfg("cifar100", root, batch=8, TRAIN_SUBSET=244)  # final global batch 4: 2 per rank, kept

@@ -218,6 +218,7 @@ def test_two_ranks_read_what_one_process_reads(coco):
     assert sorted(first_pass) == sorted(im["id"] for im in ds.images)
 
 
+@pytest.mark.kernels
 def test_resume_is_bit_exact(coco, teacher_file, tmp_path):
     opts = ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet18", "DISTILLER.TEACHER_CKPT", teacher_file]
     straight = load_config(SAMPLE, tiny(coco, tmp_path, "straight", *opts))
@@ -274,6 +275,7 @@ def test_bad_detection_config_is_one_config_error(coco):
         build_detection_run(cfg)
 
 
+@pytest.mark.kernels
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["vanilla", "dot"])
 def test_two_processes_equal_one_process(trainer, teacher_file, tmp_path):

@@ -142,6 +142,7 @@ def _run_steps(trainer, steps):
     return trainer.distiller.learnable_state_dict()
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("method,teacher", [("KD", "resnet20"), ("KD++", "resnet8x4"), ("CRD", "resnet20")])
 def test_delta_zero_equals_vanilla_trainer(method, teacher, random_teachers, tmp_path):
     # KD: every parameter is reached by both losses. KD++ from a 256-d teacher into a 64-d student: a projector
@@ -226,6 +227,7 @@ def test_negative_delta_and_bad_grad_mode():
         load_config(KD_CFG, ["SOLVER.TRAINER", "dot", "SOLVER.DOT.GRAD_MODE", "fast"])
 
 
+@pytest.mark.kernels
 def test_dot_resume_is_bit_exact(random_teachers, tmp_path):
     def cfg(name):
         return load_config(KD_CFG, [

@@ -71,6 +71,7 @@ def two_epochs(tmp_path_factory):
     return prefix
 
 
+@pytest.mark.kernels
 def test_extension_adding_a_decay_stage_past_the_trained_epochs_is_bit_exact(tmp_path, straight):
     straight_dir, straight_summary = straight
     # Trained for 2 epochs without decay stages; extended with the stage after epoch 2: epochs 1-2 keep their LR.
@@ -98,6 +99,7 @@ def test_extension_adding_a_decay_stage_past_the_trained_epochs_is_bit_exact(tmp
                              resume=True) == extended
 
 
+@pytest.mark.kernels
 def test_an_interrupted_extension_is_not_complete_and_resumes_exactly(two_epochs, straight):
     straight_dir, straight_summary = straight
     extend = cfg(two_epochs, "run", "SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")

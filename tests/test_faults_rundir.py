@@ -118,6 +118,7 @@ def small_cfg_args(prefix):
             "LOG.TENSORBOARD_FREQ", "2", "LOG.SAVE_CHECKPOINT_FREQ", "1"]
 
 
+@pytest.mark.kernels
 def test_kill_during_the_first_checkpoint_write_still_resumes_exactly(tmp_path, straight):
     # Killed while writing epoch 1's files: metrics and student files of epoch 1, no latest.pth yet, and a
     # temporary checkpoint the kill left behind. Nothing was checkpointed, so --resume starts over.
@@ -218,6 +219,7 @@ def test_checkpoints_have_the_mode_of_every_other_file(straight):
 
 # --- 4. half-written state ------------------------------------------------------------------------------------
 
+@pytest.mark.kernels
 def test_torn_metrics_line_and_a_moved_run_directory_resume_exactly(tmp_path, straight):
     with pytest.raises(KeyboardInterrupt):
         train_from_config(small_cfg(tmp_path / "before"), extra_hooks=[CrashAfterEpoch(1)])

@@ -60,6 +60,7 @@ def test_state_dict_layout_equals_torchvision(name):
         assert ours[key].shape == value.shape, key
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_same_function_as_torchvision(name):
     ref = _torchvision_state(name)

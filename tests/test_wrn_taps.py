@@ -100,6 +100,7 @@ def assert_close(ours, ref):
     torch.testing.assert_close(ours, ref, **TOL)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("name,depth,k", [("wrn_16_1", 16, 1), ("wrn_40_2", 40, 2)])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_taps_equal_the_published_model(name, depth, k, training):
