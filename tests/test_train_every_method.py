@@ -39,7 +39,9 @@ def expected_terms(method):
 
 
 def test_every_registered_method_has_its_terms_written_out():
-    assert {m[:-2] if m.endswith("++") else m for m in DISTILLER_REGISTRY.names()} == set(OWN_TERMS)
+    # the package's own methods (another test registers a user's method, as the README shows, in this process)
+    ours = [m for m in DISTILLER_REGISTRY.names() if DISTILLER_REGISTRY.get(m).__module__.startswith("mdistiller.")]
+    assert {m[:-2] if m.endswith("++") else m for m in ours} == set(OWN_TERMS)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
