@@ -24,7 +24,7 @@ WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
 FM = os.path.join(ROOT, "configs", "fashion_mnist")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-pytestmark = [pytest.mark.slow, pytest.mark.kernels]
+pytestmark = pytest.mark.slow
 
 
 def torchrun(*args, nproc=2, timeout=300, env=None):
@@ -68,6 +68,7 @@ def trained_student(tmp_path_factory):
 
 @pytest.mark.parametrize("cfg", ["kd/resnet20_resnet8.yaml", "crd/resnet20_resnet8.yaml",
                                  "dot/kd_resnet20_resnet8.yaml"])
+@pytest.mark.kernels
 def test_two_process_run(cfg, teacher_ckpt, trained_student, tmp_path):
     with open(os.path.join(os.path.dirname(trained_student), "summary.json")) as f:
         start = json.load(f)
@@ -120,7 +121,7 @@ def _one_and_two_processes(tmp_path, args):
     return a
 
 
-@pytest.mark.parametrize("trainer", ["vanilla", "dot"])
+@pytest.mark.parametrize("trainer", ["vanilla", pytest.param("dot", marks=pytest.mark.kernels)])
 def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
     # Per rank, BatchNorm in training mode normalises with the statistics of its half of the batch, which one
     # process with the whole batch does not: the two are different computations, not different roundings. With
@@ -134,6 +135,7 @@ def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
     assert (w1 - w0).abs().max() > 1e-3  # the steps did move the weights
 
 
+@pytest.mark.kernels
 def test_two_processes_equal_one_process_with_a_timm_student(teacher_ckpt, tmp_path):
     # A library model under DDP: its features come from timm's forward_intermediates (models/external), and the
     # two ranks' averaged gradients must still be the whole batch's, as for our own models above.
@@ -143,6 +145,7 @@ def test_two_processes_equal_one_process_with_a_timm_student(teacher_ckpt, tmp_p
     assert (a["final"]["student.fc.weight"] - a["initial"]["student.fc.weight"]).abs().max() > 1e-4
 
 
+@pytest.mark.kernels
 def test_two_process_resume_is_exact(teacher_ckpt, tmp_path):
     # CRD+DOT: the most state there is to restore (two DOT buffers per parameter, two memory banks, Z).
     cfg = ["--cfg", os.path.join(FM, "crd", "resnet20_resnet8.yaml")]

@@ -106,7 +106,6 @@ def test_run_records_cpu_kind_and_decision(cpu, tmp_path, native):
     assert f"fast paths: amp {amp}" in log and f"SPEED.AMP auto -> {amp}: {why}" in log
 
 
-@pytest.mark.kernels
 def test_resume_on_a_machine_that_decides_otherwise_keeps_the_plan(cpu, tmp_path):
     # Started where "auto" means bf16, killed after epoch 1, resumed where it means float32: the run goes on in
     # bf16 (one line says so) and ends bit-identical to the same run done in one go.
