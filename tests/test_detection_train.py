@@ -275,9 +275,8 @@ def test_bad_detection_config_is_one_config_error(coco):
         build_detection_run(cfg)
 
 
-@pytest.mark.kernels
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["vanilla", "dot"])
+@pytest.mark.parametrize("trainer", ["vanilla", pytest.param("dot", marks=pytest.mark.kernels)])
 def test_two_processes_equal_one_process(trainer, teacher_file, tmp_path):
     # Every image has the same boxes and no flip, all anchors and proposals are sampled and every image keeps the
     # same number of proposals: each image contributes the same number of samples to every loss, so the mean of
