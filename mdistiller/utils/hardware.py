@@ -23,27 +23,8 @@ FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo():
-    """(model name, set of flags) from /proc/cpuinfo; ("", set()) where there is none (macOS, Windows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "", set()
-    model, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model, flags
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_identity_fields():
-    """/proc/cpuinfo's vendor_id, cpu family, model and stepping of the first processor ({} where there is none)."""
+def _first_processor():
+    """{key: value} of /proc/cpuinfo's first processor block; {} where there is none (macOS, Windows)."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
@@ -52,12 +33,16 @@ def _cpu_identity_fields():
     fields = {}
     for line in text.splitlines():
         if not line.strip():
-            break  # the first processor's block
+            break  # the end of the first processor's block
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("vendor_id", "cpu family", "model", "stepping"):
-            fields[key] = value.strip()
+        fields.setdefault(key.strip(), value.strip())
     return fields
+
+
+def _cpuinfo():
+    """(model name, set of flags) from /proc/cpuinfo; ("", set()) where there is none."""
+    fields = _first_processor()
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
 # Flags that select oneDNN's and MKL's kernels (and so the rounding of convolutions and matrix products).
@@ -74,7 +59,7 @@ def kernel_identity(threads=None):
     that dispatch, and the intra-op thread count (kernels split their sums by thread). Two machines with equal
     identities take the same kernels; results saved on one apply bit for bit on the other only then."""
     model, flags = _cpuinfo()
-    fields = _cpu_identity_fields()
+    fields = _first_processor()
     return {
         "torch": torch.__version__,
         "cpu_vendor": fields.get("vendor_id") or platform.processor() or platform.machine(),
