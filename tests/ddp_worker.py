@@ -29,6 +29,7 @@ from mdistiller.config import load_config  # noqa: E402
 from mdistiller.engine import HookBase, build_run  # noqa: E402
 from mdistiller.engine import launch  # noqa: E402
 from mdistiller.utils import distributed  # noqa: E402
+from mdistiller.utils.checkpoint import load_weights  # noqa: E402
 from mdistiller.utils.cli import run_cli  # noqa: E402
 from test_engine import CrashAfterEpoch  # noqa: E402  (every rank stops after that epoch, as a killed job)
 
@@ -50,10 +51,7 @@ class InitStudent(HookBase):
         self.path = path
 
     def before_train(self):
-        state = torch.load(self.path, map_location="cpu")["model"]
-        with torch.no_grad():
-            for name, tensor in self.trainer.distiller.student.state_dict().items():
-                tensor.copy_(state[name])
+        load_weights(self.trainer.distiller.student, self.path, "the student")  # in place: DDP's own tensors
 
 
 def train(state_dir, argv):

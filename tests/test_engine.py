@@ -14,7 +14,7 @@ from mdistiller.config import load_config
 from mdistiller.engine import HookBase
 from mdistiller.engine.launch import train_from_config
 from mdistiller.engine.lr_schedule import learning_rate
-from mdistiller.utils.checkpoint import atomic_save
+from mdistiller.utils.checkpoint import atomic_save, load_weights
 from mdistiller.utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +58,7 @@ def predictions_here(cfg, ckpt, summary):
     assert summary["speed"]["amp"] == "off"  # float32, as tests/conftest.py pins it
     _, test_loader, meta = build_dataloaders(cfg, "cpu", only_test=True)
     model = build_model(cfg.DISTILLER.STUDENT, num_classes=meta.num_classes, image_size=meta.image_size)
-    model.load_state_dict(torch.load(ckpt)["model"])
-    model.eval()
+    load_weights(model, str(ckpt), cfg.DISTILLER.STUDENT).eval()
     layout = torch.channels_last if summary["speed"]["channels_last"] else torch.contiguous_format
     model.to(memory_format=layout)
     out = []
