@@ -5,7 +5,6 @@ never from the library's own losses."""
 
 import math
 import os
-import statistics
 
 import pytest
 import torch
@@ -16,31 +15,9 @@ from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.ctkd import CTKD, GlobalTemperature, cosine_lambda, gradient_reversal
 from mdistiller.engine.build import build_distiller
 from mdistiller.utils.errors import ConfigError
+from plain_formulas import plain_kd, softmax
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-
-
-def softmax(row):
-    top = max(row)
-    e = [math.exp(v - top) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def zscore(row, eps=1e-7):
-    """LSKD's standardization: (z - mean) / (eps + sample std)."""
-    m = sum(row) / len(row)
-    return [(v - m) / (eps + statistics.stdev(row)) for v in row]
-
-
-def plain_kd(student_rows, teacher_rows, temperature, standardize=False):
-    """T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T)) (on z-scored logits with `standardize`)."""
-    total = 0.0
-    for s, t in zip(student_rows, teacher_rows):
-        if standardize:
-            s, t = zscore(s), zscore(t)
-        ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
-        total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
-    return total / len(student_rows) * temperature**2
 
 
 def torch_kd(s, t, temperature):

@@ -17,6 +17,7 @@ from mdistiller.distillers.dist import dist_loss, inter_class_relation, intra_cl
 from mdistiller.distillers.reviewkd import hcl_loss
 from mdistiller.models import build_model, model_names
 from mdistiller.utils.errors import ConfigError
+from plain_formulas import softmax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ImageNet models are fully convolutional: 112x112 keeps an odd level (7x7) at a quarter of 224's cost
@@ -36,11 +37,6 @@ def images(n=4, size=32):
 
 
 # ---------------------------------------------------------------- the published formulas, written out
-
-def softmax(row):
-    top = max(row)
-    e = [math.exp(v - top) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def pearson(a, b, eps=1e-8):
@@ -214,8 +210,7 @@ def test_at_pairs_from_the_shallowest_stage_as_published():
                                                                                        (4, "c")]
     distiller = make("AT", "vgg13", "resnet8").double()  # 4 teacher stages, 3 student stages
     x, y = images(), torch.tensor([3, 17, 42, 99])
-    out = distiller.forward_train(x, y, epoch=1)
-    logits, terms = out.logits, out.terms
+    terms = distiller.forward_train(x, y, epoch=1).terms
     with torch.no_grad():
         fs = distiller.student(x)[1]["feats"]
         ft = distiller.teacher(x)[1]["feats"]

@@ -11,35 +11,7 @@ from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK
 from mdistiller.distillers.dkd import decoupled_kl, dkd_loss
 from mdistiller.distillers.losses import kd_loss
 from mdistiller.models import build_model
-
-
-def softmax(xs):
-    top = max(xs)
-    e = [math.exp(x - top) for x in xs]
-    return [v / sum(e) for v in e]
-
-
-def kl(p, q):
-    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
-
-
-def plain_kd(student_rows, teacher_rows, temperature):
-    """Hinton's KD, written out: T^2 * mean over samples of KL(softmax(t / T) || softmax(s / T))."""
-    total = sum(kl(softmax([v / temperature for v in t]), softmax([v / temperature for v in s]))
-                for s, t in zip(student_rows, teacher_rows))
-    return total / len(student_rows) * temperature**2
-
-
-def plain_dkd(student_rows, teacher_rows, labels, alpha, beta, temperature):
-    """DKD (Zhao et al., CVPR 2022), written out: (alpha * mean TCKD + beta * mean NCKD) * T^2, TCKD the KL of the
-    binary (target, rest) distributions, NCKD the KL of the softmax over the non-target logits (the gt-mask trick)."""
-    tckd = nckd = 0.0
-    for s, t, y in zip(student_rows, teacher_rows, labels):
-        ps, pt = softmax([v / temperature for v in s]), softmax([v / temperature for v in t])
-        tckd += kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
-        nckd += kl(softmax([v / temperature for i, v in enumerate(t) if i != y]),
-                   softmax([v / temperature for i, v in enumerate(s) if i != y]))
-    return (alpha * tckd + beta * nckd) / len(labels) * temperature**2
+from plain_formulas import plain_dkd, plain_kd, softmax
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
