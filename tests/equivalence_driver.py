@@ -1,11 +1,13 @@
-"""Trains KD, DKD, CRD, ReviewKD, KD++ and KD+DOT briefly with whichever mdistiller is first on PYTHONPATH.
+"""Trains KD, DKD, CRD, ReviewKD, KD++ and KD+DOT, and detection KD, DKD, KD++, ReviewKD and ReviewKD++, briefly
+with whichever mdistiller is first on PYTHONPATH.
 
-tests/test_refactor_equivalence.py runs this once against the code of OLD_SHA (the last commit before the engine
-refactor) and once against the current tree, then compares what the runs left behind. It uses only the API both
+tests/test_refactor_equivalence.py runs this once against the code of OLD_SHA (the last commit before the current
+restructuring, architecture step 2) and once against the current tree, then compares what the runs left behind. It uses only the API both
 keep (`load_config`, `train_from_config`) and each tree's own shipped configs, so it measures the engine, not
 this script. Everything else here (collecting and comparing results, the teacher, the fixtures) needs only torch.
 
-    python tests/equivalence_driver.py OUT_DIR DATA_ROOT TEACHER_CKPT   # PYTHONPATH=<tree>: train the six runs
+    python tests/equivalence_driver.py OUT_DIR DATA_ROOT TEACHER_CKPT [COCO_ROOT DETECTION_TEACHER]
+                                       # PYTHONPATH=<tree>: train the runs (the detection ones with the last two)
     python tests/equivalence_driver.py --write-fixtures                 # refresh tests/fixtures/refactor_equivalence
 """
 
@@ -20,7 +22,7 @@ import tempfile
 
 import torch
 
-OLD_SHA = "ab3f573590f4342bbebb055c7bc9fc7dcafd3583"
+OLD_SHA = "a80dc13d85feb5a6f02cc77434fe84188317545f"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "refactor_equivalence")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -34,6 +36,16 @@ RUNS = {
     "kdpp": "configs/fashion_mnist/kdpp/resnet20_resnet8.yaml",
     "kd_dot": "configs/fashion_mnist/dot/kd_resnet20_resnet8.yaml",
 }
+# TASK detection: run name -> DISTILLER.TYPE over the generated sample's recipe, a random resnet18 teacher.
+DETECTION_CONFIG = "configs/coco/sample/kdpp_resnet18_resnet18.yaml"
+DETECTION_RUNS = {"det_kd": "KD", "det_dkd": "DKD", "det_kdpp": "KD++", "det_reviewkd": "REVIEWKD",
+                  "det_reviewkdpp": "REVIEWKD++"}
+# 2 epochs of 2 iterations at tiny sizes: warm-up and the LR step both reached, ND's class means collected.
+SMALL_DETECTION = ["EXPERIMENT.DEVICE", "cpu", "SOLVER.EPOCHS", "2", "DETECTION.ITERS_PER_EPOCH", "2",
+                   "DETECTION.WARMUP_ITERS", "2", "DETECTION.STEPS", "[3]", "DETECTION.TRAIN_SHORT_SIDES", "[48]",
+                   "DETECTION.TEST_SHORT_SIDE", "48", "DETECTION.MAX_SIZE", "64", "DETECTION.ND.CLASS_MEANS_ITERS",
+                   "2", "SOLVER.BATCH_SIZE", "2", "LOG.TENSORBOARD_FREQ", "0", "LOG.PRINT_FREQ", "0"]
+COCO_SAMPLE = dict(num_train=6, num_val=3, width=64, height=48)
 # 2 epochs, the LR divided by 10 for the second (both LR phases and the decay step trained), seconds per run.
 SMALL = ["EXPERIMENT.DEVICE", "cpu", "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]",
          "DATASET.TRAIN_SUBSET", "600", "DATASET.TEST_SUBSET", "200", "SOLVER.BATCH_SIZE", "32",
@@ -43,8 +55,9 @@ THREADS = 2
 TEACHER_SEED = 0
 
 
-def train_all(out_dir, data_root, teacher_ckpt):
-    """The six runs under out_dir/<run name>, with the mdistiller (and configs) of the first PYTHONPATH entry."""
+def train_all(out_dir, data_root, teacher_ckpt, coco_root=None, detection_teacher=None):
+    """The runs under out_dir/<run name>, with the mdistiller (and configs) of the first PYTHONPATH entry; the
+    detection ones when `coco_root` and `detection_teacher` are given."""
     torch.set_num_threads(THREADS)
     tree = os.path.realpath(os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or ".")
     import mdistiller
@@ -60,6 +73,11 @@ def train_all(out_dir, data_root, teacher_ckpt):
             "LOG.PREFIX", out_dir, "EXPERIMENT.NAME", name])
         if cfg.DISTILLER.TEACHER != "resnet20":
             sys.exit(f"{rel} names teacher {cfg.DISTILLER.TEACHER}; the shared checkpoint is a resnet20")
+        train_from_config(cfg, resume=False)
+    for name, method in (DETECTION_RUNS.items() if coco_root else ()):
+        cfg = load_config(os.path.join(tree, DETECTION_CONFIG), SMALL_DETECTION + [
+            "DISTILLER.TYPE", method, "DATASET.ROOT", coco_root, "DISTILLER.TEACHER_CKPT", detection_teacher,
+            "LOG.PREFIX", out_dir, "EXPERIMENT.NAME", name])
         train_from_config(cfg, resume=False)
 
 
@@ -83,12 +101,24 @@ def collect(run_dir):
     return {"model": model, "metrics": metrics, "momentum": momentum}
 
 
-def collect_all(out_dir):
-    return {name: collect(os.path.join(out_dir, name)) for name in RUNS}
+ALL_RUNS = [*RUNS, *DETECTION_RUNS]
+
+
+def collect_all(out_dir, names=ALL_RUNS):
+    return {name: collect(os.path.join(out_dir, name)) for name in names}
+
+
+def digests(result):
+    """`result` with every tensor replaced by its state digest (tensor_sha256): what the fixtures keep of the
+    detection runs, whose detectors are too large to store."""
+    return {"model": {k: tensor_sha256(v) for k, v in result["model"].items()}, "metrics": result["metrics"],
+            "momentum": [{k: tensor_sha256(v) for k, v in m.items()} for m in result["momentum"]]}
 
 
 def _tensor_diff(where, a, b):
-    """One line when tensors a (old) and b (new) are not bit-identical, else None."""
+    """One line when tensors a (old) and b (new) are not bit-identical, else None. `a` may be a digest."""
+    if isinstance(a, str):
+        return None if a == tensor_sha256(b) else f"{where}: differs (the old side is a digest: no magnitude)"
     if a.dtype != b.dtype or a.shape != b.shape:
         return f"{where}: old {a.dtype} {tuple(a.shape)} vs new {b.dtype} {tuple(b.shape)}"
     if torch.equal(a, b):
@@ -149,6 +179,23 @@ def export_commit(sha, dest):
     return True
 
 
+def save_detection_teacher(path):
+    """A seeded random-weight resnet18 Faster R-CNN as {"model": state_dict}, built by PYTHONPATH's tree."""
+    from mdistiller.detection.models import build_faster_rcnn
+
+    torch.manual_seed(TEACHER_SEED)
+    state = build_faster_rcnn("resnet18").state_dict()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": state}, path)
+
+
+def write_coco_sample(root):
+    """The generated COCO sample the detection runs read (this checkout's generator: both trees read the same)."""
+    from mdistiller.detection.sample import write_sample_coco
+
+    return write_sample_coco(root, **COCO_SAMPLE)
+
+
 def save_teacher(path):
     """A seeded random-weight resnet20 for fashion_mnist as {"model": state_dict}, built by PYTHONPATH's tree."""
     from mdistiller.models import build_model
@@ -159,9 +206,10 @@ def save_teacher(path):
     torch.save({"model": state}, path)
 
 
-def write_teacher(tree, path):
-    """save_teacher with `tree`'s model code, in a subprocess; returns the weights' state_sha256."""
-    _driver(tree, ["--teacher", path], timeout=300)
+def write_teacher(tree, path, detection=False):
+    """save_teacher (save_detection_teacher) with `tree`'s model code, in a subprocess; returns the weights'
+    state_sha256."""
+    _driver(tree, ["--detection-teacher" if detection else "--teacher", path], timeout=300)
     return state_sha256(torch.load(path, map_location="cpu", weights_only=True)["model"])
 
 
@@ -169,8 +217,15 @@ def state_sha256(state):
     """A digest of a state dict's names, dtypes, shapes and bits (torch.save's bytes differ between saves)."""
     h = hashlib.sha256()
     for k, v in state.items():
-        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
-        h.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(k.encode())
+        h.update(tensor_sha256(v).encode())
+    return h.hexdigest()
+
+
+def tensor_sha256(v):
+    """A digest of one tensor's dtype, shape and bits."""
+    h = hashlib.sha256(f"{v.dtype} {tuple(v.shape)}".encode())
+    h.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -180,9 +235,10 @@ def teacher_copy(teacher, dest_dir):
     return shutil.copy(teacher, os.path.join(dest_dir, "teacher.pth"))
 
 
-def run_tree(tree, out_dir, data_root, teacher_ckpt, timeout=900):
-    """This script's six runs with `tree`'s mdistiller."""
-    _driver(tree, [out_dir, data_root, teacher_ckpt], timeout)
+def run_tree(tree, out_dir, data_root, teacher_ckpt, coco_root=None, detection_teacher=None, timeout=1500):
+    """This script's runs with `tree`'s mdistiller (the detection ones when coco_root is given)."""
+    _driver(tree, [out_dir, data_root, teacher_ckpt] + ([coco_root, detection_teacher] if coco_root else []),
+            timeout)
 
 
 def _driver(tree, args, timeout):
@@ -204,21 +260,41 @@ def machine():
     return kernel_identity(threads=THREADS)
 
 
+def train_tree(tree, tmp, data_root, teachers=None):
+    """Every run with `tree`'s code under tmp/<tree's name>; `teachers`: (classification, detection) files to use,
+    else `tree` writes them. Returns (collected results, the teachers, the COCO sample's root)."""
+    name = os.path.basename(tree)
+    if teachers is None:
+        teachers = (os.path.join(tmp, "teacher.pth"), os.path.join(tmp, "detection_teacher.pth"))
+        write_teacher(tree, teachers[0])
+        write_teacher(tree, teachers[1], detection=True)
+    coco = os.path.join(tmp, "coco_sample")
+    if not os.path.isdir(coco):
+        write_coco_sample(coco)
+    out = os.path.join(tmp, f"runs_{name}")
+    run_tree(tree, out, data_root, teacher_copy(teachers[0], os.path.join(tmp, f"t_{name}")), coco, teachers[1])
+    return collect_all(out), teachers, coco
+
+
 def write_fixtures(dest=FIXTURES, data_root=os.path.join(ROOT, "data")):
-    """Train the six runs with OLD_SHA's code on this machine and keep their results in `dest`."""
+    """Train every run with OLD_SHA's code on this machine and keep their results in `dest` (the detection runs'
+    tensors as digests)."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = os.path.join(tmp, "old")
         if not export_commit(OLD_SHA, tree):
             sys.exit(f"commit {OLD_SHA} is not in {ROOT}'s history (a shallow clone?): fetch it first")
-        teacher_sha = write_teacher(tree, os.path.join(tmp, "teacher.pth"))
-        run_tree(tree, os.path.join(tmp, "runs"), data_root, teacher_copy(os.path.join(tmp, "teacher.pth"),
-                                                                        os.path.join(tmp, "t_old")))
+        results, teachers, _ = train_tree(tree, tmp, data_root)
+        shas = [state_sha256(torch.load(t, map_location="cpu", weights_only=True)["model"]) for t in teachers]
         os.makedirs(dest, exist_ok=True)
-        for name, result in collect_all(os.path.join(tmp, "runs")).items():
-            torch.save(result, os.path.join(dest, f"{name}.pt"))
+        for old in os.listdir(dest):
+            if old.endswith(".pt"):
+                os.remove(os.path.join(dest, old))
+        for name, result in results.items():
+            torch.save(digests(result) if name in DETECTION_RUNS else result, os.path.join(dest, f"{name}.pt"))
     with open(os.path.join(dest, "manifest.json"), "w") as f:
-        json.dump({"sha": OLD_SHA, **machine(), "teacher_sha256": teacher_sha, "overrides": SMALL,
-                   "runs": RUNS}, f, indent=1)
+        json.dump({"sha": OLD_SHA, **machine(), "teacher_sha256": shas[0], "detection_teacher_sha256": shas[1],
+                   "overrides": SMALL, "detection_overrides": SMALL_DETECTION, "runs": RUNS,
+                   "detection_runs": DETECTION_RUNS, "coco_sample": COCO_SAMPLE}, f, indent=1)
         f.write("\n")
 
 
@@ -226,16 +302,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write-fixtures", action="store_true", help=f"refresh {os.path.relpath(FIXTURES, ROOT)}")
     p.add_argument("--teacher", metavar="PATH", help="write the shared random teacher (PYTHONPATH's model code)")
-    p.add_argument("paths", nargs="*", metavar="OUT_DIR DATA_ROOT TEACHER_CKPT")
+    p.add_argument("--detection-teacher", metavar="PATH", help="write the shared random detection teacher")
+    p.add_argument("paths", nargs="*", metavar="OUT_DIR DATA_ROOT TEACHER_CKPT [COCO_ROOT DETECTION_TEACHER]")
     args = p.parse_args(argv)
     if args.write_fixtures:
         write_fixtures()
     elif args.teacher:
         save_teacher(args.teacher)
-    elif len(args.paths) == 3:
+    elif args.detection_teacher:
+        save_detection_teacher(args.detection_teacher)
+    elif len(args.paths) in (3, 5):
         train_all(*args.paths)
     else:
-        p.error("give OUT_DIR DATA_ROOT TEACHER_CKPT, or --write-fixtures")
+        p.error("give OUT_DIR DATA_ROOT TEACHER_CKPT [COCO_ROOT DETECTION_TEACHER], or --write-fixtures")
 
 
 if __name__ == "__main__":

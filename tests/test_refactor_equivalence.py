@@ -1,8 +1,9 @@
-"""Issue 17: the engine refactor (trainer loop, builder, DOT as an update rule, FrozenTeacher, X++ as a loss term)
-must leave every run bit-identical on one machine.
+"""A restructuring must leave every run bit-identical on one machine (issue 17's engine refactor was checked
+against ab3f573; architecture step 2, issue 28, against a80dc13, the OLD_SHA now).
 
 tests/equivalence_driver.py trains KD, DKD, CRD, ReviewKD, KD++ and KD+DOT (Fashion-MNIST subset, 2 epochs, one
-seeded random resnet20 teacher) with the code of OLD_SHA, the last commit before the refactor, and with this
+seeded random resnet20 teacher) and detection KD, DKD, KD++, ReviewKD and ReviewKD++ (the generated COCO sample,
+2 epochs of 2 iterations, one seeded random resnet18 Faster R-CNN teacher) with the code of OLD_SHA and with this
 checkout, and the test compares: the students' `student_last.pth` tensors, the metrics.jsonl records without
 their wall-clock keys, and latest.pth's optimizer buffers, all exactly.
 
@@ -40,32 +41,29 @@ def _old_from_fixtures(new_tree, tmp_path):
         pytest.skip(f"commit {drv.OLD_SHA[:7]} is not in this clone (for the exact comparison on this machine: "
                     f"`git fetch --unshallow` or `git fetch origin {drv.OLD_SHA}`), and the fixtures come from other "
                     f"kernels (fixtures vs here: {differ})")
-    teacher = os.path.join(tmp_path, "teacher.pth")
-    got = drv.write_teacher(new_tree, teacher)
-    assert got == manifest["teacher_sha256"], (
-        "the seeded random resnet20 differs from the one the fixtures were trained with: model code or "
-        "initialisation changed")
-    return teacher, {name: torch.load(os.path.join(drv.FIXTURES, f"{name}.pt"), weights_only=True)
-                     for name in drv.RUNS}
+    teachers = (os.path.join(tmp_path, "teacher.pth"), os.path.join(tmp_path, "detection_teacher.pth"))
+    for path, detection, key in ((teachers[0], False, "teacher_sha256"),
+                                 (teachers[1], True, "detection_teacher_sha256")):
+        assert drv.write_teacher(new_tree, path, detection) == manifest[key], (
+            f"the seeded random teacher ({key}) differs from the one the fixtures were trained with: model code or "
+            "initialisation changed")
+    return teachers, {name: torch.load(os.path.join(drv.FIXTURES, f"{name}.pt"), weights_only=True)
+                      for name in drv.ALL_RUNS}
 
 
 @pytest.mark.kernels
 @pytest.mark.slow
-def test_six_runs_are_bit_identical_to_the_pre_refactor_code(tmp_path):
+def test_runs_are_bit_identical_to_the_code_before_the_restructuring(tmp_path):
     data_root = os.path.join(drv.ROOT, "data")
     if not drv.fashion_mnist_available(data_root):
         pytest.skip("Fashion-MNIST is not installed: run tools/fetch_data.sh")
     new_tree = os.path.abspath(os.environ.get("MDISTILLER_EQUIV_TREE") or drv.ROOT)
-    old_tree = str(tmp_path / "old_tree")
+    old_tree = str(tmp_path / "old")
     if drv.export_commit(drv.OLD_SHA, old_tree):
-        teacher = str(tmp_path / "teacher.pth")
-        drv.write_teacher(old_tree, teacher)
-        drv.run_tree(old_tree, str(tmp_path / "old"), data_root, drv.teacher_copy(teacher, str(tmp_path / "t_old")))
-        old = drv.collect_all(str(tmp_path / "old"))
+        old, teachers, _ = drv.train_tree(old_tree, str(tmp_path), data_root)
     else:
-        teacher, old = _old_from_fixtures(new_tree, str(tmp_path))
-    drv.run_tree(new_tree, str(tmp_path / "new"), data_root, drv.teacher_copy(teacher, str(tmp_path / "t_new")))
-    new = drv.collect_all(str(tmp_path / "new"))
+        teachers, old = _old_from_fixtures(new_tree, str(tmp_path))
+    new, _, _ = drv.train_tree(new_tree, str(tmp_path), data_root, teachers)
     report = _report(old, new)
     if report:
         pytest.fail(f"runs differ from {drv.OLD_SHA[:7]}'s (old) on this machine:\n{report}", pytrace=False)
@@ -75,7 +73,7 @@ def _report(old, new, per_kind=3):
     """Which runs differ and how: up to `per_kind` lines each for the weights, the metrics and the optimizer
     buffers; empty when all are bit-identical."""
     out = []
-    for name in drv.RUNS:
+    for name in drv.ALL_RUNS:
         lines = drv.compare_run(name, old[name], new[name])
         if lines:
             out.append(f"{name}: {len(lines)} differences")
@@ -127,9 +125,11 @@ def test_fixtures_are_of_the_old_commit_and_complete():
     with open(os.path.join(drv.FIXTURES, "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["sha"] == drv.OLD_SHA and manifest["overrides"] == drv.SMALL and manifest["runs"] == drv.RUNS
+    assert manifest["detection_overrides"] == drv.SMALL_DETECTION
+    assert manifest["detection_runs"] == drv.DETECTION_RUNS and manifest["coco_sample"] == drv.COCO_SAMPLE
     # the fixtures carry the whole identity of the kernels that made them, so a foreign machine skips, not fails
     assert set(drv.machine()) <= set(manifest), sorted(set(drv.machine()) - set(manifest))
-    for name in drv.RUNS:
+    for name in drv.ALL_RUNS:
         result = torch.load(os.path.join(drv.FIXTURES, f"{name}.pt"), weights_only=True)
         assert len(result["metrics"]) == 2 and result["model"] and result["momentum"], name
 
@@ -153,3 +153,13 @@ def test_fixtures_from_other_kernels_skip_with_the_way_to_the_exact_comparison(k
         _old_from_fixtures(drv.ROOT, str(tmp_path))
     message = str(skipped.value)
     assert "\n" not in message and f"git fetch origin {drv.OLD_SHA}" in message and repr(key) in message
+
+
+def test_a_digest_on_the_old_side_compares_by_bits():
+    """The fixtures keep the detection runs' tensors as digests: equal bits pass, one ulp is reported."""
+    old = drv.digests(_result())
+    assert drv.compare_run("det_kd", old, _result()) == []
+    new = _result()
+    new["momentum"][0]["momentum_buffer"][0, 0] = torch.nextafter(torch.tensor(0.25), torch.tensor(1.0))
+    assert drv.compare_run("det_kd", old, new) == [
+        "det_kd optimizer param 0 ['momentum_buffer']: differs (the old side is a digest: no magnitude)"]
