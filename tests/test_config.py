@@ -98,3 +98,62 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: unknown config key SOLVER.LRR")
     assert "Traceback" not in proc.stderr
+
+
+# Modules a user or a tool may import first; each starts the package's __init__ at a different point of its
+# explicit component list, and none may change what the defaults are.
+FIRST_IMPORTS = ["mdistiller.config", "mdistiller.config.defaults", "mdistiller.config.registry",
+                 "mdistiller.distillers.dkd", "mdistiller.distillers.plus_plus", "mdistiller.detection.config",
+                 "mdistiller.engine.launch", "mdistiller.models.cifar.resnet", "mdistiller.data.image_folder_dataset",
+                 "mdistiller.reproduce.plan", "mdistiller"]
+
+
+def test_defaults_are_the_same_whatever_is_imported_first():
+    """Fresh interpreters import one module first, then dump the defaults: the same text every time, with every
+    component's section (a method's, the dino term's, a dataset's, a task's)."""
+    script = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+              "from mdistiller.config.defaults import get_cfg_defaults; print(get_cfg_defaults().dump(), end='')")
+    dumps = {}
+    for first in FIRST_IMPORTS:
+        proc = subprocess.run([sys.executable, "-c", script, first], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        dumps[first] = proc.stdout
+    assert len(set(dumps.values())) == 1, [k for k, v in dumps.items() if v != dumps["mdistiller"]]
+    top = {line.split(":")[0] for line in dumps["mdistiller"].splitlines() if line and not line[0].isspace()}
+    assert {"DKD", "DINO", "DETECTION", "IMAGE_FOLDER", "CRD", "REVIEWKD"} <= top
+    assert dumps["mdistiller"] == get_cfg_defaults().dump()  # this process (the whole suite imported) agrees
+
+
+def test_registering_declares_a_section_and_touches_no_default(tmp_path):
+    """A component's section is part of the defaults while it is registered and gone with it; a registry made for a
+    test (no config key) never adds to the tree; two components may not declare one section."""
+    from yacs.config import CfgNode as CN
+
+    from mdistiller.config.registry import Registry
+    from mdistiller.distillers import DISTILLER_REGISTRY, Distiller
+
+    before = get_cfg_defaults().dump()
+    section = CN()
+    section.WEIGHT = 1.0
+    section.GAIN = 2.0
+
+    class Mine(Distiller):
+        pass
+
+    DISTILLER_REGISTRY.register("MINE_TEST", config=section, loss_weights=("GAIN",))(Mine)
+    try:
+        assert get_cfg_defaults().MINE_TEST.GAIN == 2.0
+        with pytest.raises(ConfigError, match="MINE_TEST.GAIN: a loss weight must be >= 0"):
+            load_config(None, ["MINE_TEST.GAIN", "-1"])
+        other = CN()
+        other.X = 0
+        DISTILLER_REGISTRY.register("MINE_TEST_2", config=other, section="MINE_TEST")(Mine)
+        with pytest.raises(ValueError, match="config section MINE_TEST is declared by"):
+            get_cfg_defaults()
+        DISTILLER_REGISTRY.unregister("MINE_TEST_2")
+    finally:
+        DISTILLER_REGISTRY.unregister("MINE_TEST")
+    assert get_cfg_defaults().dump() == before
+    Registry("toy").register("TOY", config=section, section="TOY")(Mine)
+    assert get_cfg_defaults().dump() == before

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from mdistiller.bench.random_teacher import write_random_teacher  # noqa: E402
 from mdistiller.config import get_cfg_defaults, load_config  # noqa: E402
-from mdistiller.config.validate import LOSS_WEIGHT_KEYS  # noqa: E402
+from mdistiller.config.validate import loss_weight_keys  # noqa: E402
 from mdistiller.engine import HookBase, build_run  # noqa: E402
 from mdistiller.engine.finite_guard import FiniteGuard  # noqa: E402
 from mdistiller.engine.launch import train_from_config  # noqa: E402
@@ -271,9 +271,9 @@ def test_non_finite_values_in_yaml_are_rejected(tmp_path):
 
 
 def test_negative_loss_weights_are_rejected():
-    weights = [k for k in FLOAT_KEYS if k.endswith("WEIGHT")] + sorted(LOSS_WEIGHT_KEYS)
+    weights = [k for k in FLOAT_KEYS if k.endswith("WEIGHT")] + sorted(loss_weight_keys())
     assert {"KD.LOSS.KD_WEIGHT", "KD.LOSS.CE_WEIGHT", "DINO.WEIGHT", "CRD.LOSS.CE_WEIGHT", "DKD.ALPHA", "DKD.BETA",
-            "DIST.BETA", "DIST.GAMMA"} <= set(weights)
+            "DIST.BETA", "DIST.GAMMA", "DETECTION.DKD.ALPHA", "DETECTION.DKD.BETA"} <= set(weights)
     for key in weights:
         with pytest.raises(ConfigError, match=rf"^config key {re.escape(key)}: a loss weight must be >= 0 \(0 turns "
                                               r"the term off\), got -0.5$"):

@@ -32,18 +32,18 @@ def readme_example(section):
 def fitnet():
     code = readme_example("Add your own distiller")
     assert "my_fitnet.py" in code
-    if "MYFITNET" not in DISTILLER_REGISTRY:
-        exec(compile(code, "README.md:my_fitnet.py", "exec"), {})
-    return DISTILLER_REGISTRY.get("MYFITNET")
+    exec(compile(code, "README.md:my_fitnet.py", "exec"), {})
+    yield DISTILLER_REGISTRY.get("MYFITNET")
+    DISTILLER_REGISTRY.unregister("MYFITNET")  # its config section goes with it: later tests see the package's tree
 
 
 @pytest.fixture(scope="module")
 def clipped_sgd():
     code = readme_example("Add your own update rule")
     assert "my_clipped_sgd.py" in code
-    if "clipped_sgd" not in UPDATE_RULE_REGISTRY:
-        exec(compile(code, "README.md:my_clipped_sgd.py", "exec"), {})
-    return UPDATE_RULE_REGISTRY.get("clipped_sgd")
+    exec(compile(code, "README.md:my_clipped_sgd.py", "exec"), {})
+    yield UPDATE_RULE_REGISTRY.get("clipped_sgd")
+    UPDATE_RULE_REGISTRY.unregister("clipped_sgd")
 
 
 def fitnet_config(*extra):

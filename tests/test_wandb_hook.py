@@ -166,14 +166,15 @@ def test_hook_on_other_ranks_logs_nothing(tmp_path, offline, monkeypatch):
 
 
 def test_missing_wandb_is_one_config_error(monkeypatch):
-    from mdistiller.engine.wandb_hook import WandbHook, check_wandb_config
+    from mdistiller.config.validate import validate_config
+    from mdistiller.engine.wandb_hook import WandbHook
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True"], validate=False)
     attempts = (lambda: load_config(STUDENT_CFG, ["LOG.WANDB", "True"]),  # validation: before anything is written
-                lambda: check_wandb_config(cfg), lambda: WandbHook.from_config(cfg, "unused"))
+                lambda: validate_config(cfg), lambda: WandbHook.from_config(cfg, "unused"))
     for attempt in attempts:
         with pytest.raises(ConfigError) as e:
             attempt()
         assert "LOG.WANDB" in str(e.value) and "pip install .[wandb]" in str(e.value) and "\n" not in str(e.value)
-    check_wandb_config(load_config(STUDENT_CFG, []))  # off by default: nothing needed
+    validate_config(load_config(STUDENT_CFG, []))  # off by default: nothing needed

@@ -2,14 +2,18 @@
 
 Config files (configs/<dataset>/<method>/<teacher>_<student>.yaml) override these, and `KEY VALUE` pairs on the
 command line override both. A key that is not here is an error, so this file is the complete list of what a
-config can say. Components add their own section when they register (config/registry.py: a method's
-hyper-parameters), which keeps "a new method is one file" true; importing `mdistiller` registers them all.
+config can say. Components declare their own section when they register (config/registry.py: a method's
+hyper-parameters), which keeps "a new method is one file" true; `get_cfg_defaults()` adds every declared section to
+the core tree here, the one place the tree is assembled. Importing any part of `mdistiller` runs the package's
+`__init__`, which imports every component by its explicit list, so the tree is the same whatever was imported first.
 
 The SOLVER defaults are the CIFAR-100 recipe of CRD/DKD/DOT (RepDistiller's and mdistiller's configs); the DATASET
 default is Fashion-MNIST because it is the dataset that exists offline.
 """
 
 from yacs.config import CfgNode as CN
+
+from .registry import declared_sections
 
 _C = CN()
 
@@ -114,19 +118,13 @@ _C.LOG.MONITOR_TEACHER = False  # student alone (DISTILLER.TYPE NONE): also run 
 _C.LOG.WANDB = False
 _C.LOG.WANDB_PROJECT = "mdistiller"
 
-_SECTIONS = {}
-
-
-def register_config_section(name, node):
-    """Let a component add its own top-level section (e.g. a distiller's hyper-parameters)."""
-    if name in _C and name not in _SECTIONS:
-        raise ValueError(f"config section {name} already exists in the core defaults")
-    _SECTIONS[name] = node
 
 
 def get_cfg_defaults():
-    """A fresh, mutable copy of the default tree with every registered component's section."""
+    """A fresh, mutable copy of the default tree: the core keys and every registered component's section."""
     cfg = _C.clone()
-    for name, node in _SECTIONS.items():
+    for name, (node, _) in declared_sections().items():
+        if name in _C:
+            raise ValueError(f"config section {name} of a component already exists in the core defaults")
         cfg[name] = node.clone()
     return cfg

@@ -5,19 +5,24 @@ float must be finite (YAML reads `.inf` / `.nan` and the command line `inf` / `n
 in a loss weight or a learning rate would only show up as a NaN loss), and every loss weight must be >= 0 (a
 negative weight maximises its term: the loss is unbounded below and the run diverges). Loss weights are the keys
 whose name ends in WEIGHT (KD.LOSS.KD_WEIGHT, DINO.WEIGHT, ...) and the per-term weights named otherwise in
-their papers (LOSS_WEIGHT_KEYS).
+their papers, which each component declares with its section (`loss_weights=`: DKD's ALPHA and BETA).
 """
 
+import importlib.util
 import math
 
 from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
-from .registry import REGISTRIES
+from .registry import REGISTRIES, declared_sections
 
-# Loss-term weights whose names do not end in WEIGHT: DKD's alpha (TCKD) and beta (NCKD), DIST's beta (inter-class)
-# and gamma (intra-class).
-LOSS_WEIGHT_KEYS = {"DKD.ALPHA", "DKD.BETA", "DIST.BETA", "DIST.GAMMA", "DETECTION.DKD.ALPHA", "DETECTION.DKD.BETA"}
+WANDB_MISSING = ("config key LOG.WANDB: True needs the wandb package, which is not installed; run `pip install "
+                 ".[wandb]` (or `pip install wandb`), or set LOG.WANDB False")
+
+
+def loss_weight_keys():
+    """The full keys of the loss weights the registered components declare (DKD.ALPHA, DETECTION.DKD.BETA, ...)."""
+    return {f"{section}.{key}" for section, (_, keys) in declared_sections().items() for key in keys}
 
 
 def _check(ok, key, message):
@@ -37,31 +42,23 @@ def _leaves(node, prefix=""):
             yield key, value
 
 
-def is_loss_weight(key):
-    return key.endswith("WEIGHT") or key in LOSS_WEIGHT_KEYS
+def is_loss_weight(key, declared=None):
+    return key.endswith("WEIGHT") or key in (loss_weight_keys() if declared is None else declared)
 
 
 def validate_tree(cfg):
     """The checks that apply to every key alike: finite floats, non-negative loss weights."""
+    declared = loss_weight_keys()
     for key, value in _leaves(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {key}: must be a finite number, got {value}")
-        if is_loss_weight(key) and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        if is_loss_weight(key, declared) and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"config key {key}: a loss weight must be >= 0 (0 turns the term off), got {value}")
 
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SWITCH_MODES = ("auto", "on", "off")
 
-#: checks components add (`register_check`): each takes the cfg and raises ConfigError
-_EXTRA_CHECKS = []
-
-
-def register_check(fn):
-    """Add a check of settings a component owns but that live in a core section (e.g. LOG.WANDB's package)."""
-    if fn not in _EXTRA_CHECKS:
-        _EXTRA_CHECKS.append(fn)
-    return fn
 
 
 def validate_config(cfg):
@@ -118,7 +115,9 @@ def validate_config(cfg):
     _check(sp.TEACHER_INT8_CALIBRATION > 0, "SPEED.TEACHER_INT8_CALIBRATION",
            f"must be > 0 images, got {sp.TEACHER_INT8_CALIBRATION}")
 
-    for check in _EXTRA_CHECKS:
-        check(cfg)
+    if cfg.LOG.WANDB:  # fail before anything is written when the W&B hook cannot work
+        _check(importlib.util.find_spec("wandb") is not None, "LOG.WANDB", WANDB_MISSING.split(": ", 1)[1])
+        _check(str(cfg.LOG.WANDB_PROJECT).strip(), "LOG.WANDB_PROJECT", "empty; name the wandb project, e.g. "
+               "mdistiller")
     for registry in registries:
         registry.validate(cfg)

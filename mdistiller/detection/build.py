@@ -259,7 +259,7 @@ def validate_detection(cfg):
     _check(not cfg.DISTRIBUTED.SYNC_BN, "DISTRIBUTED.SYNC_BN", "the detectors' BatchNorm is frozen: set it False")
 
 
-@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION")
+@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION", loss_weights=("DKD.ALPHA", "DKD.BETA"))
 class DetectionTask(Task):
     build_run = staticmethod(build_detection_run)
     teacher_record = staticmethod(detection_teacher_record)

@@ -1,12 +1,14 @@
 """Distillation methods. Each module here registers one `Distiller` subclass under its DISTILLER.TYPE, with its own
-config section; a new method is a new file in this folder (imported automatically)."""
+config section; a new method is a new file in this folder and its name in the list below."""
 
-from ..utils.autoimport import import_submodules
 from .base import Distiller
 from .losses import DISTILL, TASK, LossTerm, StepOutput, ce_term, distill_loss, kd_loss, task_loss, total_loss
 from .registry import DISTILLER_REGISTRY
+from .term_registry import TERM_REGISTRY
 
-import_submodules(__name__, __path__)
+# The methods (DISTILLER.TYPE) and the added loss terms, each registering itself.
+from . import (at, crd, ctkd, dist, dkd, fitnet, kd, kdsvd, nst, ofd, pkt, plus_plus, reviewkd, rkd,  # noqa: E402,F401
+               sp, srrl, student_only, vid)
 
-__all__ = ["DISTILLER_REGISTRY", "Distiller", "LossTerm", "StepOutput", "TASK", "DISTILL", "ce_term", "kd_loss",
+__all__ = ["DISTILLER_REGISTRY", "TERM_REGISTRY", "Distiller", "LossTerm", "StepOutput", "TASK", "DISTILL", "ce_term", "kd_loss",
            "task_loss", "distill_loss", "total_loss"]

@@ -49,7 +49,7 @@ def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
     return tau**2 * (beta * inter_class_relation(p_s, p_t) + gamma * intra_class_relation(p_s, p_t))
 
 
-@DISTILLER_REGISTRY.register("DIST", config=_cfg)
+@DISTILLER_REGISTRY.register("DIST", config=_cfg, loss_weights=("BETA", "GAMMA"))  # inter, intra
 class DIST(Distiller):
     ramped_terms = ("dist",)
 

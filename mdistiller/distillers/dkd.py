@@ -64,7 +64,7 @@ def dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature):
     return (alpha * tckd.mean() + beta * nckd.mean()) * temperature**2
 
 
-@DISTILLER_REGISTRY.register("DKD", config=_cfg)
+@DISTILLER_REGISTRY.register("DKD", config=_cfg, loss_weights=("ALPHA", "BETA"))  # TCKD, NCKD
 class DKD(Distiller):
     ramped_terms = ("dkd",)
     own_ramp_keys = {"DKD.WARMUP": "dkd"}

@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..config.defaults import register_config_section
 from ..utils import distributed
 from ..utils.errors import ConfigError
 from .class_means import class_means_for_run
 from .losses import distill_loss
+from .term_registry import TERM_REGISTRY
 
 _cfg = CN()
 # beta of eq. 8. KD++ repository, CIFAR (CE/KD/dino): res56-res20 1/1/2, res32x4-res8x4 1/3.5/2, wrn40_2-wrn40_1
@@ -42,7 +42,6 @@ _cfg.NORM_MARGIN = 0.0  # m of appendix B.4: the teacher norm in the max is scal
 # False: the plain batch mean of the authors' code (all their datasets are balanced or nearly so); True: eq. 7's
 # per-class average as the paper writes it (sample weights N / (C |I_k|)), equal to it on a balanced training set.
 _cfg.CLASS_BALANCED = False
-register_config_section("DINO", _cfg)
 
 PROJECTORS = ("bn_dropout_linear", "linear_bn", "linear")
 LINEAR_INITS = ("default", "zero_bias", "normal")
@@ -105,6 +104,7 @@ def init_linears(modules, kind):
                     nn.init.zeros_(m.bias)
 
 
+@TERM_REGISTRY.register("dino", config=_cfg, section="DINO")
 class DinoTerm(nn.Module):
     """DINO.WEIGHT * dino, a distillation term added to any teacher-based method; see the module docstring."""
 

@@ -15,7 +15,7 @@ import secrets
 
 import yaml
 
-from ..config.validate import register_check
+from ..config.validate import WANDB_MISSING
 from ..utils.errors import ConfigError
 from ..utils import distributed
 from ..utils.run_dir_io import writing
@@ -33,18 +33,8 @@ def require_wandb():
     try:
         import wandb
     except ImportError:
-        raise ConfigError("config key LOG.WANDB: True needs the wandb package, which is not installed; "
-                          "run `pip install .[wandb]` (or `pip install wandb`), or set LOG.WANDB False") from None
+        raise ConfigError(WANDB_MISSING) from None
     return wandb
-
-
-@register_check
-def check_wandb_config(cfg):
-    """For config validation: fail before anything is written when LOG.WANDB cannot work."""
-    if cfg.LOG.WANDB:
-        require_wandb()
-        if not str(cfg.LOG.WANDB_PROJECT).strip():
-            raise ConfigError("config key LOG.WANDB_PROJECT: empty; name the wandb project, e.g. mdistiller")
 
 
 def run_id(run_dir):

@@ -7,14 +7,13 @@ family that has the name and whose native input size is nearest to the requested
 adaptively, so any input size runs. Names with a library prefix ("timm:vit_small_patch16_224",
 "torchvision:resnet18") come from those libraries' registries through models/external.py.
 
-Every subpackage (cifar/, tiny_imagenet/, imagenet/) and every module in it is imported automatically, so adding a
-model is one new file with `@MODEL_REGISTRY.register("<family>/<name>")`. All models follow the feature contract
+The families (cifar/, tiny_imagenet/, imagenet/) list their modules explicitly, so adding a model is one new file
+with `@MODEL_REGISTRY.register("<family>/<name>")` and its name in its family's list. All models follow the feature contract
 documented in models/base.py.
 """
 
 import math
 
-from ..utils.autoimport import import_submodules
 from ..utils.errors import ConfigError
 from .external import build_library_model  # imports timm / torchvision.models only when it builds a model
 from .registry import MODEL_REGISTRY
@@ -100,7 +99,7 @@ def build_model(name, dataset=None, num_classes=None, image_size=None, pretraine
     return MODEL_REGISTRY.get(f"{family_for(name, image_size)}/{name}")(num_classes)
 
 
-import_submodules(__name__, __path__)
+from . import cifar, imagenet, tiny_imagenet  # noqa: E402,F401  (the families; each registers its models)
 
 __all__ = ["MODEL_REGISTRY", "DATASET_SHAPES", "build_model", "check_model_name", "dataset_shape", "family_for",
            "folder_name",

@@ -2,6 +2,4 @@
 imported; their state-dict layouts follow the published ImageNet checkpoints (torchvision's for the ResNets
 and MobileNetV2, the OFD/mdistiller release for MobileNetV1) so those weights load with strict=True."""
 
-from ...utils.autoimport import import_submodules
-
-import_submodules(__name__, __path__)
+from . import mobilenetv1, mobilenetv2, resnet  # noqa: F401  (each registers itself)

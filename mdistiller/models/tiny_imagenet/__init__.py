@@ -3,6 +3,4 @@
 so those weights load with strict=True. (ShuffleV2 is the CIFAR network with a 200-way head, so it is
 registered from models/cifar/shufflenetv2.py instead.)"""
 
-from ...utils.autoimport import import_submodules
-
-import_submodules(__name__, __path__)
+from . import mobilenetv2  # noqa: F401  (registers itself)
