@@ -14,14 +14,14 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from mdistiller.config import load_config  # noqa: E402
-from mdistiller.detection import build_detection_run  # noqa: E402
+from mdistiller.engine.build import build_run  # noqa: E402
 from mdistiller.utils import distributed  # noqa: E402
 
 
 def steps(out, n, cfg_file, opts):
     cfg = load_config(cfg_file, opts)
     torch.set_default_dtype(torch.float64)
-    run = build_detection_run(cfg)
+    run = build_run(cfg)
     trainer = run.trainer
     trainer.distiller.double()
     initial = {k: v.detach().cpu().clone() for k, v in trainer.distiller.learnable_state_dict().items()}

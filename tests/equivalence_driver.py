@@ -46,6 +46,8 @@ SMALL_DETECTION = ["EXPERIMENT.DEVICE", "cpu", "SOLVER.EPOCHS", "2", "DETECTION.
                    "DETECTION.TEST_SHORT_SIDE", "48", "DETECTION.MAX_SIZE", "64", "DETECTION.ND.CLASS_MEANS_ITERS",
                    "2", "SOLVER.BATCH_SIZE", "2", "LOG.TENSORBOARD_FREQ", "0", "LOG.PRINT_FREQ", "0"]
 COCO_SAMPLE = dict(num_train=6, num_val=3, width=64, height=48)
+# metrics.jsonl keys OLD_SHA wrote under another name: the detection term "nd" is "dino", as in classification
+RENAMED_METRICS = {"loss/nd": "loss/dino"}
 # 2 epochs, the LR divided by 10 for the second (both LR phases and the decay step trained), seconds per run.
 SMALL = ["EXPERIMENT.DEVICE", "cpu", "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]",
          "DATASET.TRAIN_SUBSET", "600", "DATASET.TEST_SUBSET", "200", "SOLVER.BATCH_SIZE", "32",
@@ -140,6 +142,7 @@ def compare_run(name, old, new):
     if len(old["metrics"]) != len(new["metrics"]):
         out.append(f"{name} metrics: {len(old['metrics'])} records old vs {len(new['metrics'])} new")
     for e, (a, b) in enumerate(zip(old["metrics"], new["metrics"]), 1):
+        a = {RENAMED_METRICS.get(k, k): v for k, v in a.items()}
         for k in sorted(set(a) | set(b)):
             if k not in a or k not in b:
                 out.append(f"{name} metrics record {e} [{k!r}]: only in {'old' if k in a else 'new'}")

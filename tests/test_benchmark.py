@@ -74,9 +74,9 @@ def tiny_variant(label, tmp_path, teacher_state, *extra, num_train=64):
 def test_benchmark_compare_reports_every_variant_and_the_baseline_speedup():
     out, stdout = bench_json("--steps", "2", "--warmup", "1", "--rounds", "3", "--baseline", "torchvision",
                              "--epoch-images", "64", "--baseline-workers", "1",
-                             "--compare", "SOLVER.TRAINER vanilla", "SOLVER.TRAINER dot", "--", *TINY)
+                             "--compare", "SOLVER.UPDATE_RULE vanilla", "SOLVER.UPDATE_RULE dot", "--", *TINY)
     first, dot = out["results"]
-    assert (first["variant"], dot["variant"]) == ("SOLVER.TRAINER vanilla", "SOLVER.TRAINER dot")
+    assert (first["variant"], dot["variant"]) == ("SOLVER.UPDATE_RULE vanilla", "SOLVER.UPDATE_RULE dot")
     assert first["ratio_to_first"] == 1.0 and first["batch_size"] == 8
     for r in out["results"]:
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["ms_per_step"] / 1e3))
@@ -107,8 +107,8 @@ def test_phase_clock_times_the_real_step_and_leaves_no_trace(tmp_path, teacher_s
     gradient code runs inside), its phases are measured and lie within its wall time, and nothing stays installed.
     Which interval goes to which phase is checked with a fake clock: a real one only says the phases happened."""
     for trainer_name in ("vanilla", "dot"):
-        timed = tiny_variant("timed", tmp_path, teacher_state, "SOLVER.TRAINER", trainer_name)
-        plain = tiny_variant("plain", tmp_path, teacher_state, "SOLVER.TRAINER", trainer_name)  # same initial weights
+        timed = tiny_variant("timed", tmp_path, teacher_state, "SOLVER.UPDATE_RULE", trainer_name)
+        plain = tiny_variant("plain", tmp_path, teacher_state, "SOLVER.UPDATE_RULE", trainer_name)  # same initial weights
         distiller, optimizer = timed.trainer.distiller, timed.trainer.optimizer
         hooks_before = hook_count(distiller.student), hook_count(distiller.teacher)
         start = time.perf_counter()

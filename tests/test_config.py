@@ -23,7 +23,7 @@ def test_defaults_have_the_documented_sections():
     for key in ("EXPERIMENT.NAME", "EXPERIMENT.TAG", "EXPERIMENT.SEED", "DATASET.TYPE", "DATASET.ROOT",
                 "DATASET.NUM_WORKERS", "DATASET.TRAIN_SUBSET", "DATASET.TEST_SUBSET", "DATASET.TEST.BATCH_SIZE",
                 "DISTILLER.TYPE", "DISTILLER.TEACHER", "DISTILLER.STUDENT", "DISTILLER.TEACHER_CKPT",
-                "SOLVER.TRAINER", "SOLVER.BATCH_SIZE", "SOLVER.EPOCHS", "SOLVER.LR", "SOLVER.LR_DECAY_STAGES",
+                "SOLVER.UPDATE_RULE", "SOLVER.BATCH_SIZE", "SOLVER.EPOCHS", "SOLVER.LR", "SOLVER.LR_DECAY_STAGES",
                 "SOLVER.LR_DECAY_RATE", "SOLVER.WARMUP_EPOCHS", "SOLVER.WEIGHT_DECAY", "SOLVER.MOMENTUM",
                 "SOLVER.DOT.DELTA", "LOG.PREFIX", "LOG.SAVE_CHECKPOINT_FREQ", "LOG.TENSORBOARD_FREQ"):
         node = cfg
@@ -69,7 +69,7 @@ def test_base_chain(tmp_path):
     ("", ["DATASET.TYPE", "mnist"], ["DATASET.TYPE", "unknown dataset 'mnist'", "cifar100", "fashion_mnist"]),
     ("", ["DISTILLER.STUDENT", "resnet9"], ["DISTILLER.STUDENT", "unknown model 'resnet9'", "resnet8x4"]),
     ("", ["DISTILLER.TYPE", "NOPE"], ["DISTILLER.TYPE", "unknown distiller 'NOPE'", "NONE"]),
-    ("", ["SOLVER.TRAINER", "adam"], ["SOLVER.TRAINER", "unknown trainer 'adam'", "vanilla"]),
+    ("", ["SOLVER.UPDATE_RULE", "adam"], ["SOLVER.UPDATE_RULE", "unknown update rule 'adam'", "vanilla"]),
     ("", ["DATASET.TRAIN_SUBSET", "-1"], ["DATASET.TRAIN_SUBSET", ">= 0"]),
     ("", ["SOLVER.LR"], ["KEY VALUE pairs", "SOLVER.LR"]),
 ])
@@ -157,3 +157,21 @@ def test_registering_declares_a_section_and_touches_no_default(tmp_path):
     assert get_cfg_defaults().dump() == before
     Registry("toy").register("TOY", config=section, section="TOY")(Mine)
     assert get_cfg_defaults().dump() == before
+
+
+def test_a_renamed_key_still_reads_with_one_notice(tmp_path, caplog):
+    """SOLVER.TRAINER is SOLVER.UPDATE_RULE now: in a file, on the command line and in a saved run config it is
+    read as the new key, with one line saying so."""
+    from mdistiller.config.flat import saved_values
+
+    with caplog.at_level("WARNING", logger="mdistiller"):
+        from_file = load_config(write(tmp_path, "SOLVER:\n  TRAINER: dot\n"))
+        from_cli = load_config(None, ["SOLVER.TRAINER", "dot"])
+    assert from_file.SOLVER.UPDATE_RULE == from_cli.SOLVER.UPDATE_RULE == "dot"
+    assert "TRAINER" not in from_file.SOLVER
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 2 and all("\n" not in n for n in notices)
+    assert notices[0].startswith("config key SOLVER.TRAINER in ") and "is now SOLVER.UPDATE_RULE" in notices[0]
+    assert notices[1] == ("config key SOLVER.TRAINER in the command line is now SOLVER.UPDATE_RULE: read as that "
+                          "(rename it to silence this)")
+    assert saved_values({"SOLVER": {"TRAINER": "dot", "LR": 0.1}}) == {"SOLVER.UPDATE_RULE": "dot", "SOLVER.LR": 0.1}

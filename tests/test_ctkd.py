@@ -13,7 +13,7 @@ from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.ctkd import CTKD, GlobalTemperature, cosine_lambda, gradient_reversal
-from mdistiller.engine.build import build_distiller
+from mdistiller.engine.classification import build_distiller
 from mdistiller.utils.errors import ConfigError
 from plain_formulas import plain_kd, softmax
 

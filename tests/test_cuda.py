@@ -80,8 +80,8 @@ def _close_weights(a, b, tol):
 @pytest.mark.parametrize("method,trainer", [("KD", "vanilla"), ("DKD", "vanilla"), ("KD", "dot"), ("KD++", "dot")])
 def test_float32_steps_match_the_cpu(method, trainer):
     # The same model, teacher and batches: the GPU's float32 updates follow the CPU's to rounding.
-    cpu_losses, cpu_w = _steps(_run("cpu", "SOLVER.TRAINER", trainer, method=method), "cpu")
-    gpu_losses, gpu_w = _steps(_run(DEVICE, "SOLVER.TRAINER", trainer, method=method), DEVICE)
+    cpu_losses, cpu_w = _steps(_run("cpu", "SOLVER.UPDATE_RULE", trainer, method=method), "cpu")
+    gpu_losses, gpu_w = _steps(_run(DEVICE, "SOLVER.UPDATE_RULE", trainer, method=method), DEVICE)
     for c, g in zip(cpu_losses, gpu_losses):
         assert c.keys() == g.keys()
         for k in c:
@@ -91,8 +91,8 @@ def test_float32_steps_match_the_cpu(method, trainer):
 
 def test_dot_at_delta_zero_is_sgd_on_the_gpu():
     # DOT appendix: with Delta 0 both momenta are SOLVER.MOMENTUM and the two buffers sum to SGD's one buffer.
-    _, sgd = _steps(_run(DEVICE, "SOLVER.TRAINER", "vanilla"), DEVICE, n=4)
-    _, dot = _steps(_run(DEVICE, "SOLVER.TRAINER", "dot", "SOLVER.DOT.DELTA", "0.0"), DEVICE, n=4)
+    _, sgd = _steps(_run(DEVICE, "SOLVER.UPDATE_RULE", "vanilla"), DEVICE, n=4)
+    _, dot = _steps(_run(DEVICE, "SOLVER.UPDATE_RULE", "dot", "SOLVER.DOT.DELTA", "0.0"), DEVICE, n=4)
     _close_weights(dot, sgd, 1e-5)  # two gradients summed by the update rule: float32 rounding
 
 
@@ -105,10 +105,10 @@ def test_autocast_step_stays_near_float32(amp, trainer):
         pytest.skip("this GPU has no bf16")
     if DEVICE == "cpu" and amp == "fp16":
         pytest.skip("fp16 autocast is CUDA's")
-    ref_run = _run(DEVICE, "SOLVER.TRAINER", trainer)
+    ref_run = _run(DEVICE, "SOLVER.UPDATE_RULE", trainer)
     start = {k: v.detach().float().cpu().clone() for k, v in ref_run.distiller.student.named_parameters()}
     ref_losses, ref = _steps(ref_run, DEVICE, n=1)
-    run = _run(DEVICE, "SOLVER.TRAINER", trainer, "SPEED.AMP", amp, "SPEED.TEACHER_HALF", "on")
+    run = _run(DEVICE, "SOLVER.UPDATE_RULE", trainer, "SPEED.AMP", amp, "SPEED.TEACHER_HALF", "on")
     assert run.speed.amp == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp] and run.speed.teacher_dtype == \
         run.speed.amp
     assert (run.update_rule.scaler is not None) == (amp == "fp16")  # fp16 gradients are loss-scaled
@@ -129,7 +129,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off(trainer):
     # scale halves (GradScaler's backoff 0.5); at a sane scale the next update applies.
     if DEVICE != "cuda":
         pytest.skip("fp16 autocast is CUDA's")
-    run = _run(DEVICE, "SOLVER.TRAINER", trainer, "SPEED.AMP", "fp16")
+    run = _run(DEVICE, "SOLVER.UPDATE_RULE", trainer, "SPEED.AMP", "fp16")
     scaler = run.update_rule.scaler
     before = {k: v.clone() for k, v in run.distiller.student.state_dict().items()}
     _set_scale(scaler, 2.0 ** 40)
@@ -177,12 +177,12 @@ def test_resume_on_the_gpu_is_exact(tmp_path, trainer):
     # Two epochs straight against one epoch, a checkpoint, a new process's run resumed from it and the second
     # epoch: the GPU's augmentation RNG and the update rule's state come back, so the weights are bit-identical
     # (EXPERIMENT.DETERMINISTIC, the default, makes cuDNN deterministic).
-    straight = _run(DEVICE, "SOLVER.TRAINER", trainer, run_dir=str(tmp_path / "a"))
+    straight = _run(DEVICE, "SOLVER.UPDATE_RULE", trainer, run_dir=str(tmp_path / "a"))
     straight.trainer.train()
-    first = _run(DEVICE, "SOLVER.TRAINER", trainer, run_dir=str(tmp_path / "b"))
+    first = _run(DEVICE, "SOLVER.UPDATE_RULE", trainer, run_dir=str(tmp_path / "b"))
     first.trainer.max_epochs = 1
     first.trainer.train()
-    resumed = _run(DEVICE, "SOLVER.TRAINER", trainer, run_dir=str(tmp_path / "b"))
+    resumed = _run(DEVICE, "SOLVER.UPDATE_RULE", trainer, run_dir=str(tmp_path / "b"))
     resumed.trainer.resume(str(tmp_path / "b" / "latest.pth"))
     assert resumed.trainer.epoch == 1
     resumed.trainer.train()

@@ -13,7 +13,7 @@ from mdistiller.detection.models import (BACKGROUND, NUM_CLASSES, build_faster_r
                                          coco91_state_dict_to_contiguous,
                                          detectron2_to_torchvision_labels, torchvision_to_detectron2_labels)
 from mdistiller.detection.rcnn_distill import (BoxFeatureClassMeans, RCNNDistillGlue, detector_task_terms, dkd_term,
-                                               kd_term, nd_term)
+                                               kd_term, dino_term)
 from mdistiller.utils.errors import ConfigError
 
 SMALL = dict(min_size=128, max_size=128, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
@@ -151,9 +151,9 @@ def test_loss_values_match_their_definitions():
     fs, ft = step.student_features.detach(), step.teacher_features
     e = means[y] / means[y].norm(dim=1, keepdim=True)
     nd = (1 - (fs * e).sum(1) / torch.maximum(fs.norm(dim=1), ft.norm(dim=1))).mean()
-    assert nd_term(step, means, weight=1.5).value.item() == pytest.approx(1.5 * nd.item(), rel=1e-4)
+    assert dino_term(step, means, weight=1.5).value.item() == pytest.approx(1.5 * nd.item(), rel=1e-4)
     with pytest.raises(ValueError, match="do not fit"):
-        nd_term(step, torch.zeros(80, 1024))
+        dino_term(step, torch.zeros(80, 1024))
 
 
 def test_class_means_accumulator():
@@ -192,7 +192,7 @@ def test_one_training_iteration(method):
         terms["dkd"] = dkd_term(step)
     else:  # KD++ detection: loss_ndkd = ND + KD, R101->R18 ND weight 1.5
         terms["ndkd"] = kd_term(step)
-        terms["nd"] = nd_term(step, means, weight=1.5)
+        terms["dino"] = dino_term(step, means, weight=1.5)
     total = sum(t.value for t in terms.values())
     assert all(torch.isfinite(t.value) for t in terms.values())
     opt.zero_grad()

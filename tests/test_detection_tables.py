@@ -42,9 +42,9 @@ PAIRS = {"resnet101_resnet18": ("resnet101", "resnet18", T101), "resnet101_resne
 RECIPES = {
     "kd": ("KD", {p: (PAIR, {"KD.WEIGHT": 1.0, "KD.T": 1.0}) for p in PAIRS}),
     "dkd": ("DKD", {p: (PAIR, {"DKD.ALPHA": 1.0, "DKD.BETA": 0.25, "DKD.T": 1.0}) for p in PAIRS}),
-    "kdpp": ("KD++", {"resnet101_resnet18": (PAIR, {"KD.WEIGHT": 1.0, "KD.T": 1.0, "ND.WEIGHT": 1.5}),
-                      "resnet101_resnet50": (PAIR, {"KD.WEIGHT": 1.0, "KD.T": 1.0, "ND.WEIGHT": 1.0}),
-                      "resnet50_mobilenet_v2": (SHORT, {"KD.WEIGHT": 1.0, "KD.T": 1.0, "ND.WEIGHT": 1.0})}),
+    "kdpp": ("KD++", {"resnet101_resnet18": (PAIR, {"KD.WEIGHT": 1.0, "KD.T": 1.0, "DINO.WEIGHT": 1.5}),
+                      "resnet101_resnet50": (PAIR, {"KD.WEIGHT": 1.0, "KD.T": 1.0, "DINO.WEIGHT": 1.0}),
+                      "resnet50_mobilenet_v2": (SHORT, {"KD.WEIGHT": 1.0, "KD.T": 1.0, "DINO.WEIGHT": 1.0})}),
     "reviewkd": ("REVIEWKD", {"resnet101_resnet18": (PAIR, {"REVIEWKD.WEIGHT": 1.2}),
                               "resnet101_resnet50": (PAIR, {"REVIEWKD.WEIGHT": 1.0}),
                               "resnet50_mobilenet_v2": (PAIR, {"REVIEWKD.WEIGHT": 2.0})}),
@@ -53,7 +53,7 @@ RECIPES = {
                                       for p, w in (("resnet101_resnet18", 1.2), ("resnet101_resnet50", 1.0),
                                                    ("resnet50_mobilenet_v2", 2.0))}),
     # ND 1.0 everywhere: the released code reads KD.NDKD.ND_WEIGHT (1.0), not the yaml's ReviewKD++ ND weight
-    "reviewkdpp": ("REVIEWKD++", {p: (PAIR, {"REVIEWKD.WEIGHT": w, "ND.WEIGHT": 1.0})
+    "reviewkdpp": ("REVIEWKD++", {p: (PAIR, {"REVIEWKD.WEIGHT": w, "DINO.WEIGHT": 1.0})
                                   for p, w in (("resnet101_resnet18", 1.2), ("resnet101_resnet50", 1.4),
                                                ("resnet50_mobilenet_v2", 2.2))}),
 }

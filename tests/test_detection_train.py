@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from mdistiller.config import load_config
-from mdistiller.detection.build import build_detection_run, build_student
+from mdistiller.detection.task import build_student
+from mdistiller.engine.build import build_run
 from mdistiller.detection.hooks import COCOEvalHook, IterLRSchedule
 from mdistiller.detection.loader import PeriodLoader
 from mdistiller.detection.models import build_faster_rcnn
@@ -56,7 +57,7 @@ def tiny(coco, prefix, name, *extra):
     return ["DATASET.ROOT", coco, "LOG.PREFIX", str(prefix), "EXPERIMENT.NAME", name,
             "DETECTION.TRAIN_SHORT_SIDES", "[48]", "DETECTION.TEST_SHORT_SIDE", "48", "DETECTION.MAX_SIZE", "64",
             "DETECTION.ITERS_PER_EPOCH", "2", "DETECTION.WARMUP_ITERS", "2", "DETECTION.STEPS", "[3]",
-            "DETECTION.ND.CLASS_MEANS_ITERS", "2", "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "2",
+            "DETECTION.DINO.CLASS_MEANS_ITERS", "2", "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "2",
             "LOG.TENSORBOARD_FREQ", "1", *extra]
 
 
@@ -65,8 +66,8 @@ def records(run_dir):
         return [json.loads(line) for line in f]
 
 
-TERMS = {"NONE": [], "KD": ["kd"], "DKD": ["dkd"], "KD++": ["kd", "nd"], "REVIEWKD": ["reviewkd"],
-         "REVIEWKD_DKD": ["dkd", "reviewkd"], "REVIEWKD++": ["nd", "reviewkd"]}
+TERMS = {"NONE": [], "KD": ["kd"], "DKD": ["dkd"], "KD++": ["dino", "kd"], "REVIEWKD": ["reviewkd"],
+         "REVIEWKD_DKD": ["dkd", "reviewkd"], "REVIEWKD++": ["dino", "reviewkd"]}
 
 
 class DetectDrawnClasses(HookBase):
@@ -141,9 +142,9 @@ def test_each_method_trains_through_the_entry_point(method, coco, teacher_file, 
     assert summary["last_AP"] == pytest.approx(ap, rel=1e-9) and summary["last_AP50"] == pytest.approx(ap50, rel=1e-9)
     assert record["test_AP"] == summary["last_AP"]
     if TERMS[method]:
-        assert summary["teacher"]["top1"] == 12.5 and summary["teacher"]["metric"] == "AP"
+        assert summary["teacher"]["AP"] == 12.5 and summary["teacher"]["metric"] == "AP"
         state = torch.load(teacher_file)["model"]
-        run = build_detection_run(cfg)  # the teacher as a run loads it: every tensor the file's
+        run = build_run(cfg)  # the teacher as a run loads it: every tensor the file's
         assert all(torch.equal(v, state[k]) for k, v in run.distiller.teacher.state_dict().items())
     student = torch.load(os.path.join(run_dir, "student_best.pth"))
     assert "test_AP" in student and "roi_heads.box_predictor.cls_score.weight" in student["model"]
@@ -151,7 +152,7 @@ def test_each_method_trains_through_the_entry_point(method, coco, teacher_file, 
 
 def test_dot_update_rule_trains_a_detector(coco, teacher_file, tmp_path):
     cfg = load_config(SAMPLE, tiny(coco, tmp_path, "dot", "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet18",
-                                   "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.TRAINER", "dot",
+                                   "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.UPDATE_RULE", "dot",
                                    "SOLVER.EPOCHS", "1", "DETECTION.ITERS_PER_EPOCH", "1"))
     train_from_config(cfg)
     (record,) = records(str(tmp_path / "dot"))
@@ -246,23 +247,23 @@ def test_class_means_cache_serves_only_its_own_teacher(coco, teacher_file, tmp_p
     opts = ["DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet18"]
     cfg = load_config(SAMPLE, tiny(coco, tmp_path, "cm", *opts, "DISTILLER.TEACHER_CKPT", teacher_file))
     run_dir = tmp_path / "cm"
-    collected = build_detection_run(cfg, run_dir=str(run_dir)).distiller.class_means.clone()
+    collected = build_run(cfg, run_dir=str(run_dir)).distiller.terms["dino"].class_means.clone()
     saved = torch.load(run_dir / "class_means.pt")
     assert torch.equal(saved["means"], collected) and collected.abs().sum() > 0
     torch.save({"key": saved["key"], "means": torch.full_like(collected, 7.0)}, run_dir / "class_means.pt")
-    assert (build_detection_run(cfg, run_dir=str(run_dir)).distiller.class_means == 7).all()  # the cache is read
+    assert (build_run(cfg, run_dir=str(run_dir)).distiller.terms["dino"].class_means == 7).all()  # the cache is read
     torch.manual_seed(4)
     other_file = str(tmp_path / "other_teacher.pth")
     torch.save({"model": build_faster_rcnn("resnet18").state_dict()}, other_file)
     other = load_config(SAMPLE, tiny(coco, tmp_path, "cm", *opts, "DISTILLER.TEACHER_CKPT", other_file))
-    assert not (build_detection_run(other, run_dir=str(run_dir)).distiller.class_means == 7).any()  # not reused
+    assert not (build_run(other, run_dir=str(run_dir)).distiller.terms["dino"].class_means == 7).any()  # not reused
 
 
 def test_teacher_of_another_architecture_is_one_checkpoint_error(coco, teacher_file):
     cfg = load_config(SAMPLE, ["DATASET.ROOT", coco, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet50",
                                "DISTILLER.TEACHER_CKPT", teacher_file])
     with pytest.raises(CheckpointError, match="does not fit model resnet50.*configs/coco/teacher/resnet50.yaml"):
-        build_detection_run(cfg)
+        build_run(cfg)
 
 
 def test_bad_detection_config_is_one_config_error(coco):
@@ -272,7 +273,7 @@ def test_bad_detection_config_is_one_config_error(coco):
         load_config(SAMPLE, ["SOLVER.LR_DECAY_STAGES", "[2]"])
     with pytest.raises(ConfigError, match="DISTILLER.TEACHER_CKPT"):
         cfg = load_config(SAMPLE, ["DATASET.ROOT", coco, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet18"])
-        build_detection_run(cfg)
+        build_run(cfg)
 
 
 @pytest.mark.slow
@@ -285,7 +286,7 @@ def test_two_processes_equal_one_process(trainer, teacher_file, tmp_path):
     coco = write_sample_coco(str(tmp_path / "coco"), num_train=4, num_val=2, width=64, height=48, same_layout=True)
     args = ["--steps", "2", "--cfg", SAMPLE,
             *tiny(coco, tmp_path, "eq", "DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet18",
-                  "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.TRAINER", trainer, "DETECTION.RANDOM_FLIP", "False",
+                  "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.UPDATE_RULE", trainer, "DETECTION.RANDOM_FLIP", "False",
                   "DETECTION.RPN_BATCH_SIZE_PER_IMAGE", "100000", "DETECTION.ROI_BATCH_SIZE_PER_IMAGE", "100000",
                   "DETECTION.RPN_POST_NMS_TOPK_TRAIN", "8", "DETECTION.RPN_PRE_NMS_TOPK_TRAIN", "2000",
                   "EXPERIMENT.DEVICE", "cpu")]

@@ -17,14 +17,14 @@ from mdistiller.bench.random_teacher import random_teacher_state, write_random_t
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, Distiller, distill_loss, task_loss
-from mdistiller.distillers import class_means as cm
+from mdistiller.engine import class_means as cm
 from mdistiller.distillers.dkd import DKD
 from mdistiller.distillers.kd import KD
 from mdistiller.distillers.losses import StepOutput
 from mdistiller.distillers.plus_plus import DinoTerm, class_weights, dino_loss
 from mdistiller.distillers.registry import DistillerRegistry
 from mdistiller.engine import build_run
-from mdistiller.engine.build import build_distiller
+from mdistiller.engine.classification import build_distiller
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
 

@@ -130,7 +130,7 @@ def test_two_processes_equal_one_process(trainer, teacher_ckpt, tmp_path):
     # float64, so that what is compared is that algebra and not float32 rounding amplified over steps.
     a = _one_and_two_processes(tmp_path, ["--steps", "3", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
                                           *small(tmp_path, "eq", "DISTILLER.TEACHER_CKPT", teacher_ckpt,
-                                                 "SOLVER.TRAINER", trainer)])
+                                                 "SOLVER.UPDATE_RULE", trainer)])
     w0, w1 = a["initial"]["student.fc.weight"], a["final"]["student.fc.weight"]
     assert (w1 - w0).abs().max() > 1e-3  # the steps did move the weights
 
@@ -141,7 +141,7 @@ def test_two_processes_equal_one_process_with_a_timm_student(teacher_ckpt, tmp_p
     # two ranks' averaged gradients must still be the whole batch's, as for our own models above.
     a = _one_and_two_processes(tmp_path, ["--steps", "2", "--cfg", os.path.join(FM, "kd", "resnet20_resnet8.yaml"),
                                           *small(tmp_path, "eqt", "DISTILLER.TEACHER_CKPT", teacher_ckpt,
-                                                 "DISTILLER.STUDENT", "timm:resnet10t", "SOLVER.TRAINER", "dot")])
+                                                 "DISTILLER.STUDENT", "timm:resnet10t", "SOLVER.UPDATE_RULE", "dot")])
     assert (a["final"]["student.fc.weight"] - a["initial"]["student.fc.weight"]).abs().max() > 1e-4
 
 
@@ -149,7 +149,7 @@ def test_two_processes_equal_one_process_with_a_timm_student(teacher_ckpt, tmp_p
 def test_two_process_resume_is_exact(teacher_ckpt, tmp_path):
     # CRD+DOT: the most state there is to restore (two DOT buffers per parameter, two memory banks, Z).
     cfg = ["--cfg", os.path.join(FM, "crd", "resnet20_resnet8.yaml")]
-    opts = ["DISTILLER.TEACHER_CKPT", teacher_ckpt, "SOLVER.TRAINER", "dot"]
+    opts = ["DISTILLER.TEACHER_CKPT", teacher_ckpt, "SOLVER.UPDATE_RULE", "dot"]
     straight = torchrun(WORKER, "train", str(tmp_path / "s"), *cfg, *small(tmp_path, "straight", *opts))
     assert straight.returncode == 0, straight.stderr[-3000:]
     crashed = torchrun(WORKER, "train", str(tmp_path / "c"), *cfg, *small(tmp_path, "crashed", *opts),

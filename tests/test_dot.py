@@ -1,4 +1,4 @@
-"""DOT (SOLVER.TRAINER dot): the update rule against a hand-written two-buffer computation, Delta = 0 against the
+"""DOT (SOLVER.UPDATE_RULE dot): the update rule against a hand-written two-buffer computation, Delta = 0 against the
 vanilla trainer, both ways of computing the two gradients, config checks, and exact resume."""
 
 import json
@@ -112,7 +112,7 @@ def test_batched_and_two_pass_gradients_agree():
 def _trainer(trainer, *extra, tmp_path):
     cfg = load_config(KD_CFG, ["EXPERIMENT.DEVICE", "cpu", "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET",
                                "50", "SOLVER.BATCH_SIZE", "32", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES",
-                               "[]", "SOLVER.TRAINER", trainer, "LOG.PREFIX", str(tmp_path), *extra])
+                               "[]", "SOLVER.UPDATE_RULE", trainer, "LOG.PREFIX", str(tmp_path), *extra])
     return build_run(cfg).trainer
 
 
@@ -218,13 +218,13 @@ def test_cosines_are_logged(random_teachers, tmp_path):
                                          ("-0.95", r"0.9 - -0.95 = 1.85 is outside")])
 def test_invalid_delta_is_a_config_error(delta, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(KD_CFG, ["SOLVER.TRAINER", "dot", "SOLVER.DOT.DELTA", delta])
+        load_config(KD_CFG, ["SOLVER.UPDATE_RULE", "dot", "SOLVER.DOT.DELTA", delta])
 
 
 def test_negative_delta_and_bad_grad_mode():
-    load_config(KD_CFG, ["SOLVER.TRAINER", "dot", "SOLVER.DOT.DELTA", "-0.05"])  # the task-oriented ablation
+    load_config(KD_CFG, ["SOLVER.UPDATE_RULE", "dot", "SOLVER.DOT.DELTA", "-0.05"])  # the task-oriented ablation
     with pytest.raises(ConfigError, match="SOLVER.DOT.GRAD_MODE"):
-        load_config(KD_CFG, ["SOLVER.TRAINER", "dot", "SOLVER.DOT.GRAD_MODE", "fast"])
+        load_config(KD_CFG, ["SOLVER.UPDATE_RULE", "dot", "SOLVER.DOT.GRAD_MODE", "fast"])
 
 
 @pytest.mark.kernels
@@ -233,7 +233,7 @@ def test_dot_resume_is_bit_exact(random_teachers, tmp_path):
         return load_config(KD_CFG, [
             "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", name, "EXPERIMENT.DEVICE", "cpu",
             "DATASET.TRAIN_SUBSET", "160", "DATASET.TEST_SUBSET", "100", "SOLVER.BATCH_SIZE", "32",
-            "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.TRAINER", "dot",
+            "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.UPDATE_RULE", "dot",
             "DISTILLER.TEACHER_CKPT", random_teachers["resnet20"], "LOG.TENSORBOARD_FREQ", "0"])
 
     train_from_config(cfg("straight"))

@@ -195,7 +195,7 @@ def test_vit_teacher_teaches_our_cnn(method, term):
 
 
 def test_dot_trainer_with_library_models(timm_teacher_state):
-    _trains(_cfg("KD", TIMM_T, TIMM_S, "SOLVER.TRAINER", "dot"), timm_teacher_state)
+    _trains(_cfg("KD", TIMM_T, TIMM_S, "SOLVER.UPDATE_RULE", "dot"), timm_teacher_state)
 
 
 def test_reviewkd_refuses_a_vit_and_ofd_a_library_teacher(timm_teacher_state):

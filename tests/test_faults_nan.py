@@ -70,7 +70,7 @@ def digests(run_dir):
 # --- divergence stops the run -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("trainer", ["vanilla", "dot"])
 def test_lr_1e6_stops_in_the_first_epoch_and_writes_no_checkpoint(trainer, teacher, tmp_path):
-    cfg = load_config(KD_CFG, small(tmp_path, "run", teacher, "SOLVER.LR", "1e6", "SOLVER.TRAINER", trainer))
+    cfg = load_config(KD_CFG, small(tmp_path, "run", teacher, "SOLVER.LR", "1e6", "SOLVER.UPDATE_RULE", trainer))
     with pytest.raises(TrainingDivergedError) as e:
         train_from_config(cfg)
     message = str(e.value)
@@ -96,7 +96,7 @@ def test_huge_loss_weight_overflows_the_first_gradient(teacher, tmp_path):
 
 
 def test_dot_names_the_distillation_gradient(teacher, tmp_path):
-    cfg = load_config(KD_CFG, small(tmp_path, "run", teacher, "KD.LOSS.KD_WEIGHT", "1e38", "SOLVER.TRAINER", "dot"))
+    cfg = load_config(KD_CFG, small(tmp_path, "run", teacher, "KD.LOSS.KD_WEIGHT", "1e38", "SOLVER.UPDATE_RULE", "dot"))
     with pytest.raises(TrainingDivergedError, match=r"^step 1 \(epoch 1, iteration 1/10\): non-finite gradient of "
                                                    r"the distillation loss \(largest \|g\| (nan|inf)\)"):
         train_from_config(cfg)

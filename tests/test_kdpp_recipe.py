@@ -14,7 +14,7 @@ from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.loss_ramp import ramp_factor
-from mdistiller.engine.build import build_distiller
+from mdistiller.engine.classification import build_distiller
 from mdistiller.engine.update_rule import UPDATE_RULE_REGISTRY, SGDRule
 from mdistiller.utils.errors import ConfigError
 
@@ -118,14 +118,14 @@ def test_ramp_configuration_errors():
 
 
 def test_nesterov_update_equals_the_formula_by_hand():
-    """Two SGD steps of the update rule the builder makes for SOLVER.TRAINER vanilla, against
+    """Two SGD steps of the update rule the builder makes for SOLVER.UPDATE_RULE vanilla, against
     v <- mu v + g + wd p; p <- p - lr (g + wd p + mu v)."""
     lr, mu, wd = 0.1, 0.9, 5e-4
     for nesterov in (True, False):
         cfg = load_config(None, ["DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", "resnet8", "SOLVER.LR", str(lr),
                                  "SOLVER.WEIGHT_DECAY", str(wd), "SOLVER.NESTEROV", str(nesterov)])
         p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
-        rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER").from_config(cfg, [p], "cpu",
+        rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").from_config(cfg, [p], "cpu",
                                                                                           fp16=False)
         assert isinstance(rule, SGDRule) and rule.optimizer.param_groups[0]["nesterov"] is nesterov
         expected, v = [1.0, -2.0, 0.5], [0.0, 0.0, 0.0]
@@ -140,7 +140,7 @@ def test_nesterov_update_equals_the_formula_by_hand():
 
 def test_nesterov_is_a_config_error_for_dot_and_without_momentum():
     with pytest.raises(ConfigError, match="SOLVER.NESTEROV"):
-        load_config(None, ["DISTILLER.TYPE", "KD", "SOLVER.TRAINER", "dot", "SOLVER.NESTEROV", "True"])
+        load_config(None, ["DISTILLER.TYPE", "KD", "SOLVER.UPDATE_RULE", "dot", "SOLVER.NESTEROV", "True"])
     with pytest.raises(ConfigError, match="SOLVER.NESTEROV"):
         load_config(None, ["DISTILLER.TYPE", "KD", "SOLVER.MOMENTUM", "0.0", "SOLVER.NESTEROV", "True"])
 
@@ -210,7 +210,7 @@ def _method_weights(cfg, method):
 
 def _common(cfg):
     s, d = cfg.SOLVER, cfg.DINO
-    assert s.NESTEROV and s.MOMENTUM == 0.9 and s.WARMUP_EPOCHS == 0 and s.TRAINER == "vanilla"
+    assert s.NESTEROV and s.MOMENTUM == 0.9 and s.WARMUP_EPOCHS == 0 and s.UPDATE_RULE == "vanilla"
     assert d.PROJECTOR == "bn_dropout_linear" and d.CLASS_MEANS_AUGMENT and d.CLASS_MEANS_DECIMALS == 4
     assert not d.CLASS_BALANCED
 

@@ -14,7 +14,7 @@ from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.losses import kd_loss, standardize_logits
-from mdistiller.engine.build import build_distiller
+from mdistiller.engine.classification import build_distiller
 from plain_formulas import kl, plain_dkd, plain_kd, softmax, zscore
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar100")

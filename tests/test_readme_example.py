@@ -13,7 +13,7 @@ from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers import DISTILLER_REGISTRY, total_loss
 from mdistiller.engine import UPDATE_RULE_REGISTRY, build_run
-from mdistiller.engine.build import build_distiller
+from mdistiller.engine.classification import build_distiller
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
 
@@ -84,7 +84,7 @@ def test_readme_distiller_gets_a_plus_plus_variant_without_edits(fitnet):
     distiller, _ = build_distiller(cfg, META, "cpu", random_teacher_state("resnet20", "fashion_mnist"))
     distiller.train()
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
-    with pytest.warns(UserWarning, match="class means were never computed"):
+    with pytest.warns(UserWarning, match="class means were never set"):
         out = distiller.train_forward(images, labels, 1)
     assert list(out.terms) == ["ce", "hint", "dino"] and out.terms["dino"].kind == "distill"
     # never prepared: zero class means make the term 1 - 0 = 1 for every sample (and weight DINO.WEIGHT 2)
@@ -93,7 +93,7 @@ def test_readme_distiller_gets_a_plus_plus_variant_without_edits(fitnet):
 
 def _kd_run(trainer_name, *extra):
     cfg = load_config(None, ["DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8",
-                             "EXPERIMENT.DEVICE", "cpu", "SOLVER.BATCH_SIZE", "16", "SOLVER.TRAINER", trainer_name,
+                             "EXPERIMENT.DEVICE", "cpu", "SOLVER.BATCH_SIZE", "16", "SOLVER.UPDATE_RULE", trainer_name,
                              "SOLVER.LR", "0.1", *extra])
     return build_run(cfg, bundle=SyntheticDataset("fashion_mnist", 64, 16)(cfg),
                      teacher_state=random_teacher_state("resnet20", "fashion_mnist"))
@@ -129,4 +129,4 @@ def test_readme_update_rule_without_clipping_is_plain_sgd_bit_for_bit(clipped_sg
 
 def test_readme_update_rule_refuses_fp16(clipped_sgd):
     with pytest.raises(ConfigError, match="clipped_sgd"):
-        load_config(None, ["SOLVER.TRAINER", "clipped_sgd", "SPEED.AMP", "fp16", "EXPERIMENT.DEVICE", "cuda"])
+        load_config(None, ["SOLVER.UPDATE_RULE", "clipped_sgd", "SPEED.AMP", "fp16", "EXPERIMENT.DEVICE", "cuda"])

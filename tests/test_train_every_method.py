@@ -87,7 +87,7 @@ def teacher_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("method", DISTILLER_REGISTRY.names())
 def test_train_tool_runs_one_epoch(method, trainer, teacher_ckpt, tmp_path):
     cfg_path = _config_for(method)
-    overrides = ([] if cfg_path else ["DISTILLER.TYPE", method]) + ["SOLVER.TRAINER", trainer]
+    overrides = ([] if cfg_path else ["DISTILLER.TYPE", method]) + ["SOLVER.UPDATE_RULE", trainer]
     cfg_path = cfg_path or KD_CFG
     _train_main()(["--cfg", cfg_path, "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "run",
                    "DISTILLER.TEACHER_CKPT", teacher_ckpt, *SMALL, *overrides])

@@ -2,7 +2,7 @@
 step's time goes, and (--baseline) a full epoch against a plain torchvision + PyTorch KD loop.
 
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher
-    python tools/benchmark.py --cfg FILE --compare "SOLVER.TRAINER vanilla" "SOLVER.TRAINER dot" [-- KEY VALUE ...]
+    python tools/benchmark.py --cfg FILE --compare "SOLVER.UPDATE_RULE vanilla" "SOLVER.UPDATE_RULE dot" [-- KEY VALUE ...]
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher \\
         --compare configs/cifar100/kd/resnet32x4_resnet8x4.yaml configs/cifar100/dkd/resnet32x4_resnet8x4.yaml
     python tools/benchmark.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml --synthetic --random-teacher \\

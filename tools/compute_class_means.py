@@ -14,7 +14,7 @@ import _path  # noqa: F401
 
 from mdistiller.config import load_config
 from mdistiller.data import build_dataloaders
-from mdistiller.distillers.class_means import class_means_for_run
+from mdistiller.engine.class_means import class_means_for_run
 from mdistiller.models.teacher_ckpt import build_teacher
 from mdistiller.utils.cli import parse_args_anywhere, run_cli
 from mdistiller.utils.env import resolve_device

@@ -132,7 +132,7 @@ dot() {
     for bs in "${BATCHES[0]}" "${BATCHES[-1]}"; do
         echo "### batch $bs"
         "$PYTHON" tools/benchmark.py --cfg $cfg --synthetic --random-teacher "${BENCH[@]}" --no-data --json \
-            --compare "SOLVER.TRAINER vanilla" "SOLVER.TRAINER dot" "SOLVER.TRAINER dot SOLVER.DOT.GRAD_MODE batched" \
+            --compare "SOLVER.UPDATE_RULE vanilla" "SOLVER.UPDATE_RULE dot" "SOLVER.UPDATE_RULE dot SOLVER.DOT.GRAD_MODE batched" \
             -- SOLVER.BATCH_SIZE "$bs" EXPERIMENT.DEVICE "$DEVICE"
         if [ "${BATCHES[0]}" = "${BATCHES[-1]}" ]; then break; fi
     done

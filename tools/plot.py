@@ -10,7 +10,7 @@
   to their weighted loss/task_total and loss/distill_total, and the legend says so.
 - cosines.png (fig. 5): cos(v_task, v) and cos(v_distill, v) per iteration of runs trained with
   SOLVER.DOT.LOG_COSINE (TensorBoard scalars; epoch means where those are absent). A KD run under plain SGD has
-  these curves too: train it with SOLVER.TRAINER dot SOLVER.DOT.DELTA 0.0, which is SGD exactly.
+  these curves too: train it with SOLVER.UPDATE_RULE dot SOLVER.DOT.DELTA 0.0, which is SGD exactly.
 - logit_corr.png (fig. 7, with --logit-corr): |corr(student logits) - corr(teacher logits)| over the test set for
   every distillation run, its student_best.pth against the teacher the run used, with the mean in each title.
 

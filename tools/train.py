@@ -19,7 +19,7 @@ import _path  # noqa: F401
 from mdistiller.config import load_config
 from mdistiller.utils import distributed
 from mdistiller.engine.launch import train_from_config
-from mdistiller.engine.task import TASK_REGISTRY
+from mdistiller.engine.task import build_task
 from mdistiller.utils.cli import parse_args_anywhere, run_cli
 
 
@@ -34,7 +34,7 @@ def main(argv=None):
     try:
         summary = train_from_config(cfg, resume=args.resume)
         if distributed.rank() == 0:
-            print(f"{TASK_REGISTRY.get(cfg.TASK).result_line(summary)}  run {summary['run_dir']}")
+            print(f"{build_task(cfg).result_line(summary)}  run {summary['run_dir']}")
         finished = True
     finally:
         distributed.teardown(synchronize=finished)

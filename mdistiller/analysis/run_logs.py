@@ -55,6 +55,6 @@ def step_scalars(run_dir, tag):
 def run_label(cfg):
     """A legend label: "student alone", "KD", "KD+DOT (delta 0.075)"."""
     method = "student alone" if cfg.DISTILLER.TYPE == "NONE" else cfg.DISTILLER.TYPE
-    if cfg.SOLVER.TRAINER == "dot":
+    if cfg.SOLVER.UPDATE_RULE == "dot":
         return f"{method}+DOT (delta {cfg.SOLVER.DOT.DELTA:g})"
     return method

@@ -17,9 +17,9 @@ from .registry import declared_sections
 
 _C = CN()
 
-# What is trained: "classification" (image classifiers, the default) or "detection" (Faster R-CNN + FPN on COCO,
-# mdistiller/detection: its DETECTION section, DISTILLER.TYPE among its own methods, SOLVER.EPOCHS counting
-# DETECTION.ITERS_PER_EPOCH iterations each). Each task checks and builds its own runs.
+# What is trained: a registered task, "classification" (image classifiers, the default) or "detection" (Faster
+# R-CNN + FPN on COCO, mdistiller/detection, with its own section). Each task checks its own settings and supplies
+# its data, models, evaluation and metrics to the one assembler (engine/build.py).
 _C.TASK = "classification"
 
 _C.EXPERIMENT = CN()
@@ -45,14 +45,14 @@ _C.DISTILLER.TEACHER = "resnet56"
 _C.DISTILLER.STUDENT = "resnet8"
 _C.DISTILLER.TEACHER_CKPT = ""  # empty = the published location for the teacher (see the model zoo)
 
-# timm:<name> / torchvision:<name> models (models/external.py): whether they start from their library's
+# timm:<name> / torchvision:<name> models (models/external/): whether they start from their library's
 # pretrained weights, read from the library's local cache (one clear error offline when the file is missing).
 _C.MODEL = CN()
 _C.MODEL.TEACHER_PRETRAINED = True  # a library teacher without DISTILLER.TEACHER_CKPT uses the library's weights
 _C.MODEL.STUDENT_PRETRAINED = False  # a library student starts from the library's weights (a new classifier head)
 
 _C.SOLVER = CN()
-_C.SOLVER.TRAINER = "vanilla"
+_C.SOLVER.UPDATE_RULE = "vanilla"  # how the losses become an update: vanilla (SGD on their sum) or dot (DOT)
 _C.SOLVER.BATCH_SIZE = 64  # global batch, as in the papers
 _C.SOLVER.EPOCHS = 240
 _C.SOLVER.LR = 0.05
@@ -61,8 +61,8 @@ _C.SOLVER.LR_DECAY_RATE = 0.1
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warm-up from ~0 to LR, per iteration, over this many epochs
 _C.SOLVER.WEIGHT_DECAY = 5e-4
 _C.SOLVER.MOMENTUM = 0.9
-_C.SOLVER.NESTEROV = False  # Nesterov momentum (the KD++ family's SGD); not defined for SOLVER.TRAINER dot
-_C.SOLVER.DOT = CN()  # SOLVER.TRAINER dot: task momentum MOMENTUM - DELTA, distillation momentum MOMENTUM + DELTA
+_C.SOLVER.NESTEROV = False  # Nesterov momentum (the KD++ family's SGD); not defined for SOLVER.UPDATE_RULE dot
+_C.SOLVER.DOT = CN()  # SOLVER.UPDATE_RULE dot: task momentum MOMENTUM - DELTA, distillation momentum MOMENTUM + DELTA
 _C.SOLVER.DOT.DELTA = 0.075  # CIFAR-100 KD; CRD and DKD 0.05, Tiny-ImageNet 0.075, ImageNet 0.09 (DOT appendix A.6)
 _C.SOLVER.DOT.GRAD_MODE = "two_pass"  # how the two gradients are computed: two_pass (two backwards) or batched
 _C.SOLVER.DOT.LOG_COSINE = False  # log cos(v_task, v) and cos(v_distill, v) every step (DOT fig. 5); costs a pass
@@ -119,11 +119,34 @@ _C.LOG.WANDB = False
 _C.LOG.WANDB_PROJECT = "mdistiller"
 
 
+# Keys that were renamed: {old full key: new full key} (a section's own renames come with its registration). The
+# old name keeps working in files, on the command line and in saved run configs, with a one-line notice.
+_RENAMED = {"SOLVER.TRAINER": "SOLVER.UPDATE_RULE"}
+
+
+def renamed_keys():
+    """{old full key: new full key}: the core's and every registered section's."""
+    out = dict(_RENAMED)
+    for section, (_, _, renamed) in declared_sections().items():
+        out.update({f"{section}.{old}": f"{section}.{new}" for old, new in renamed.items()})
+    return out
+
+
+def canonical_key(key, renamed=None):
+    """`key` under today's names (a renamed key or section prefix replaced), and whether it was renamed."""
+    renamed = renamed_keys() if renamed is None else renamed
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if head in renamed:
+            return ".".join([renamed[head], *parts[i:]]), True
+    return key, False
+
 
 def get_cfg_defaults():
     """A fresh, mutable copy of the default tree: the core keys and every registered component's section."""
     cfg = _C.clone()
-    for name, (node, _) in declared_sections().items():
+    for name, (node, _, _) in declared_sections().items():
         if name in _C:
             raise ValueError(f"config section {name} of a component already exists in the core defaults")
         cfg[name] = node.clone()

@@ -3,7 +3,7 @@ run grouping), where a key the saved file lacks takes its default."""
 
 import yaml
 
-from .defaults import get_cfg_defaults
+from .defaults import canonical_key, get_cfg_defaults, renamed_keys
 
 
 def flatten(tree, prefix=""):
@@ -15,6 +15,12 @@ def flatten(tree, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def saved_values(tree):
+    """A saved config (config.yaml's mapping) flat, its renamed keys under their new names."""
+    renamed = renamed_keys()
+    return {canonical_key(k, renamed)[0]: v for k, v in flatten(tree).items()}
 
 
 def default_values():

@@ -7,13 +7,14 @@ becomes a one-line `ConfigError` naming the key, what it got and what is allowed
 
 import ast
 import difflib
+import logging
 import os
 
 import yaml
 from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
-from .defaults import get_cfg_defaults
+from .defaults import canonical_key, get_cfg_defaults
 from .validate import validate_config
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -95,12 +96,22 @@ def _unknown_key(node, name, full_key, source):
     )
 
 
+def _notice_renamed(old, new, source):
+    logging.getLogger("mdistiller").warning("config key %s%s is now %s: read as that (rename it to silence this)",
+                                            old, f" in {source}" if source else "", new)
+
+
 def merge_mapping(cfg, mapping, source="", prefix=""):
-    """Merge a plain dict into `cfg`, checking every key and coercing every value."""
+    """Merge a plain dict into `cfg`, checking every key and coercing every value; a renamed key (defaults.py)
+    is read under its new name."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source or 'config'}: expected a mapping of keys at {prefix or 'the top level'}")
     for name, value in mapping.items():
         full_key = f"{prefix}{name}"
+        new_key, renamed = canonical_key(full_key)
+        if renamed and new_key.rsplit(".", 1)[0] == full_key.rsplit(".", 1)[0]:
+            _notice_renamed(full_key, new_key, source)
+            name, full_key = new_key.rsplit(".", 1)[-1], new_key
         if name not in cfg:
             raise _unknown_key(cfg, str(name), full_key, source)
         default = cfg[name]
@@ -161,7 +172,10 @@ def merge_list(cfg, pairs):
     if len(pairs) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs; '{pairs[-1]}' has no value")
     for key, text in zip(pairs[0::2], pairs[1::2]):
-        node, parts = cfg, key.split(".")
+        new_key, renamed = canonical_key(key)
+        if renamed:
+            _notice_renamed(key, new_key, "the command line")
+        node, parts = cfg, new_key.split(".")
         for i, part in enumerate(parts[:-1]):
             if part not in node or not isinstance(node[part], CN):
                 raise _unknown_key(node, part, ".".join(parts[: i + 1]), "the command line")

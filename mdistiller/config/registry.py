@@ -29,7 +29,7 @@ class Registry:
         self.kind, self.key, self.task = kind, key, task
         self._items = {}
         self._meta = {}
-        self._sections = {}  # component name -> (section name, CfgNode, loss-weight keys)
+        self._sections = {}  # component name -> (section name, CfgNode, loss-weight keys, renamed keys)
         if key is not None:
             if key in REGISTRIES:
                 raise ValueError(f"config key {key} already has a {REGISTRIES[key].kind} registry")
@@ -37,10 +37,11 @@ class Registry:
         if sections or (sections is None and key is not None):
             SECTION_REGISTRIES.append(self)
 
-    def register(self, name=None, config=None, section=None, loss_weights=(), **meta):
+    def register(self, name=None, config=None, section=None, loss_weights=(), renamed=None, **meta):
         """Decorator: `@REG.register()` uses the object's __name__; `@REG.register("x", key=v)` stores metadata.
         `config`: a CfgNode, the component's own top-level config section `section` (default: the name);
-        `loss_weights`: the keys of that section that weight a loss term without ending in WEIGHT (DKD's ALPHA)."""
+        `loss_weights`: the keys of that section that weight a loss term without ending in WEIGHT (DKD's ALPHA);
+        `renamed`: {old key: new key} within the section, for keys that were renamed (old configs keep working)."""
 
         def deco(obj):
             key = name or obj.__name__
@@ -49,7 +50,7 @@ class Registry:
             self._items[key] = obj
             self._meta[key] = dict(meta)
             if config is not None:
-                self._sections[key] = (section or key, config, tuple(loss_weights))
+                self._sections[key] = (section or key, config, tuple(loss_weights), dict(renamed or {}))
             return obj
 
         return deco
@@ -61,7 +62,7 @@ class Registry:
         self._sections.pop(name, None)
 
     def sections(self):
-        """[(section name, CfgNode, loss-weight keys)] its components declare, by component name."""
+        """[(section name, CfgNode, loss-weight keys, renamed keys)] its components declare, by component name."""
         return [self._sections[k] for k in sorted(self._sections)]
 
     @contextlib.contextmanager
@@ -94,6 +95,11 @@ class Registry:
 
     def names(self):
         return sorted(self._items)
+
+    def in_order(self, names):
+        """`names` in the order their components were registered (a fixed order for summing loss terms)."""
+        wanted = set(names)
+        return [n for n in self._items if n in wanted]
 
     def selected(self, cfg):
         """The name the config key selects."""
@@ -132,14 +138,14 @@ TASK_REGISTRY = Registry("task", key="TASK", task=None)
 
 
 def declared_sections():
-    """{section name: (CfgNode, loss-weight keys)} of every component registered where sections count, in a fixed
-    order (by section name) whatever the import order was. A name declared by two different components is an
-    error: one of them would silently lose its keys."""
+    """{section name: (CfgNode, loss-weight keys, {old key: new key})} of every component registered where
+    sections count, in a fixed order (by section name) whatever the import order was. A name declared by two
+    different components is an error: one of them would silently lose its keys."""
     found, owner = {}, {}
     for registry in SECTION_REGISTRIES:
-        for section, node, weights in registry.sections():
+        for section, node, weights, renamed in registry.sections():
             if section in found and found[section][0] is not node:
                 raise ValueError(f"config section {section} is declared by {owner[section]} and by a "
                                  f"{registry.kind}")
-            found[section], owner[section] = (node, weights), f"a {registry.kind}"
+            found[section], owner[section] = (node, weights, renamed), f"a {registry.kind}"
     return {k: found[k] for k in sorted(found)}

@@ -21,8 +21,8 @@ WANDB_MISSING = ("config key LOG.WANDB: True needs the wandb package, which is n
 
 
 def loss_weight_keys():
-    """The full keys of the loss weights the registered components declare (DKD.ALPHA, DETECTION.DKD.BETA, ...)."""
-    return {f"{section}.{key}" for section, (_, keys) in declared_sections().items() for key in keys}
+    """The full keys of the loss weights the registered components declare (DKD.ALPHA, DIST.GAMMA, ...)."""
+    return {f"{section}.{key}" for section, (_, keys, _) in declared_sections().items() for key in keys}
 
 
 def _check(ok, key, message):

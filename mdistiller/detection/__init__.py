@@ -3,6 +3,6 @@ KD, DKD, KD++, ReviewKD, ReviewKD+DKD and ReviewKD++ on the same loop, update ru
 classification. pycocotools is imported only when AP is computed.
 """
 
-from .build import DetectionTask, build_detection_run  # noqa: F401  (registers TASK detection)
+from .task import DetectionTask  # noqa: F401  (registers TASK detection)
 from .coco_eval import evaluate  # noqa: F401
 from .data import CocoDetection, collate, to_original  # noqa: F401

@@ -1,21 +1,11 @@
 """The DETECTION config section (TASK detection): input recipe, model settings, schedule in iterations, and the
-detection methods' weights. Defaults are Detectron2's (what the KD++ and mdistiller detection results were trained
+detection loss terms' weights (terms.py). Defaults are Detectron2's (what the KD++ and mdistiller detection results were trained
 with) where torchvision differs: RPN post-NMS top-k 1000 per image in training (torchvision: 2000)."""
 
 from yacs.config import CfgNode as CN
 
 from .data import MAX_SIZE, TEST_SHORT_SIDE, TRAIN_SHORT_SIDES
 
-# DISTILLER.TYPE under TASK detection -> the terms added to the detector's four losses.
-METHODS = {
-    "NONE": (),  # the detector alone: baselines and teachers
-    "KD": ("kd",),
-    "DKD": ("dkd",),
-    "KD++": ("kd", "nd"),  # KD++ detection: KD (T 1) + ND on the box head (kdpp_recipes.md 3.1)
-    "REVIEWKD": ("reviewkd",),
-    "REVIEWKD_DKD": ("reviewkd", "dkd"),  # mdistiller's ReviewKD+DKD
-    "REVIEWKD++": ("reviewkd", "nd"),  # ReviewKD++: HCL on the FPN + ND on the box head, no KD
-}
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
 
 _D = CN()
@@ -47,13 +37,13 @@ _D.DKD = CN()  # the DKD appendix's detection settings
 _D.DKD.ALPHA = 1.0
 _D.DKD.BETA = 0.25
 _D.DKD.T = 1.0
-_D.ND = CN()  # KD++'s ND (dino) term on the 1024-d box-head features
-_D.ND.WEIGHT = 1.0
+_D.DINO = CN()  # KD++'s dino term (its code's "ND") on the 1024-d box-head features; DETECTION.ND still reads
+_D.DINO.WEIGHT = 1.0
 # Teacher class means (81 x 1024, background included): a JSON file in KD++'s layout (keys "0".."80", Detectron2's
 # label order: 80 = background), or empty to collect them from the teacher over CLASS_MEANS_ITERS training
 # iterations before the first step (KD++: 30,000), saved in the run directory and reused on resume.
-_D.ND.CLASS_MEANS_FILE = ""
-_D.ND.CLASS_MEANS_ITERS = 30000
+_D.DINO.CLASS_MEANS_FILE = ""
+_D.DINO.CLASS_MEANS_ITERS = 30000
 _D.REVIEWKD = CN()  # ReviewKD's HCL on the five FPN levels
 _D.REVIEWKD.WEIGHT = 1.0
 

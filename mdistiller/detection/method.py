@@ -1,34 +1,35 @@
-"""The detection distiller: a student Faster R-CNN, an optional frozen teacher and the terms DISTILLER.TYPE adds
-to the detector's four losses (config.METHODS). The maths is the classification methods' (kd_loss, dkd_loss,
-dino_loss, hcl_loss through rcnn_distill and review); this module only chooses and weights them, and gives the
-loop the interface of a classification Distiller (train_forward -> StepOutput, learnable state without the
-teacher), so the same Trainer, update rules (SGD, DOT), hooks, checkpoints and DDP wrapper run it."""
+"""The detection distiller: a student Faster R-CNN, an optional frozen teacher and the registered loss terms its
+method adds to the detector's four losses (terms.py). It gives the loop the interface of a classification
+Distiller (train_forward -> StepOutput, learnable state without the teacher), so the same Trainer, update rules
+(SGD, DOT), hooks, checkpoints and DDP wrapper run it."""
 
 import torch
+import torch.nn as nn
 
 from ..distillers.base import Distiller
 from ..distillers.losses import StepOutput
 from ..utils import distributed
 from .models import BOX_FEATURE_DIM, NUM_CLASSES
-from .rcnn_distill import BoxFeatureClassMeans, RCNNDistillGlue, detector_task_terms, dkd_term, kd_term, nd_term
-from .review import FPNReview, reviewkd_term
+from .rcnn_distill import BoxFeatureClassMeans, RCNNDistillGlue, detector_task_terms
+from .terms import DETECTION_TERM_REGISTRY
+
+# learnable-state keys of checkpoints written before the terms were modules of their own -> today's
+_RENAMED_STATE = (("class_means", "terms.dino.class_means"), ("review.", "terms.reviewkd.review."))
 
 
 class DetectionDistiller(RCNNDistillGlue):
-    def __init__(self, student, teacher=None, terms=(), kd_weight=1.0, kd_temperature=1.0, dkd_alpha=1.0,
-                 dkd_beta=0.25, dkd_temperature=1.0, nd_weight=1.0, reviewkd_weight=1.0,
-                 teacher_flip_channels=False):
-        """`terms`: the distillation terms to add ("kd", "dkd", "nd", "reviewkd"); the teacher is needed by all."""
+    def __init__(self, *, student, teacher=None, terms=None, teacher_flip_channels=False):
+        """`terms`: {name: term module} (terms.py) added to the detector's losses; all of them need the teacher.
+        They are summed in their registration order."""
+        terms = dict(terms or {})
         if terms and teacher is None:
             raise ValueError(f"detection terms {', '.join(terms)} need a teacher")
         super().__init__(student, teacher, teacher_flip_channels)
-        self.terms = tuple(terms)
-        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
-        self.dkd_alpha, self.dkd_beta, self.dkd_temperature = dkd_alpha, dkd_beta, dkd_temperature
-        self.nd_weight, self.reviewkd_weight = nd_weight, reviewkd_weight
-        self.review = FPNReview() if "reviewkd" in self.terms else None
-        if "nd" in self.terms:  # set before the first step (prepare); saved with the learnable state
-            self.register_buffer("class_means", torch.zeros(NUM_CLASSES, BOX_FEATURE_DIM))
+        self.terms = nn.ModuleDict({name: terms[name] for name in DETECTION_TERM_REGISTRY.in_order(terms)})
+        unknown = set(terms) - set(self.terms)
+        if unknown:
+            raise ValueError(f"unregistered detection terms {sorted(unknown)}: register them in "
+                             f"DETECTION_TERM_REGISTRY")
 
     def train_forward(self, images, targets, epoch=None, index=None):
         """One training batch (lists of images and targets) -> StepOutput: the four detector losses as task terms
@@ -39,20 +40,24 @@ class DetectionDistiller(RCNNDistillGlue):
         targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
         step = self(images, targets)
         terms = detector_task_terms(step)
-        if "kd" in self.terms:
-            terms["kd"] = kd_term(step, self.kd_temperature, self.kd_weight)
-        if "dkd" in self.terms:
-            terms["dkd"] = dkd_term(step, self.dkd_alpha, self.dkd_beta, self.dkd_temperature)
-        if "nd" in self.terms:
-            terms["nd"] = nd_term(step, self.class_means, self.nd_weight)
-        if "reviewkd" in self.terms:
-            terms["reviewkd"] = reviewkd_term(step, self.review, self.reviewkd_weight)
+        for name, term in self.terms.items():
+            terms[name] = term(step)
         return StepOutput(step.student_logits, terms, teacher_logits=step.teacher_logits)
 
     # The state the loop trains and saves, as for a classification method (the teacher comes from its own file).
     learnable_parameters = Distiller.learnable_parameters
     learnable_state_dict = Distiller.learnable_state_dict
-    load_learnable_state_dict = Distiller.load_learnable_state_dict
+
+    def load_learnable_state_dict(self, state):
+        """Also reads the layout of checkpoints whose terms were attributes of the distiller."""
+        fixed = {}
+        for key, value in state.items():
+            for old, new in _RENAMED_STATE:
+                if key == old or (old.endswith(".") and key.startswith(old)):
+                    key = new + key[len(old):]
+                    break
+            fixed[key] = value
+        Distiller.load_learnable_state_dict(self, fixed)
 
 
 @torch.no_grad()
@@ -83,4 +88,3 @@ def collect_class_means(teacher, batches, iters, device):
     counts = distributed.all_reduce_sum(acc.counts.to(device)).cpu()
     acc.sums, acc.counts = sums, counts
     return acc.means()
-

@@ -2,7 +2,7 @@
 
 The losses of KD++'s Detection/ code and of the DKD appendix act on the student's *sampled* proposals (after the
 ROI sampler): the student's and the teacher's FPN features are both pooled on those proposals, and KD / DKD compare
-the two 81-way box-classifier logits, the ND (dino) term the two 1024-d box-head outputs. `RCNNDistillGlue` runs
+the two 81-way box-classifier logits, the dino (KD++'s ND) term the two 1024-d box-head outputs. `RCNNDistillGlue` runs
 the student's training forward step by step through its own submodules (transform, backbone, rpn,
 roi_heads.select_training_samples / box_roi_pool / box_head / box_predictor, torchvision's fastrcnn_loss) so that
 those intermediate tensors are exposed, and the frozen teacher on the same transformed image tensor and the same
@@ -176,8 +176,8 @@ def dkd_term(step, alpha=1.0, beta=0.25, temperature=1.0, weight=1.0):
                                           temperature))
 
 
-def nd_term(step, class_means, weight=1.0):
-    """KD++'s ND (dino) term on the 1024-d box features, class means (81, 1024) in our label order."""
+def dino_term(step, class_means, weight=1.0):
+    """KD++'s dino (ND) term on the 1024-d box features, class means (81, 1024) in our label order."""
     if class_means.shape != (step.student_logits.shape[1], step.teacher_features.shape[1]):
         raise ValueError(f"class means of shape {tuple(class_means.shape)} do not fit "
                          f"{step.student_logits.shape[1]} classes x {step.teacher_features.shape[1]} features")

@@ -4,8 +4,9 @@ Norm"): the dino term, added to any teacher-based method X as DISTILLER.TYPE "X+
 The term pulls the student's penultimate feature f_s towards the direction of the teacher's class mean e_k, with a
 norm at least the teacher's: 1 - f_s.e_k / max(|f_s|, |f_t|) (eq. 5-7), weighted by DINO.WEIGHT (beta of eq. 8)
 beside X's own losses. The builder adds a `DinoTerm` to X (`Distiller.add_term`) and the term reads the features of
-X's own forward from its StepOutput, so X needs no edit and nothing runs twice. The class means come from
-`prepare()` (one cached teacher pass, class_means.py) and live in buffers, so checkpoints carry them. Projector,
+X's own forward from its StepOutput, so X needs no edit and nothing runs twice. The class means are handed to
+the term before the first step (`set_class_means`: the builder's cached teacher pass, engine/class_means.py) and live
+in buffers, so checkpoints carry them. Projector,
 Linear re-initialisation and the equations in full: docs/methods.md, "The ++ variants".
 """
 
@@ -16,9 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..utils import distributed
 from ..utils.errors import ConfigError
-from .class_means import class_means_for_run
 from .losses import distill_loss
 from .term_registry import TERM_REGISTRY
 
@@ -155,23 +154,6 @@ class DinoTerm(nn.Module):
         self.class_weights.copy_(class_weights(counts.to(self.class_weights.device)))
         self.ready.fill_(True)
 
-    def prepare(self, cfg, teacher, data, device, bundle=None, cache=True):
-        """Class means from one pass of the float32 `teacher` model (or its cache). With several processes rank 0
-        alone reads or computes them (and writes the cache) and the others receive them. `bundle`, `cache`: see
-        class_means.class_means_for_run."""
-        means = self.class_means.new_zeros(self.class_means.shape)
-        counts = torch.zeros(means.shape[0], dtype=torch.int64, device=means.device)
-
-        def on_rank_0():
-            if distributed.rank() == 0:
-                m, c, _ = class_means_for_run(cfg, teacher, data, device, bundle=bundle, cache=cache)
-                means.copy_(m)
-                counts.copy_(c)
-
-        distributed.agree(on_rank_0)  # a failure on rank 0 stops every rank, before they wait for its means
-        distributed.broadcast_([means, counts])
-        self.set_class_means(means, counts)
-
     def forward(self, out, images, labels, teacher):
         """The term for one step, from X's StepOutput `out` (its teacher fields are filled here if X never ran
         the teacher)."""
@@ -183,7 +165,7 @@ class DinoTerm(nn.Module):
         if not self._ready_checked:  # once: reading the flag is a device sync, not for every step
             self._ready_checked = True
             if not bool(self.ready):
-                warnings.warn("the dino term's teacher class means were never computed (prepare() not called); "
+                warnings.warn("the dino term's teacher class means were never set (set_class_means not called); "
                               "the term is constant until they are")
         feat_s = self.projector(out.student_features["pooled_feat"])
         weight = self.class_weights[labels] if self.class_balanced else None

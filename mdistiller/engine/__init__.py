@@ -1,4 +1,4 @@
-"""Training engine: the builder (build.py), the loop (trainer.py), its hooks and the update rules (SOLVER.TRAINER)."""
+"""Training engine: the builder (build.py), the loop (trainer.py), its hooks and the update rules (SOLVER.UPDATE_RULE)."""
 
 from .build import Run, build_run
 from .evaluator import evaluate
@@ -6,8 +6,8 @@ from .hooks import CheckpointHook, HookBase, MetricsHook, SummaryHook, TensorBoa
 from .trainer import Trainer
 from .update_rule import UPDATE_RULE_REGISTRY, UpdateRule
 
-# The update rules (SOLVER.TRAINER) and the classification task, each registering itself.
-from . import dot, task  # noqa: E402,F401
+# The classification task and the update rules (SOLVER.UPDATE_RULE), each registering itself.
+from . import classification, dot  # noqa: E402,F401
 
 __all__ = ["UPDATE_RULE_REGISTRY", "UpdateRule", "Run", "build_run", "Trainer", "HookBase", "CheckpointHook",
            "MetricsHook", "SummaryHook", "TensorBoardHook", "evaluate"]

@@ -1,4 +1,4 @@
-"""SOLVER.TRAINER dot: the Distillation-Oriented Trainer (Zhao et al., ICCV 2023) as an update rule, for every
+"""SOLVER.UPDATE_RULE dot: the Distillation-Oriented Trainer (Zhao et al., ICCV 2023) as an update rule, for every
 distiller.
 
 DOT keeps one momentum buffer for the task-loss gradient (momentum mu - Delta) and one for the distillation-loss

@@ -112,10 +112,11 @@ class MetricsHook(HookBase):
 
 
 class TensorBoardHook(HookBase):
-    """Training scalars every `freq` iterations and test accuracy every epoch, under <run>/tensorboard."""
+    """Training scalars every `freq` iterations and the epoch record's `epoch_keys` (the task's: test accuracy or
+    AP, losses, LR, speed) every epoch, under <run>/tensorboard."""
 
-    def __init__(self, log_dir, freq):
-        self.log_dir, self.freq, self.writer = log_dir, freq, None
+    def __init__(self, log_dir, freq, epoch_keys=("train_loss", "lr", "images_per_s")):
+        self.log_dir, self.freq, self.epoch_keys, self.writer = log_dir, freq, tuple(epoch_keys), None
 
     def before_train(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -133,8 +134,7 @@ class TensorBoardHook(HookBase):
 
     def after_epoch(self, record):
         step = self.trainer.global_step
-        for key in ("test_top1", "test_top5", "test_loss", "train_loss", "train_top1", "lr", "images_per_s",
-                    "test_AP", "test_AP50", "test_AP75"):
+        for key in self.epoch_keys:
             if key in record:
                 self.writer.add_scalar(f"epoch/{key}", record[key], step)
         self.writer.flush()
@@ -162,7 +162,7 @@ class CheckpointHook(HookBase):
     def after_epoch(self, record):
         t = self.trainer
         state = {**t.state_dict(), "config": self.config_text}
-        metric = f"test_{self.evaluation.metric}"  # test_top1; a detector's test_AP
+        metric = f"test_{self.evaluation.metric}"  # the task's metric, what best.pth is chosen by
         student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, metric: record.get(metric)}
         atomic_save(student, self._path("student_last.pth"))
         if self.evaluation.best["epoch"] == t.epoch:
@@ -186,7 +186,7 @@ class SummaryHook(HookBase):
         if t.epoch < t.max_epochs:
             return
         summary = {
-            **self.evaluation.summary_fields(),  # best_top1, best_top5, best_epoch, last_top1, last_top5
+            **self.evaluation.summary_fields(),  # the task's best and last results (best_top1, best_epoch, ...)
             "epochs": t.epoch,
             "images_per_s": t.images_per_s(),
             "train_time_s": t.counters["train_time_s"],

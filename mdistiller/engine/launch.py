@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 import yaml
 
-from ..config.flat import default_values, flatten
+from ..config.flat import default_values, flatten, saved_values
 from ..data.fingerprint import file_sha256, fingerprint
 from ..utils.env import describe_device, git_info, resolve_device
 from ..utils.checkpoint import load_file
@@ -28,7 +28,7 @@ from ..utils.run_dir_io import RunDirError, remove_leftovers, writing
 from ..utils.run_lock import RunLock
 from .extend import check_epochs_change, check_same_teacher
 from .hooks import CheckpointHook, MetricsHook, SummaryHook, TensorBoardHook, read_metrics
-from .task import TASK_REGISTRY
+from .build import build_run
 from ..models import folder_name
 from ..utils.hardware import cpu_kind
 from .speed import recorded_plan
@@ -53,7 +53,7 @@ def run_name(cfg):
     d = cfg.DISTILLER
     models = d.STUDENT if d.TYPE == "NONE" else f"{d.TEACHER}_{d.STUDENT}"
     models = folder_name(models)  # timm:vit_small_patch16_224 -> timm-vit_small_patch16_224
-    trainer = "" if cfg.SOLVER.TRAINER == "vanilla" else f"_{cfg.SOLVER.TRAINER}"
+    trainer = "" if cfg.SOLVER.UPDATE_RULE == "vanilla" else f"_{cfg.SOLVER.UPDATE_RULE}"
     return f"{cfg.DATASET.TYPE}_{d.TYPE.lower()}{trainer}_{models}_{cfg.EXPERIMENT.TAG}_seed{cfg.EXPERIMENT.SEED}"
 
 
@@ -101,7 +101,7 @@ def _flat_configs(saved_text, cfg, where="the saved config"):
     """(saved, now): both configs as flat {"SECTION.KEY": value}. A key the saved config lacks (added to
     mdistiller after the run started) takes its default there: the run used the behaviour the default describes,
     so it can be resumed by a newer version."""
-    saved = {**default_values(), **flatten(_load_saved_config(saved_text, where))}
+    saved = {**default_values(), **saved_values(_load_saved_config(saved_text, where))}
     return saved, flatten(yaml.safe_load(cfg.dump()))
 
 
@@ -270,9 +270,8 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
     recorded = distributed.broadcast_object(
         distributed.agree(lambda: recorded_plan(path) if ctx.is_main and plan.checkpoint else None))
     # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
-    task = TASK_REGISTRY.get(cfg.TASK, "TASK")
-    run = task.build_run(cfg, device=device, run_dir=path, recorded_speed=recorded)
-    trainer = run.trainer
+    run = build_run(cfg, device=device, run_dir=path, recorded_speed=recorded)
+    trainer, task = run.trainer, run.task
     if plan.checkpoint:
         trainer.resume(plan.checkpoint)
     elif resume:
@@ -300,9 +299,10 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
         loaded = run.distiller.teacher is not None or run.monitor_teacher is not None
         teacher = task.teacher_record(cfg) if loaded else None
         if teacher:
-            top1 = "unknown" if teacher["top1"] is None else f"{teacher['top1']:.2f} ({teacher['top1_source']})"
+            metric = teacher["metric"]
+            score = "unknown" if teacher[metric] is None else f"{teacher[metric]:.2f} ({teacher[metric + '_source']})"
             logger.info("teacher %s: checkpoint %s, sha256 %s, test %s %s", teacher["name"],
-                        teacher["checkpoint"], teacher["sha256"], teacher.get("metric", "top-1"), top1)
+                        teacher["checkpoint"], teacher["sha256"], metric, score)
         sha, dirty = git_info()
         extra = {"seed": cfg.EXPERIMENT.SEED, "git_sha": sha, "git_dirty": dirty, "teacher": teacher,
                  "torch_version": torch.__version__,
@@ -311,14 +311,14 @@ def _train_locked(cfg, resume, extra_hooks, ctx, device):
                  "dataset_fingerprint": fingerprint(run.data.sources),
                  "device": describe_device(run.device), "world_size": ctx.world_size,
                  "num_train": run.data.num_train, "num_test": run.data.num_test, "classes": list(run.data.classes),
-                 "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.TRAINER,
+                 "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.UPDATE_RULE,
                  "dataset": cfg.DATASET.TYPE, "task": cfg.TASK, "run_dir": path, "speed": run.speed.as_dict(),
                  "speed_decisions": list(run.speed.notes), "cpu": cpu_kind()}
         summary_hook = SummaryHook(summary_file, run.evaluation, extra)
         hooks = [
             MetricsHook(os.path.join(path, "metrics.jsonl")),
-            TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ),
-            *([WandbHook.from_config(cfg, path)] if cfg.LOG.WANDB else []),
+            TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ, task.epoch_scalars),
+            *([WandbHook.from_config(cfg, path, task.epoch_scalars)] if cfg.LOG.WANDB else []),
             CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ, run.evaluation, cfg.dump()),
             summary_hook,
             *hooks,

@@ -58,12 +58,10 @@ def loss_record(terms, loss):
 
 class Trainer:
     def __init__(self, distiller, model, train_loader, update_rule, hooks=(), speed=None, max_epochs=1,
-                 device="cpu", print_freq=0, track_accuracy=True):
+                 device="cpu", print_freq=0):
         """`distiller`: the method (its learnable state is checkpointed); `model`: what the loop calls for a
         training forward (build.py: the distiller's train_forward, in DDP when several processes train);
-        `speed`: the run's SpeedPlan (batch layout and autocast), None for plain float32; `track_accuracy`:
-        report train_top1 (the logits' argmax against the batch's labels; off where labels are not classes)."""
-        self.track_accuracy = track_accuracy
+        `speed`: the run's SpeedPlan (batch layout and autocast), None for plain float32."""
         self.distiller, self.model, self.train_loader = distiller, model, train_loader
         self.update_rule, self.speed = update_rule, speed
         self.max_epochs, self.device, self.print_freq = max_epochs, torch.device(device), print_freq
@@ -126,7 +124,7 @@ class Trainer:
         iters = len(self.train_loader)
         for hook in self.hooks:
             hook.before_epoch(epoch, iters)
-        sums, stat_sums, seen, correct = {}, {}, 0, None
+        sums, stat_sums, seen = {}, {}, 0
         # A bar on a terminal; in logs (CI, redirected output) a line every print_freq steps (epoch_progress.py).
         progress = EpochProgress(self.train_loader, epoch, self.max_epochs, iters, self.print_freq, self.rank,
                                  self.world_size, self.device)
@@ -145,27 +143,21 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value * n
             for name, value in step.stats.items():
                 stat_sums[name] = stat_sums.get(name, 0.0) + value * n
-            if self.track_accuracy:
-                hits = (step.output.logits.argmax(1) == labels).sum()
-                correct = hits if correct is None else correct + hits
             progress.step(it, step.losses["total"], self.lr, seen, sums["total"])
             del step  # its output holds the step's activations: free them before the next forward
         names, stat_names = sorted(sums), sorted(stat_sums)
         totals = distributed.all_reduce_sum(torch.stack(
             [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names]
             + [torch.as_tensor(stat_sums[k], dtype=torch.float64, device=self.device) for k in stat_names]
-            + [torch.as_tensor(0 if correct is None else correct, dtype=torch.float64, device=self.device),
-               torch.tensor(float(seen), dtype=torch.float64, device=self.device)])).tolist()
+            + [torch.tensor(float(seen), dtype=torch.float64, device=self.device)])).tolist()
         loss_totals, stat_totals = totals[:len(names)], totals[len(names):len(names) + len(stat_names)]
-        correct, seen = totals[-2], int(totals[-1])  # all ranks: the epoch's global figures
+        seen = int(totals[-1])  # all ranks: the epoch's global figures
         elapsed = time.perf_counter() - start
         progress.close()
         self.counters["train_images"] += seen
         self.counters["train_time_s"] += elapsed
         sums = dict(zip(names, loss_totals))
         stats = {"lr": self.lr, "train_loss": float(sums.pop("total")) / seen}
-        if self.track_accuracy:
-            stats["train_top1"] = 100.0 * float(correct) / seen
         stats.update({f"loss/{name}": float(v) / seen for name, v in sums.items()})
         stats.update({name: float(v) / seen for name, v in zip(stat_names, stat_totals)})
         stats.update({"epoch_time_s": elapsed, "images_per_s": seen / elapsed})

@@ -1,4 +1,4 @@
-"""Update rules (SOLVER.TRAINER): how a step's loss terms become a parameter update.
+"""Update rules (SOLVER.UPDATE_RULE): how a step's loss terms become a parameter update.
 
 The loop (trainer.py) runs the training forward inside `forward_context`, asks the rule for the losses it needs
 (`losses`, computed under the run's autocast), then hands them to `apply`, which computes the gradients and
@@ -15,8 +15,8 @@ from ..config.registry import Registry
 from ..distillers.losses import total_loss
 from .finite_guard import largest_abs
 
-# SOLVER.TRAINER -> UpdateRule subclass
-UPDATE_RULE_REGISTRY = Registry("trainer", key="SOLVER.TRAINER", task=None)  # every task's loop
+# SOLVER.UPDATE_RULE -> UpdateRule subclass
+UPDATE_RULE_REGISTRY = Registry("update rule", key="SOLVER.UPDATE_RULE", task=None)  # every task's loop
 
 
 class UpdateRule:

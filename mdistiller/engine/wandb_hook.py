@@ -23,8 +23,8 @@ from .hooks import HookBase
 
 #: the file in the run directory that holds the wandb run id
 RUN_ID_FILE = "wandb_run_id"
-#: the per-epoch record keys TensorBoardHook logs as epoch/<key>
-EPOCH_KEYS = ("test_top1", "test_top5", "test_loss", "train_loss", "train_top1", "lr", "images_per_s")
+#: the per-epoch record keys logged as epoch/<key> when the task names none (the task's, as TensorBoard's)
+EPOCH_KEYS = ("train_loss", "lr", "images_per_s")
 STEP_KEY = "trainer/global_step"
 
 
@@ -54,14 +54,16 @@ def run_id(run_dir):
 
 
 class WandbHook(HookBase):
-    def __init__(self, run_dir, project, freq, config):
-        """`freq`: steps between training scalars (LOG.TENSORBOARD_FREQ); `config`: the run's config as a dict."""
+    def __init__(self, run_dir, project, freq, config, epoch_keys=EPOCH_KEYS):
+        """`freq`: steps between training scalars (LOG.TENSORBOARD_FREQ); `config`: the run's config as a dict;
+        `epoch_keys`: the epoch record's keys to log (the task's epoch_scalars)."""
         self.wandb = require_wandb()
         self.run_dir, self.project, self.freq, self.config, self.run = run_dir, project, freq, config, None
+        self.epoch_keys = tuple(epoch_keys)
 
     @classmethod
-    def from_config(cls, cfg, run_dir):
-        return cls(run_dir, cfg.LOG.WANDB_PROJECT, cfg.LOG.TENSORBOARD_FREQ, yaml.safe_load(cfg.dump()))
+    def from_config(cls, cfg, run_dir, epoch_keys=EPOCH_KEYS):
+        return cls(run_dir, cfg.LOG.WANDB_PROJECT, cfg.LOG.TENSORBOARD_FREQ, yaml.safe_load(cfg.dump()), epoch_keys)
 
     def before_train(self):
         if distributed.rank() != 0:
@@ -85,7 +87,7 @@ class WandbHook(HookBase):
     def after_epoch(self, record):
         if self.run is None:
             return
-        row = {f"epoch/{key}": record[key] for key in EPOCH_KEYS if key in record}
+        row = {f"epoch/{key}": record[key] for key in self.epoch_keys if key in record}
         self.run.log({**row, STEP_KEY: self.trainer.global_step})
 
     def after_train(self):

@@ -5,7 +5,7 @@ release) are registered per input *family* under "<family>/<name>" with a constr
 the same name (e.g. ResNet18) is a different network at 32x32, 64x64 and 224x224. A model is built from the
 family that has the name and whose native input size is nearest to the requested one; every family pools
 adaptively, so any input size runs. Names with a library prefix ("timm:vit_small_patch16_224",
-"torchvision:resnet18") come from those libraries' registries through models/external.py.
+"torchvision:resnet18") come from those libraries' registries through models/external/.
 
 The families (cifar/, tiny_imagenet/, imagenet/) list their modules explicitly, so adding a model is one new file
 with `@MODEL_REGISTRY.register("<family>/<name>")` and its name in its family's list. All models follow the feature contract

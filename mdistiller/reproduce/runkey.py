@@ -19,7 +19,7 @@ import json
 
 import yaml
 
-from ..config.flat import default_values, flatten
+from ..config.flat import default_values, saved_values
 
 NON_SEMANTIC = {
     "EXPERIMENT.NAME", "EXPERIMENT.TAG", "EXPERIMENT.SEED", "EXPERIMENT.DEVICE", "EXPERIMENT.DETERMINISTIC",
@@ -39,7 +39,7 @@ def semantic(config_text, defaults=None, ignore=()):
     config lacks (added to mdistiller after the run) take their defaults: the run had the behaviour the default
     describes."""
     flat = dict(defaults if defaults is not None else default_values())
-    flat.update(flatten(yaml.safe_load(config_text) or {}))
+    flat.update(saved_values(yaml.safe_load(config_text) or {}))
     return {k: v for k, v in flat.items()
             if k not in NON_SEMANTIC and k not in ignore and not k.startswith(NON_SEMANTIC_SECTIONS)}
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import load_config
-from ..detection.config import METHODS as DETECTION_METHODS
+from ..detection.terms import method_terms
 from ..distillers import DISTILLER_REGISTRY
 from ..engine.launch import run_dir_for
 from ..models.teacher_ckpt import default_teacher_ckpt
@@ -35,7 +35,7 @@ def resolve(run, prefix, repo_root):
 def teacher_checkpoint(cfg):
     """The teacher checkpoint `cfg` loads, or None when it loads none. Never downloads (unlike teacher_ckpt_path)."""
     if cfg.TASK == "detection":  # a detection teacher is always DISTILLER.TEACHER_CKPT (or "torchvision")
-        return cfg.DISTILLER.TEACHER_CKPT if DETECTION_METHODS.get(cfg.DISTILLER.TYPE) else None
+        return cfg.DISTILLER.TEACHER_CKPT if method_terms(cfg.DISTILLER.TYPE) else None
     if not DISTILLER_REGISTRY.loads_teacher(cfg):
         return None
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)

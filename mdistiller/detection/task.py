@@ -1,36 +1,32 @@
-"""TASK detection: the builder of a detection run and its registration. Same loop, update rules, hooks, run
-directory, resume and DDP as classification (engine/); what differs is built here: COCO loaders cut into epochs of
-DETECTION.ITERS_PER_EPOCH iterations, Faster R-CNN student and teacher, the detection distiller, the LR by
-iteration, and COCO AP as the evaluation."""
+"""TASK detection: what a detection run gives the assembler (engine/build.py), which builds it with the same loop,
+update rules, hooks, run directory, resume and DDP as classification: COCO loaders cut into epochs of
+DETECTION.ITERS_PER_EPOCH iterations, Faster R-CNN student and teacher, the detection distiller with its method's
+registered loss terms (terms.py), the dino term's teacher class means, the LR by iteration, and COCO AP as the evaluation."""
 
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..config.registry import TASK_REGISTRY
 from ..config.validate import _check
 from ..data.fingerprint import file_sha256
-from ..engine.build import Run
-from ..engine.ddp_wrap import wrap_for_training
 from ..engine.speed import SpeedPlan
 from ..engine.task import Task
 from ..engine.train_hooks import FiniteGuardHook, LRScheduleHook, SpeedPlanHook
-from ..engine.trainer import Trainer
-from ..engine.update_rule import UPDATE_RULE_REGISTRY
 from ..models.external.pretrained import torch_hub_checkpoints
 from ..utils import distributed
 from ..utils.checkpoint import atomic_save, extract_state_dict, load_file, load_weights
-from ..utils.env import resolve_device, seed_everything
 from ..utils.errors import CheckpointError, ConfigError
-from .config import BACKBONES, DETECTION_CFG, METHODS
+from .config import BACKBONES, DETECTION_CFG
 from .data import CocoDetection, DetectionTransform, annotation_path
 from .hooks import COCOEvalHook, DetectionLogHook, IterLRSchedule
 from .loader import PeriodLoader, test_loader
 from .method import DetectionDistiller, collect_class_means
+from .terms import DETECTION_TERM_REGISTRY, method_terms
 from .models import _imagenet_weights, build_faster_rcnn, class_means_from_detectron2, \
     coco91_state_dict_to_contiguous
 
@@ -50,6 +46,8 @@ class DetectionData:
     classes: list
     sources: list
     category_ids: list
+    train_set: object = field(default=None, repr=False)  # the CocoDetection ND's class means are collected over
+    test_set: object = field(default=None, repr=False)  # the CocoDetection AP is computed on
 
 
 def _model_kwargs(d):
@@ -124,9 +122,9 @@ def _datasets(cfg):
 
 
 def class_means(cfg, distiller, train, device, run_dir):
-    """ND's teacher class means: from DETECTION.ND.CLASS_MEANS_FILE, else the run directory's cache, else collected
-    from the teacher (and cached there)."""
-    nd = cfg.DETECTION.ND
+    """The dino term's teacher class means: from DETECTION.DINO.CLASS_MEANS_FILE, else the run directory's cache,
+    else collected from the teacher (and cached there)."""
+    nd = cfg.DETECTION.DINO
     if nd.CLASS_MEANS_FILE:
         try:
             with open(nd.CLASS_MEANS_FILE) as f:
@@ -134,7 +132,7 @@ def class_means(cfg, distiller, train, device, run_dir):
             means = torch.tensor([rows[str(k)] for k in range(len(rows))], dtype=torch.float32)
             return class_means_from_detectron2(means)
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"DETECTION.ND.CLASS_MEANS_FILE {nd.CLASS_MEANS_FILE}: cannot read KD++ class "
+            raise CheckpointError(f"DETECTION.DINO.CLASS_MEANS_FILE {nd.CLASS_MEANS_FILE}: cannot read KD++ class "
                                   f"means ({e}); it must be a JSON object with keys \"0\"..\"80\" of 1024 numbers") from None
     cached = os.path.join(run_dir, CLASS_MEANS_FILE) if run_dir else None
     key = _class_means_key(cfg, distiller.teacher)
@@ -175,46 +173,37 @@ def _class_means_key(cfg, teacher):
     return json.dumps(recipe, sort_keys=True)
 
 
-def build_detection_run(cfg, device=None, run_dir=None, recorded_speed=None, teacher_state=None):
-    """The detection run `cfg` describes (a build.Run). `teacher_state`: the teacher's weights instead of
-    DISTILLER.TEACHER_CKPT's file (tests)."""
-    if device is None:
-        _, device = distributed.setup(resolve_device(cfg.EXPERIMENT.DEVICE), cfg.DISTRIBUTED.TIMEOUT_MIN)
-    device = torch.device(device)
-    rank, world_size = distributed.rank(), distributed.world_size()
-    speed = SpeedPlan(device.type, notes=("detection runs in float32 with its models in NCHW: SPEED's fast paths "
-                                          "are for classification",))
-    seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
-    d = cfg.DETECTION
-    train, test = distributed.agree(_datasets, cfg)
+def build_data(cfg, device, bundle=None):
+    """(train loader, test loader, DetectionData) of this process."""
+    if bundle is not None:
+        raise ValueError("TASK detection reads its COCO files; it takes no in-memory bundle")
+    d, rank, world_size = cfg.DETECTION, distributed.rank(), distributed.world_size()
+    train, test = _datasets(cfg)
     data = DetectionData("coco", len(train), len(test), list(train.class_names),
                          [annotation_path(cfg.DATASET.ROOT, "train"), annotation_path(cfg.DATASET.ROOT, "val")],
-                         list(train.category_ids))
+                         list(train.category_ids), train, test)
     if len(train.category_ids) != 80 or train.category_ids != test.category_ids:
         raise ConfigError(f"DATASET.ROOT {cfg.DATASET.ROOT}: the detectors have COCO's 80 categories; the "
                           f"annotations list {len(train.category_ids)} (train) and {len(test.category_ids)} (val)")
     train_loader = PeriodLoader(train, cfg.SOLVER.BATCH_SIZE, d.ITERS_PER_EPOCH, cfg.EXPERIMENT.SEED, rank,
                                 world_size, cfg.DATASET.NUM_WORKERS)
     evaluation_loader = test_loader(test, cfg.DATASET.TEST.BATCH_SIZE, rank, world_size, cfg.DATASET.NUM_WORKERS)
-    terms = METHODS[cfg.DISTILLER.TYPE]
-    student = distributed.agree(build_student, cfg)
-    teacher = distributed.agree(build_teacher, cfg, data.category_ids, teacher_state) if terms else None
-    distiller = DetectionDistiller(student, teacher, terms, d.KD.WEIGHT, d.KD.T, d.DKD.ALPHA, d.DKD.BETA, d.DKD.T,
-                                   d.ND.WEIGHT, d.REVIEWKD.WEIGHT, d.TEACHER_FLIP_CHANNELS).to(device)
-    if "nd" in terms:
-        distiller.class_means.copy_(distributed.agree(class_means, cfg, distiller, train, device, run_dir))
-    model = wrap_for_training(distiller, device, False, cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
-    rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.TRAINER, "SOLVER.TRAINER").from_config(
-        cfg, distiller.learnable_parameters(), device, fp16=False)
-    image_ids = [im["id"] for im in test.images]
-    evaluation = COCOEvalHook(distiller.student, evaluation_loader, annotation_path(cfg.DATASET.ROOT, "val"),
-                              data.category_ids, image_ids, device, d.EVAL_PERIOD)
-    schedule = IterLRSchedule(cfg.SOLVER.LR, d.STEPS, cfg.SOLVER.LR_DECAY_RATE, d.WARMUP_ITERS, d.WARMUP_FACTOR)
-    hooks = [LRScheduleHook(schedule), FiniteGuardHook(device, 0, run_dir), evaluation, DetectionLogHook(),
-             SpeedPlanHook(speed)]
-    trainer = Trainer(distiller, model, train_loader, rule, hooks, speed=speed, max_epochs=cfg.SOLVER.EPOCHS,
-                      device=device, print_freq=cfg.LOG.PRINT_FREQ, track_accuracy=False)
-    return Run(trainer, distiller, rule, evaluation, train_loader, evaluation_loader, data, speed, device)
+    return train_loader, evaluation_loader, data
+
+
+def build_distiller(cfg, data, device, teacher_state=None):
+    """(the detection distiller on `device`, None): student, then teacher when the method has terms, then the
+    terms in their registration order (their random initialisations depend on it)."""
+    names = DETECTION_TERM_REGISTRY.in_order(method_terms(cfg.DISTILLER.TYPE))
+    student = build_student(cfg)
+    teacher = build_teacher(cfg, data.category_ids, teacher_state) if names else None
+    terms = {}
+    for name in names:
+        term = DETECTION_TERM_REGISTRY.get(name)
+        terms[name] = term(**term.from_config(cfg))
+    distiller = DetectionDistiller(student=student, teacher=teacher, terms=terms,
+                                   teacher_flip_channels=cfg.DETECTION.TEACHER_FLIP_CHANNELS)
+    return distiller.to(device), None
 
 
 def detection_teacher_record(cfg):
@@ -224,16 +213,15 @@ def detection_teacher_record(cfg):
     if cfg.DISTILLER.TEACHER_CKPT != TORCHVISION_TEACHER:
         raw = load_file(path, "detection teacher")
         ap = raw.get("test_AP") if isinstance(raw, dict) else None
-    return {"name": cfg.DISTILLER.TEACHER, "checkpoint": path, "sha256": file_sha256(path), "top1": ap,
-            "top1_source": "its checkpoint" if ap is not None else None, "metric": "AP"}
+    return {"name": cfg.DISTILLER.TEACHER, "checkpoint": path, "sha256": file_sha256(path), "AP": ap,
+            "AP_source": "its checkpoint" if ap is not None else None, "metric": "AP"}
 
 
 def validate_detection(cfg):
     d, s = cfg.DETECTION, cfg.SOLVER
     _check(cfg.DATASET.TYPE == "coco", "DATASET.TYPE", f"TASK detection trains on coco, got '{cfg.DATASET.TYPE}'")
-    _check(cfg.DISTILLER.TYPE in METHODS, "DISTILLER.TYPE",
-           f"TASK detection has the methods {', '.join(METHODS)}; got '{cfg.DISTILLER.TYPE}'")
-    for role in ("STUDENT", "TEACHER") if METHODS.get(cfg.DISTILLER.TYPE) else ("STUDENT",):
+    terms = method_terms(cfg.DISTILLER.TYPE)  # ConfigError naming the methods when there is none of that name
+    for role in ("STUDENT", "TEACHER") if terms else ("STUDENT",):
         _check(cfg.DISTILLER[role] in BACKBONES, f"DISTILLER.{role}",
                f"detection backbones are {', '.join(BACKBONES)}; got '{cfg.DISTILLER[role]}'")
     _check(d.ITERS_PER_EPOCH > 0, "DETECTION.ITERS_PER_EPOCH", f"must be > 0, got {d.ITERS_PER_EPOCH}")
@@ -250,7 +238,7 @@ def validate_detection(cfg):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before the process group exists
     _check(s.BATCH_SIZE % world == 0, "SOLVER.BATCH_SIZE",
            f"the global batch {s.BATCH_SIZE} must divide among the {world} processes")
-    _check(d.ND.CLASS_MEANS_ITERS > 0, "DETECTION.ND.CLASS_MEANS_ITERS", "must be > 0")
+    _check(d.DINO.CLASS_MEANS_ITERS > 0, "DETECTION.DINO.CLASS_MEANS_ITERS", "must be > 0")
     sp = cfg.SPEED
     _check(sp.AMP in ("auto", "off"), "SPEED.AMP", "TASK detection trains in float32: set auto or off")
     _check(sp.CHANNELS_LAST in ("auto", "off") and not sp.COMPILE and not sp.TEACHER_INT8
@@ -259,13 +247,42 @@ def validate_detection(cfg):
     _check(not cfg.DISTRIBUTED.SYNC_BN, "DISTRIBUTED.SYNC_BN", "the detectors' BatchNorm is frozen: set it False")
 
 
-@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION", loss_weights=("DKD.ALPHA", "DKD.BETA"))
+@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION", loss_weights=("DKD.ALPHA", "DKD.BETA"),
+                        renamed={"ND": "DINO"})
 class DetectionTask(Task):
-    build_run = staticmethod(build_detection_run)
-    teacher_record = staticmethod(detection_teacher_record)
+    metric = "AP"
+    epoch_scalars = ("test_AP", "test_AP50", "test_AP75", "train_loss", "lr", "images_per_s")
     validate_config = staticmethod(validate_detection)
 
-    @staticmethod
-    def result_line(summary):
+    def speed_plan(self, cfg, device, recorded_speed=None):
+        return SpeedPlan(torch.device(device).type, notes=("detection runs in float32 with its models in NCHW: "
+                                                           "SPEED's fast paths are for classification",))
+
+    def build_data(self, cfg, device, bundle=None):
+        return build_data(cfg, device, bundle)
+
+    def build_distiller(self, cfg, data, device, teacher_state=None):
+        return build_distiller(cfg, data, device, teacher_state)
+
+    def prepare(self, cfg, distiller, data, device, *, speed, run_dir=None, bundle=None, teacher_state=None,
+                monitor_teacher=None):
+        """The dino term's teacher class means (file, run-directory cache or collected) into its buffer."""
+        if "dino" in distiller.terms:
+            distiller.terms["dino"].class_means.copy_(distributed.agree(class_means, cfg, distiller, data.train_set,
+                                                          torch.device(device), run_dir))
+
+    def hooks(self, cfg, distiller, test_loader, *, data, speed, device, run_dir=None, monitor_teacher=None):
+        d, device = cfg.DETECTION, torch.device(device)
+        image_ids = [im["id"] for im in data.test_set.images]
+        evaluation = COCOEvalHook(distiller.student, test_loader, annotation_path(cfg.DATASET.ROOT, "val"),
+                                  data.category_ids, image_ids, device, d.EVAL_PERIOD)
+        schedule = IterLRSchedule(cfg.SOLVER.LR, d.STEPS, cfg.SOLVER.LR_DECAY_RATE, d.WARMUP_ITERS, d.WARMUP_FACTOR)
+        return [LRScheduleHook(schedule), FiniteGuardHook(device, 0, run_dir), evaluation, DetectionLogHook(),
+                SpeedPlanHook(speed)], evaluation
+
+    def teacher_record(self, cfg):
+        return detection_teacher_record(cfg)
+
+    def result_line(self, summary):
         return (f"best AP {summary['best_AP']:.2f} (epoch {summary['best_epoch']})  last AP {summary['last_AP']:.2f}"
                 f"  AP50 {summary['last_AP50']:.2f}  AP75 {summary['last_AP75']:.2f}")
