@@ -2,9 +2,10 @@
 with whichever mdistiller is first on PYTHONPATH.
 
 tests/test_refactor_equivalence.py runs this once against the code of OLD_SHA (the last commit before the current
-restructuring, architecture step 2) and once against the current tree, then compares what the runs left behind. It uses only the API both
-keep (`load_config`, `train_from_config`) and each tree's own shipped configs, so it measures the engine, not
-this script. Everything else here (collecting and comparing results, the teacher, the fixtures) needs only torch.
+restructuring, architecture step 2) and once against the current tree, then compares what the runs left behind. It
+uses only the API both keep (`load_config`, `train_from_config`) and each tree's own shipped configs, so it measures
+the engine, not this script. Everything else here (collecting and comparing results, the teacher, the fixtures)
+needs only torch.
 
     python tests/equivalence_driver.py OUT_DIR DATA_ROOT TEACHER_CKPT [COCO_ROOT DETECTION_TEACHER]
                                        # PYTHONPATH=<tree>: train the runs (the detection ones with the last two)

@@ -147,7 +147,7 @@ def _build(cfg, seed=0):
     torch.manual_seed(seed)
     student = calibrate(build_model(cfg.DISTILLER.STUDENT, dataset), size, seed + 1)
     teacher = calibrate(build_model(cfg.DISTILLER.TEACHER, dataset), size, seed + 2)
-    distiller = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).from_config(cfg, student, teacher, None)
+    distiller = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE).build(cfg, student, teacher, None)
     torch.manual_seed(seed + 3)
     x = torch.randn(2, 3, size, size)
     y = torch.randint(0, num_classes_for(dataset), (2,))

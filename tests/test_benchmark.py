@@ -108,7 +108,8 @@ def test_phase_clock_times_the_real_step_and_leaves_no_trace(tmp_path, teacher_s
     Which interval goes to which phase is checked with a fake clock: a real one only says the phases happened."""
     for trainer_name in ("vanilla", "dot"):
         timed = tiny_variant("timed", tmp_path, teacher_state, "SOLVER.UPDATE_RULE", trainer_name)
-        plain = tiny_variant("plain", tmp_path, teacher_state, "SOLVER.UPDATE_RULE", trainer_name)  # same initial weights
+        # same initial weights
+        plain = tiny_variant("plain", tmp_path, teacher_state, "SOLVER.UPDATE_RULE", trainer_name)
         distiller, optimizer = timed.trainer.distiller, timed.trainer.optimizer
         hooks_before = hook_count(distiller.student), hook_count(distiller.teacher)
         start = time.perf_counter()

@@ -109,9 +109,9 @@ def test_the_loop_runs_without_any_config():
     student = _Tiny()
     reference = _Tiny()
     reference.load_state_dict(student.state_dict())
-    distiller = _Alone(student)
+    distiller = _Alone(student=student)
     record = _Record()
-    rule = SGDRule(distiller.learnable_parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    rule = SGDRule(params=distiller.learnable_parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
     trainer = Trainer(distiller, distiller.train_forward, _Loader(x, y, 4), rule, [record], max_epochs=2)
     trainer.train()
     # the same two epochs by hand with torch's SGD

@@ -52,7 +52,7 @@ def make_crd(*overrides, targets=TARGETS, seed=0):
     cfg = load_config(None, ["DISTILLER.TYPE", "CRD", "CRD.NCE_K", "8", "CRD.FEAT_DIM", "16", *overrides])
     meta = DatasetMeta("fashion_mnist", 4, 4, len(targets), 0, (0.5,) * 3, (0.25,) * 3, targets)
     torch.manual_seed(seed)
-    return DISTILLER_REGISTRY.get("CRD").from_config(cfg, TinyNet(12), TinyNet(20), meta)
+    return DISTILLER_REGISTRY.get("CRD").build(cfg, TinyNet(12), TinyNet(20), meta)
 
 
 # --- memory update -------------------------------------------------------------------------------------------

@@ -286,7 +286,8 @@ def test_two_processes_equal_one_process(trainer, teacher_file, tmp_path):
     coco = write_sample_coco(str(tmp_path / "coco"), num_train=4, num_val=2, width=64, height=48, same_layout=True)
     args = ["--steps", "2", "--cfg", SAMPLE,
             *tiny(coco, tmp_path, "eq", "DISTILLER.TYPE", "KD++", "DISTILLER.TEACHER", "resnet18",
-                  "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.UPDATE_RULE", trainer, "DETECTION.RANDOM_FLIP", "False",
+                  "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.UPDATE_RULE", trainer,
+                  "DETECTION.RANDOM_FLIP", "False",
                   "DETECTION.RPN_BATCH_SIZE_PER_IMAGE", "100000", "DETECTION.ROI_BATCH_SIZE_PER_IMAGE", "100000",
                   "DETECTION.RPN_POST_NMS_TOPK_TRAIN", "8", "DETECTION.RPN_PRE_NMS_TOPK_TRAIN", "2000",
                   "EXPERIMENT.DEVICE", "cpu")]

@@ -212,7 +212,7 @@ def test_plus_plus_adds_dino_to_the_base_terms_with_one_forward(name, base):
     assert DISTILLER_REGISTRY.resolve(name[:-2]) == (base, False)
     pp, cfg = make(name, "resnet20", "resnet8", "DINO.WEIGHT", "3.0")
     assert type(pp) is base and list(pp.added_terms) == ["dino"]
-    plain = base.from_config(cfg, pp.student, pp.teacher, toy_meta())
+    plain = base.build(cfg, pp.student, pp.teacher, toy_meta())
     assert not hasattr(plain, "added_terms")
     pp.eval(), plain.eval()  # BatchNorm in eval: both distillers see identical student outputs
     means = torch.randn(100, 64)
@@ -293,7 +293,7 @@ def test_registry_names_errors_and_validation():
 
 def _with_dino(distiller, cfg):
     """What the builder does for "X++" (engine.build.build_distiller), for a method outside DISTILLER_REGISTRY."""
-    distiller.add_term("dino", DinoTerm.from_config(cfg, distiller.student, distiller.teacher, 100))
+    distiller.add_term("dino", DinoTerm.build(cfg, distiller.student, distiller.teacher, 100))
     return distiller
 
 
@@ -314,7 +314,7 @@ def test_any_registered_method_gets_a_plus_plus():
     with pytest.raises(ConfigError, match="DISTILLER.TYPE"):  # a second registry does not replace the real one
         load_config(None, ["DISTILLER.TYPE", "TOY"])
     cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TEACHER", "resnet20"])
-    d = Toy.from_config(cfg, build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), toy_meta())
+    d = Toy.build(cfg, build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), toy_meta())
     d = _with_dino(d, cfg).eval()
     means = torch.randn(100, 64)
     dino_term(d).set_class_means(means, torch.ones(100))
@@ -342,12 +342,13 @@ def test_plus_plus_refuses_a_method_without_features_or_with_its_own_dino():
             return StepOutput(logits, {"dino": distill_loss((logits - logits_t).square().mean())}, feats, logits_t,
                               feats_t)
 
-    bare = Bare(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"))
+    bare = Bare(student=build_model("resnet8", "cifar100"), teacher=build_model("resnet20", "cifar100"))
     assert list(bare.train_forward(images, labels, 1).terms) == ["ce"]  # the tuple trains without the term
     _with_dino(bare, cfg)
     with pytest.raises(RuntimeError, match="returned no student features.*StepOutput"):
         bare.train_forward(images, labels, 1)
-    own = _with_dino(OwnDino(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100")), cfg)
+    own = _with_dino(OwnDino(student=build_model("resnet8", "cifar100"),
+                             teacher=build_model("resnet20", "cifar100")), cfg)
     with pytest.raises(RuntimeError, match="OwnDino already returns a loss term named 'dino'"):
         own.train_forward(images, labels, 1)
 

@@ -198,7 +198,7 @@ def test_ddp_leaves_teacher_and_method_state_alone():
     cfg = load_config(os.path.join(FM, "crd", "resnet20_resnet8.yaml"))
     meta = DatasetMeta(name="fashion_mnist", num_classes=10, image_size=32, num_train=40, num_test=0,
                        mean=(0.5,) * 3, std=(0.25,) * 3, train_targets=torch.arange(40) % 10)
-    crd = DISTILLER_REGISTRY.get("CRD").from_config(cfg, build_model("resnet8", "fashion_mnist"),
+    crd = DISTILLER_REGISTRY.get("CRD").build(cfg, build_model("resnet8", "fashion_mnist"),
                                                     build_model("resnet20", "fashion_mnist"), meta)
     ignored = set(_ignored_state(TrainForward(crd)))
     teacher = {f"distiller.{n}" for n in crd.state_dict() if n.startswith("teacher.")}

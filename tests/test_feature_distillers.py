@@ -28,7 +28,7 @@ def make(distiller_type, teacher="resnet20", student="resnet8", dataset="cifar10
     cfg = load_config(None, ["DATASET.TYPE", dataset, "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
                              teacher, "DISTILLER.STUDENT", student, *overrides])
     method = DISTILLER_REGISTRY.get(distiller_type)
-    return method.from_config(cfg, build_model(student, dataset), build_model(teacher, dataset), None)
+    return method.build(cfg, build_model(student, dataset), build_model(teacher, dataset), None)
 
 
 def images(n=4, size=32):

@@ -14,8 +14,8 @@ from mdistiller.utils.errors import ConfigError
 
 def make(hint_layer=2, feat_weight=100.0):
     torch.manual_seed(0)
-    return FitNet(build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), 32, hint_layer, 1.0,
-                  feat_weight)
+    return FitNet(student=build_model("resnet8", "cifar100"), teacher=build_model("resnet20", "cifar100"),
+                  image_size=32, hint_layer=hint_layer, ce_weight=1.0, feat_weight=feat_weight)
 
 
 def images(n=4, seed=1):
@@ -87,7 +87,7 @@ def test_shape_probe_leaves_student_batchnorm_statistics_alone():
     student = build_model("resnet8", "cifar100")
     student.train()
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    FitNet(student, build_model("resnet20", "cifar100"))
+    FitNet(student=student, teacher=build_model("resnet20", "cifar100"))
     assert student.training
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
@@ -108,7 +108,7 @@ def test_regressor_sized_from_the_datasets_image_size():
     assert stage_shape(build_model("resnet8", "cifar100"), 3, 32) == (64, 8, 8)
     cfg = load_config(None, ["DISTILLER.TYPE", "FITNET", "FITNET.HINT_LAYER", "3"])
     s, t = build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100")
-    d = FitNet.from_config(cfg, s, t, SimpleNamespace(image_size=64))
+    d = FitNet.build(cfg, s, t, SimpleNamespace(image_size=64))
     assert tuple(d.regressor.conv.kernel_size) == (1, 1) and d.hint_layer == 3
     x = torch.randn(2, 3, 64, 64)
     assert d.regressor(d.student(x)[1]["feats"][3]).shape == d.teacher(x)[1]["feats"][3].shape == (2, 64, 16, 16)

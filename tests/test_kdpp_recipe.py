@@ -125,7 +125,7 @@ def test_nesterov_update_equals_the_formula_by_hand():
         cfg = load_config(None, ["DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", "resnet8", "SOLVER.LR", str(lr),
                                  "SOLVER.WEIGHT_DECAY", str(wd), "SOLVER.NESTEROV", str(nesterov)])
         p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
-        rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").from_config(cfg, [p], "cpu",
+        rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").build(cfg, [p], "cpu",
                                                                                           fp16=False)
         assert isinstance(rule, SGDRule) and rule.optimizer.param_groups[0]["nesterov"] is nesterov
         expected, v = [1.0, -2.0, 0.5], [0.0, 0.0, 0.0]

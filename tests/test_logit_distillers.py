@@ -76,7 +76,7 @@ def make(distiller_type, *overrides, dataset="cifar100"):
     cfg = load_config(None, ["DATASET.TYPE", dataset, "DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER",
                              "resnet20", "DISTILLER.STUDENT", "resnet8", *overrides])
     student, teacher = build_model("resnet8", dataset), build_model("resnet20", dataset)
-    return DISTILLER_REGISTRY.get(distiller_type).from_config(cfg, student, teacher, None).double(), cfg
+    return DISTILLER_REGISTRY.get(distiller_type).build(cfg, student, teacher, None).double(), cfg
 
 
 def images(n=4):

@@ -19,7 +19,7 @@ from mdistiller.utils.errors import ConfigError
 def make(teacher="resnet20", student="resnet8", *overrides):
     cfg = load_config(None, ["DISTILLER.TYPE", "OFD", "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
                              *overrides])
-    return OFD.from_config(cfg, build_model(student, "cifar100"), build_model(teacher, "cifar100"), None)
+    return OFD.build(cfg, build_model(student, "cifar100"), build_model(teacher, "cifar100"), None)
 
 
 def conditional_negative_mean(mu, sigma):
@@ -79,7 +79,7 @@ def test_ofd_loss_stage_weights_and_margins_from_the_teacher():
         for bn in teacher.bn_before_relu():
             bn.weight.uniform_(0.2, 2.0)
             bn.bias.uniform_(-1.0, 1.0)
-    d = OFD(d.student, teacher)
+    d = OFD(student=d.student, teacher=teacher)
     images = torch.randn(2, 3, 32, 32)
     _, fs = d.student(images)
     _, ft = d.teacher(images)
@@ -162,4 +162,4 @@ def test_bad_config_values(overrides, key):
 
 def test_shufflenet_teacher_is_refused():
     with pytest.raises(ConfigError, match="DISTILLER.TEACHER"):
-        OFD(build_model("resnet8", "cifar100"), build_model("ShuffleV1", "cifar100"))
+        OFD(student=build_model("resnet8", "cifar100"), teacher=build_model("ShuffleV1", "cifar100"))

@@ -55,7 +55,7 @@ def test_readme_distiller_example_trains(fitnet):
     cfg = fitnet_config()
     assert cfg.MYFITNET.HINT_WEIGHT == 50.0
     torch.manual_seed(0)
-    distiller = fitnet.from_config(cfg, build_model("resnet8", "fashion_mnist"), build_model("resnet20", "fashion_mnist"),
+    distiller = fitnet.build(cfg, build_model("resnet8", "fashion_mnist"), build_model("resnet20", "fashion_mnist"),
                                    META)
     assert distiller.hint_weight == 50.0
     # The connector is learnable and checkpointed without any code outside the example.

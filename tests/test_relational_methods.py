@@ -19,7 +19,7 @@ from mdistiller.utils.errors import ConfigError
 def make(method, *overrides):
     torch.manual_seed(0)
     cfg = load_config(None, ["DISTILLER.TYPE", method, *overrides])
-    return DISTILLER_REGISTRY.get(method).from_config(
+    return DISTILLER_REGISTRY.get(method).build(
         cfg, build_model("resnet8", "cifar100"), build_model("resnet20", "cifar100"), None)
 
 

@@ -14,7 +14,7 @@ from mdistiller.utils.errors import ConfigError
 def make(teacher="resnet20", student="resnet8", *overrides):
     cfg = load_config(None, ["DISTILLER.TYPE", "SRRL", "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
                              *overrides])
-    return SRRL.from_config(cfg, build_model(student, "cifar100"), build_model(teacher, "cifar100"), None)
+    return SRRL.build(cfg, build_model(student, "cifar100"), build_model(teacher, "cifar100"), None)
 
 
 def test_losses_by_loops():

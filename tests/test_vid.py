@@ -16,7 +16,7 @@ def make(*overrides, teacher="resnet20", student="resnet8"):
     cfg = load_config(None, ["DISTILLER.TYPE", "VID", "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
                              *overrides])
     torch.manual_seed(0)
-    return DISTILLER_REGISTRY.get("VID").from_config(cfg, build_model(student, "cifar100"),
+    return DISTILLER_REGISTRY.get("VID").build(cfg, build_model(student, "cifar100"),
                                                      build_model(teacher, "cifar100"), None)
 
 

@@ -140,7 +140,7 @@ def distiller_pair(distiller_type, teacher, student, cfg_file=None, overrides=()
     cfg = load_config(cfg_file, ["DISTILLER.TYPE", distiller_type, "DISTILLER.TEACHER", teacher,
                                  "DISTILLER.STUDENT", student, *overrides])
     s, t = randomized(student, seed=1), randomized(teacher, seed=2)
-    distiller = DISTILLER_REGISTRY.get(distiller_type).from_config(cfg, s, t, None).double()
+    distiller = DISTILLER_REGISTRY.get(distiller_type).build(cfg, s, t, None).double()
     distiller.train()
     return distiller, cfg, depth_k, copy.deepcopy(s.state_dict()), copy.deepcopy(t.state_dict())
 

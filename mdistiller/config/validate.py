@@ -52,7 +52,8 @@ def validate_tree(cfg):
     for key, value in _leaves(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {key}: must be a finite number, got {value}")
-        if is_loss_weight(key, declared) and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and value < 0 and is_loss_weight(key, declared):
             raise ConfigError(f"config key {key}: a loss weight must be >= 0 (0 turns the term off), got {value}")
 
 

@@ -93,14 +93,14 @@ def check_defined(pairs, p):
 class AT(Distiller):
     ramped_terms = ("at",)
 
-    def __init__(self, student, teacher, p=2.0, pairing="shallowest", ce_weight=1.0, feat_weight=1000.0):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, p=2.0, pairing="shallowest", ce_weight=1.0, feat_weight=1000.0):
+        super().__init__(student=student, teacher=teacher)
         self.p, self.pairing, self.ce_weight, self.feat_weight = p, pairing, ce_weight, feat_weight
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.AT
-        return cls(student, teacher, c.P, c.PAIRING, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"p": c.P, "pairing": c.PAIRING, "ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     @classmethod
     def validate_config(cls, cfg):

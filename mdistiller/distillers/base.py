@@ -5,8 +5,9 @@ submodules, so the optimizer picks up their parameters and checkpoints save them
 about any particular method. The teacher is a `FrozenTeacher` (models/frozen.py), which owns how it runs; it is
 excluded from the optimizer and from checkpoints (restored from its own file).
 
-A method is built `from_config(cfg, student, teacher, data)`, which reads its own config section and passes
-plain keyword arguments to `__init__`. Its `forward_train` returns a `StepOutput`; the builder may add loss
+A method takes keyword arguments only; `from_config(cfg, data)` reads its own config section and returns them, and
+`build(cfg, student, teacher, data)` makes the method a run trains, so tests and library users can build one
+without a config. Its `forward_train` returns a `StepOutput`; the builder may add loss
 terms to any method (`add_term`: the dino term of "X++") and a loss-weight ramp (`loss_ramp`), which
 `train_forward` applies, so no method has to remember them.
 """
@@ -25,8 +26,9 @@ class Distiller(nn.Module):
     #: "SECTION.KEY" -> term: the method's own ramp of a term, which must not be combined with LOSS_RAMP's
     own_ramp_keys = {}
 
-    def __init__(self, student, teacher=None):
-        """`teacher`: a FrozenTeacher, or a model (frozen here), or None."""
+    def __init__(self, *, student, teacher=None):
+        """`teacher`: a FrozenTeacher, or a model (frozen here), or None. Subclasses take their hyper-parameters as
+        keyword arguments too, so a call says which number is which."""
         super().__init__()
         self.student = student
         if teacher is not None and not isinstance(teacher, FrozenTeacher):
@@ -35,10 +37,15 @@ class Distiller(nn.Module):
         self.loss_ramp = None  # a loss_ramp.LossRamp, set by the builder when LOSS_RAMP is on
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
-        """The method for this run: `data` is the training set's DatasetMeta (num_train, num_classes,
-        train_targets). Methods with hyper-parameters read their section here."""
-        return cls(student, teacher)
+    def from_config(cls, cfg, data):
+        """The keyword arguments of `__init__` besides the models, read from this method's config section; `data`
+        is the training set's DatasetMeta (num_train, num_classes, image_size, train_targets)."""
+        return {}
+
+    @classmethod
+    def build(cls, cfg, student, teacher, data):
+        """The method a run with `cfg` trains, on these models."""
+        return cls(student=student, teacher=teacher, **cls.from_config(cfg, data))
 
     @classmethod
     def validate_config(cls, cfg):

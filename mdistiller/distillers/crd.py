@@ -64,22 +64,23 @@ class CRD(Distiller):
         if c.FEAT_DIM <= 0:
             raise ConfigError(f"config key CRD.FEAT_DIM: embedding size must be > 0, got {c.FEAT_DIM}")
 
-    def __init__(self, student, teacher, train_targets, feat_dim=128, nce_k=16384, nce_t=0.07, nce_momentum=0.5,
+    def __init__(self, *, student, teacher, train_targets, feat_dim=128, nce_k=16384, nce_t=0.07, nce_momentum=0.5,
                  mode="exact", neg_replace=False, ce_weight=1.0, feat_weight=0.8):
         """`train_targets`: the labels of the training set in dataset-index order (the memory bank's rows)."""
-        super().__init__(student, teacher)
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.feat_weight = ce_weight, feat_weight
         self.embed_s = Embed(student.feat_dim, feat_dim)
         self.embed_t = Embed(self.teacher.feat_dim, feat_dim)
         self.memory = ContrastMemory(feat_dim, train_targets, nce_k, nce_t, nce_momentum, mode, neg_replace)
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         if len(data.train_targets) != data.num_train:
             raise ValueError(f"train_targets has {len(data.train_targets)} labels, num_train is {data.num_train}")
         c = cfg.CRD
-        return cls(student, teacher, data.train_targets, c.FEAT_DIM, c.NCE_K, c.NCE_T, c.NCE_MOMENTUM, c.MODE,
-                   c.NEG_REPLACE, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"train_targets": data.train_targets, "feat_dim": c.FEAT_DIM, "nce_k": c.NCE_K, "nce_t": c.NCE_T,
+                "nce_momentum": c.NCE_MOMENTUM, "mode": c.MODE, "neg_replace": c.NEG_REPLACE,
+                "ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     def embeddings(self, feats, feats_t):
         """(student embedding, teacher embedding); the teacher's head sees constant features."""

@@ -83,19 +83,20 @@ class GlobalTemperature(nn.Module):
 class CTKD(Distiller):
     ramped_terms = ("kd",)
 
-    def __init__(self, student, teacher, ce_weight=0.1, kd_weight=0.9, t_min=1.0, t_range=20.0, t_init=1.0,
+    def __init__(self, *, student, teacher, ce_weight=0.1, kd_weight=0.9, t_min=1.0, t_range=20.0, t_init=1.0,
                  lambda_min=0.0, lambda_max=1.0, lambda_epochs=10, logit_standardize=False):
-        super().__init__(student, teacher)
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.lambda_min, self.lambda_max, self.lambda_epochs = lambda_min, lambda_max, lambda_epochs
         self.logit_standardize = logit_standardize
         self.temperature = GlobalTemperature(t_min, t_range, t_init)
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.CTKD
-        return cls(student, teacher, c.CE_WEIGHT, c.KD_WEIGHT, c.TEMP.MIN, c.TEMP.RANGE, c.TEMP.INIT,
-                   c.LAMBDA.MIN, c.LAMBDA.MAX, c.LAMBDA.EPOCHS, c.LOGIT_STANDARDIZE)
+        return {"ce_weight": c.CE_WEIGHT, "kd_weight": c.KD_WEIGHT, "t_min": c.TEMP.MIN, "t_range": c.TEMP.RANGE,
+                "t_init": c.TEMP.INIT, "lambda_min": c.LAMBDA.MIN, "lambda_max": c.LAMBDA.MAX,
+                "lambda_epochs": c.LAMBDA.EPOCHS, "logit_standardize": c.LOGIT_STANDARDIZE}
 
     @classmethod
     def validate_config(cls, cfg):

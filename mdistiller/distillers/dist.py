@@ -53,14 +53,14 @@ def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
 class DIST(Distiller):
     ramped_terms = ("dist",)
 
-    def __init__(self, student, teacher, ce_weight=1.0, beta=2.0, gamma=2.0, tau=4.0):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, ce_weight=1.0, beta=2.0, gamma=2.0, tau=4.0):
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.beta, self.gamma, self.tau = ce_weight, beta, gamma, tau
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.DIST
-        return cls(student, teacher, c.CE_WEIGHT, c.BETA, c.GAMMA, c.TAU)
+        return {"ce_weight": c.CE_WEIGHT, "beta": c.BETA, "gamma": c.GAMMA, "tau": c.TAU}
 
     @classmethod
     def validate_config(cls, cfg):

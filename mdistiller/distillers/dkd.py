@@ -69,16 +69,17 @@ class DKD(Distiller):
     ramped_terms = ("dkd",)
     own_ramp_keys = {"DKD.WARMUP": "dkd"}
 
-    def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup=20,
+    def __init__(self, *, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup=20,
                  logit_standardize=False):
-        super().__init__(student, teacher)
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.alpha, self.beta, self.temperature = ce_weight, alpha, beta, temperature
         self.warmup, self.logit_standardize = warmup, logit_standardize
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.DKD
-        return cls(student, teacher, c.CE_WEIGHT, c.ALPHA, c.BETA, c.T, c.WARMUP, c.LOGIT_STANDARDIZE)
+        return {"ce_weight": c.CE_WEIGHT, "alpha": c.ALPHA, "beta": c.BETA, "temperature": c.T, "warmup": c.WARMUP,
+                "logit_standardize": c.LOGIT_STANDARDIZE}
 
     @classmethod
     def validate_config(cls, cfg):

@@ -12,15 +12,15 @@ class FeatureLossMethod(Distiller):
     section = ""
     default_feat_weight = 1.0
 
-    def __init__(self, student, teacher, ce_weight=1.0, feat_weight=None):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, ce_weight=1.0, feat_weight=None):
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight = ce_weight
         self.feat_weight = self.default_feat_weight if feat_weight is None else feat_weight
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg[cls.section]
-        return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     def feature_loss(self, features, features_t):
         raise NotImplementedError

@@ -78,8 +78,8 @@ def hint_loss(student_map, teacher_map):
 class FitNet(Distiller):
     ramped_terms = ("fitnet",)
 
-    def __init__(self, student, teacher, image_size=32, hint_layer=2, ce_weight=1.0, feat_weight=100.0):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, image_size=32, hint_layer=2, ce_weight=1.0, feat_weight=100.0):
+        super().__init__(student=student, teacher=teacher)
         n_s, n_t = len(student.stage_channels()), len(self.teacher.stage_channels())
         if not 0 <= hint_layer < min(n_s, n_t):
             raise ConfigError(f"config key FITNET.HINT_LAYER: {hint_layer} is not a stage of both networks "
@@ -89,10 +89,11 @@ class FitNet(Distiller):
                                        stage_shape(self.teacher.model, hint_layer, image_size))
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.FITNET
         image_size = data.image_size if data is not None else 32
-        return cls(student, teacher, image_size, c.HINT_LAYER, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"image_size": image_size, "hint_layer": c.HINT_LAYER, "ce_weight": c.LOSS.CE_WEIGHT,
+                "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     @classmethod
     def validate_config(cls, cfg):

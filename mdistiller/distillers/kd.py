@@ -28,15 +28,16 @@ _cfg.LOGIT_STANDARDIZE = False  # LSKD: z-score both models' logits before the t
 class KD(Distiller):
     ramped_terms = ("kd",)
 
-    def __init__(self, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9, logit_standardize=False):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9, logit_standardize=False):
+        super().__init__(student=student, teacher=teacher)
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
         self.logit_standardize = logit_standardize
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.KD
-        return cls(student, teacher, c.TEMPERATURE, c.LOSS.CE_WEIGHT, c.LOSS.KD_WEIGHT, c.LOGIT_STANDARDIZE)
+        return {"temperature": c.TEMPERATURE, "ce_weight": c.LOSS.CE_WEIGHT, "kd_weight": c.LOSS.KD_WEIGHT,
+                "logit_standardize": c.LOGIT_STANDARDIZE}
 
     @classmethod
     def validate_config(cls, cfg):

@@ -112,14 +112,14 @@ def kdsvd_loss(feats_student, feats_teacher, k=1):
 class KDSVD(Distiller):
     ramped_terms = ("kdsvd",)
 
-    def __init__(self, student, teacher, k=1, ce_weight=1.0, feat_weight=1.0):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, k=1, ce_weight=1.0, feat_weight=1.0):
+        super().__init__(student=student, teacher=teacher)
         self.k, self.ce_weight, self.feat_weight = k, ce_weight, feat_weight
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.KDSVD
-        return cls(student, teacher, c.K, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"k": c.K, "ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     @classmethod
     def validate_config(cls, cfg):

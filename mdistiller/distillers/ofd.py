@@ -92,8 +92,8 @@ def deepest(items, n):
 class OFD(Distiller):
     ramped_terms = ("ofd",)
 
-    def __init__(self, student, teacher, kernel_size=1, ce_weight=1.0, feat_weight=0.001):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, kernel_size=1, ce_weight=1.0, feat_weight=0.001):
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.feat_weight = ce_weight, feat_weight
         s_channels, t_channels = student.stage_channels()[1:], self.teacher.stage_channels()[1:]
         try:
@@ -112,9 +112,10 @@ class OFD(Distiller):
             self.register_buffer(f"margin_{i}", bn_margin(bn), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.OFD
-        return cls(student, teacher, c.CONNECTOR.KERNEL_SIZE, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"kernel_size": c.CONNECTOR.KERNEL_SIZE, "ce_weight": c.LOSS.CE_WEIGHT,
+                "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     @classmethod
     def validate_config(cls, cfg):

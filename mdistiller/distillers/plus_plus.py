@@ -107,7 +107,7 @@ def init_linears(modules, kind):
 class DinoTerm(nn.Module):
     """DINO.WEIGHT * dino, a distillation term added to any teacher-based method; see the module docstring."""
 
-    def __init__(self, student_dim, teacher_dim, num_classes, weight=2.0, projector="bn_dropout_linear",
+    def __init__(self, *, student_dim, teacher_dim, num_classes, weight=2.0, projector="bn_dropout_linear",
                  norm_margin=0.0, class_balanced=False):
         super().__init__()
         self.weight, self.norm_margin, self.class_balanced = weight, norm_margin, class_balanced
@@ -118,13 +118,19 @@ class DinoTerm(nn.Module):
         self._ready_checked = False
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, num_classes):
+    def from_config(cls, cfg):
+        """The keyword arguments DINO gives (the sizes come from the models: `build`)."""
+        d = cfg.DINO
+        return {"weight": d.WEIGHT, "projector": d.PROJECTOR, "norm_margin": d.NORM_MARGIN,
+                "class_balanced": d.CLASS_BALANCED}
+
+    @classmethod
+    def build(cls, cfg, student, teacher, num_classes):
         """The term for this student/teacher pair; re-initialises the student's Linear layers as DINO.LINEAR_INIT
         says (the authors' student wrapper does it when it adds the projector)."""
-        d = cfg.DINO
-        term = cls(student.feat_dim, teacher.feat_dim, num_classes, weight=d.WEIGHT, projector=d.PROJECTOR,
-                   norm_margin=d.NORM_MARGIN, class_balanced=d.CLASS_BALANCED)
-        init_linears((student, term.projector), d.LINEAR_INIT)
+        term = cls(student_dim=student.feat_dim, teacher_dim=teacher.feat_dim, num_classes=num_classes,
+                   **cls.from_config(cfg))
+        init_linears((student, term.projector), cfg.DINO.LINEAR_INIT)
         return term
 
     @staticmethod

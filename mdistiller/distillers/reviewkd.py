@@ -117,9 +117,9 @@ class ReviewKD(Distiller):
     ramped_terms = ("reviewkd",)
     own_ramp_keys = {"REVIEWKD.WARMUP_EPOCHS": "reviewkd"}
 
-    def __init__(self, student, teacher, ce_weight=1.0, reviewkd_weight=1.0, warmup_epochs=20, max_mid_channel=512,
+    def __init__(self, *, student, teacher, ce_weight=1.0, reviewkd_weight=1.0, warmup_epochs=20, max_mid_channel=512,
                  stu_preact=False):
-        super().__init__(student, teacher)
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.reviewkd_weight, self.warmup_epochs = ce_weight, reviewkd_weight, warmup_epochs
         self.stu_preact = stu_preact
         for role, model in (("STUDENT", student), ("TEACHER", self.teacher.model)):
@@ -134,10 +134,10 @@ class ReviewKD(Distiller):
         self.fusion = ReviewFusion(c_s, c_t, mid)
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.REVIEWKD
-        return cls(student, teacher, c.LOSS.CE_WEIGHT, c.LOSS.REVIEWKD_WEIGHT, c.WARMUP_EPOCHS, c.MAX_MID_CHANNEL,
-                   c.STU_PREACT)
+        return {"ce_weight": c.LOSS.CE_WEIGHT, "reviewkd_weight": c.LOSS.REVIEWKD_WEIGHT,
+                "warmup_epochs": c.WARMUP_EPOCHS, "max_mid_channel": c.MAX_MID_CHANNEL, "stu_preact": c.STU_PREACT}
 
     @classmethod
     def validate_config(cls, cfg):

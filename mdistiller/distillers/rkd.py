@@ -73,17 +73,17 @@ def rkd_loss(f_s, f_t, squared=False, eps=1e-12, distance_weight=25.0, angle_wei
 class RKD(Distiller):
     ramped_terms = ("rkd",)
 
-    def __init__(self, student, teacher, distance_weight=25.0, angle_weight=50.0, ce_weight=1.0, feat_weight=1.0,
+    def __init__(self, *, student, teacher, distance_weight=25.0, angle_weight=50.0, ce_weight=1.0, feat_weight=1.0,
                  eps=1e-12, squared=False):
-        super().__init__(student, teacher)
+        super().__init__(student=student, teacher=teacher)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
         self.ce_weight, self.feat_weight, self.eps, self.squared = ce_weight, feat_weight, eps, squared
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.RKD
-        return cls(student, teacher, c.DISTANCE_WEIGHT, c.ANGLE_WEIGHT, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT,
-                   c.PDIST.EPSILON, c.PDIST.SQUARED)
+        return {"distance_weight": c.DISTANCE_WEIGHT, "angle_weight": c.ANGLE_WEIGHT, "ce_weight": c.LOSS.CE_WEIGHT,
+                "feat_weight": c.LOSS.FEAT_WEIGHT, "eps": c.PDIST.EPSILON, "squared": c.PDIST.SQUARED}
 
     @classmethod
     def validate_config(cls, cfg):

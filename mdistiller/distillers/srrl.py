@@ -73,8 +73,8 @@ def connector(s_channels, t_channels):
 class SRRL(Distiller):
     ramped_terms = ("fm", "sr")
 
-    def __init__(self, student, teacher, ce_weight=1.0, fm_weight=1.0, sr_weight=1.0):
-        super().__init__(student, teacher)
+    def __init__(self, *, student, teacher, ce_weight=1.0, fm_weight=1.0, sr_weight=1.0):
+        super().__init__(student=student, teacher=teacher)
         self.ce_weight, self.fm_weight, self.sr_weight = ce_weight, fm_weight, sr_weight
         self.connector = connector(student.stage_channels()[-1], self.teacher.feat_dim)
         fc = teacher_linear(self.teacher.model)
@@ -84,9 +84,9 @@ class SRRL(Distiller):
         self.register_buffer("teacher_fc_bias", bias, persistent=False)
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.SRRL.LOSS
-        return cls(student, teacher, c.CE_WEIGHT, c.FM_WEIGHT, c.SR_WEIGHT)
+        return {"ce_weight": c.CE_WEIGHT, "fm_weight": c.FM_WEIGHT, "sr_weight": c.SR_WEIGHT}
 
     def srrl_losses(self, feat_student, pooled_teacher, logits_teacher):
         """(feature matching, softmax regression) from the student's last map and the teacher's outputs."""

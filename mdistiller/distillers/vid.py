@@ -66,9 +66,9 @@ def gaussian_nll(pred_mean, alpha, target, eps=1e-5):
 class VID(Distiller):
     ramped_terms = ("vid",)
 
-    def __init__(self, student, teacher, eps=1e-5, init_pred_var=5.0, learn_variance=True, ce_weight=1.0,
+    def __init__(self, *, student, teacher, eps=1e-5, init_pred_var=5.0, learn_variance=True, ce_weight=1.0,
                  feat_weight=1.0):
-        super().__init__(student, teacher)
+        super().__init__(student=student, teacher=teacher)
         self.eps, self.ce_weight, self.feat_weight = eps, ce_weight, feat_weight
         pairs = list(zip(student.stage_channels()[1:], self.teacher.stage_channels()[1:]))
         self.regressors = nn.ModuleList([vid_regressor(s, t) for s, t in pairs])
@@ -78,9 +78,10 @@ class VID(Distiller):
                                             for _, t in pairs])
 
     @classmethod
-    def from_config(cls, cfg, student, teacher, data):
+    def from_config(cls, cfg, data):
         c = cfg.VID
-        return cls(student, teacher, c.EPS, c.INIT_PRED_VAR, c.LEARN_VARIANCE, c.LOSS.CE_WEIGHT, c.LOSS.FEAT_WEIGHT)
+        return {"eps": c.EPS, "init_pred_var": c.INIT_PRED_VAR, "learn_variance": c.LEARN_VARIANCE,
+                "ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT}
 
     @classmethod
     def validate_config(cls, cfg):

@@ -62,7 +62,7 @@ def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None, r
     task.prepare(cfg, distiller, data, device, speed=speed, run_dir=run_dir, bundle=bundle,
                  teacher_state=teacher_state, monitor_teacher=monitor_teacher)
     model = wrap_for_training(distiller, device, cfg.DISTRIBUTED.SYNC_BN, cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
-    rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").from_config(
+    rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").build(
         cfg, distiller.learnable_parameters(), device, fp16=speed.needs_scaler)
     hooks, evaluation = task.hooks(cfg, distiller, test_loader, data=data, speed=speed, device=device,
                                    run_dir=run_dir, monitor_teacher=monitor_teacher)

@@ -55,9 +55,9 @@ def build_distiller(cfg, data, device, teacher_state=None):
             monitor = FrozenTeacher(_load_teacher(cfg, data, teacher_state)).to(device)
         except CheckpointError as e:
             logger.warning("LOG.MONITOR_TEACHER: %s; training without monitor/kl", e)
-    distiller = method.from_config(cfg, student, frozen, data)
+    distiller = method.build(cfg, student, frozen, data)
     if plus_plus:
-        distiller.add_term("dino", DinoTerm.from_config(cfg, student, distiller.teacher, data.num_classes))
+        distiller.add_term("dino", DinoTerm.build(cfg, student, distiller.teacher, data.num_classes))
     distiller.loss_ramp = LossRamp.from_config(cfg, method)
     return distiller.to(device), monitor
 

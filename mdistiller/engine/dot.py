@@ -78,7 +78,7 @@ def batched_grads(task, distill, params):
 
 @UPDATE_RULE_REGISTRY.register("dot")
 class DOTRule(UpdateRule):
-    def __init__(self, params, lr, momentum, delta, weight_decay, grad_mode="two_pass", log_cosine=False,
+    def __init__(self, *, params, lr, momentum, delta, weight_decay, grad_mode="two_pass", log_cosine=False,
                  scaler=None):
         self.optimizer = DOTOptimizer(params, lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay)
         self._grads = two_pass_grads if grad_mode == "two_pass" else batched_grads
@@ -86,10 +86,11 @@ class DOTRule(UpdateRule):
         self.scaler = scaler
 
     @classmethod
-    def from_config(cls, cfg, params, device, fp16):
+    def from_config(cls, cfg, device, fp16):
         s = cfg.SOLVER
-        return cls(params, s.LR, s.MOMENTUM, s.DOT.DELTA, s.WEIGHT_DECAY, s.DOT.GRAD_MODE, s.DOT.LOG_COSINE,
-                   LossScaler(device) if fp16 else None)
+        return {"lr": s.LR, "momentum": s.MOMENTUM, "delta": s.DOT.DELTA, "weight_decay": s.WEIGHT_DECAY,
+                "grad_mode": s.DOT.GRAD_MODE, "log_cosine": s.DOT.LOG_COSINE,
+                "scaler": LossScaler(device) if fp16 else None}
 
     @classmethod
     def validate_config(cls, cfg):

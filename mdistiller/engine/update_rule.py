@@ -26,8 +26,15 @@ class UpdateRule:
     scaler = None
 
     @classmethod
-    def from_config(cls, cfg, params, device, fp16):
+    def from_config(cls, cfg, device, fp16):
+        """The keyword arguments of `__init__` besides `params`, from SOLVER (and the rule's own section);
+        `fp16`: the run trains under fp16 autocast, so the rule needs a loss scaler on `device`."""
         raise NotImplementedError
+
+    @classmethod
+    def build(cls, cfg, params, device, fp16):
+        """The rule a run with `cfg` uses for `params`."""
+        return cls(params=params, **cls.from_config(cfg, device, fp16))
 
     @classmethod
     def validate_config(cls, cfg):
@@ -72,16 +79,17 @@ class SGDRule(UpdateRule):
     """SGD with momentum (optionally Nesterov) on the sum of all loss terms; fp16 through torch's GradScaler. Under
     DDP the backward averages the gradients over the ranks."""
 
-    def __init__(self, params, lr, momentum, weight_decay, nesterov=False, scaler=None):
+    def __init__(self, *, params, lr, momentum, weight_decay, nesterov=False, scaler=None):
         self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                          nesterov=nesterov)
         self.scaler = scaler
 
     @classmethod
-    def from_config(cls, cfg, params, device, fp16):
+    def from_config(cls, cfg, device, fp16):
         s = cfg.SOLVER
         scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
-        return cls(params, s.LR, s.MOMENTUM, s.WEIGHT_DECAY, s.NESTEROV, scaler)
+        return {"lr": s.LR, "momentum": s.MOMENTUM, "weight_decay": s.WEIGHT_DECAY, "nesterov": s.NESTEROV,
+                "scaler": scaler}
 
     def apply(self, losses):
         loss = losses["total"]
