@@ -129,3 +129,65 @@ def test_the_loop_runs_without_any_config():
     assert [r["epoch"] for r in record.epochs] == [1, 2] and trainer.global_step == 4
     assert record.epochs[0]["train_loss"] == pytest.approx(sum(losses[:2]) / 2, rel=1e-6)  # float32 sums
     assert record.epochs[0]["test_top1"] == 0.0
+
+
+class _Counter(HookBase):
+    """A hook with state: how many steps it saw."""
+
+    state_key = "counter"
+
+    def __init__(self):
+        self.steps = 0
+
+    def after_step(self, step):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def _tiny_trainer(hooks):
+    torch.manual_seed(0)
+    distiller = _Alone(student=_Tiny())
+    rule = SGDRule(params=distiller.learnable_parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    return Trainer(distiller, distiller.train_forward, _Loader(torch.randn(8, 3), torch.tensor([0, 1] * 4), 4), rule,
+                   hooks, max_epochs=1)
+
+
+def test_hook_state_sits_under_hooks_and_the_flat_layout_still_loads():
+    """A hook's state is the checkpoint's hooks[<state_key>], nothing at the top level; a checkpoint of the older
+    flat layout (the hook's keys at the top level) restores it too."""
+    trainer = _tiny_trainer([_Counter()])
+    trainer.train()
+    state = trainer.state_dict()
+    assert state["hooks"] == {"counter": {"steps": 2}} and "steps" not in state
+    fresh = _Counter()
+    _tiny_trainer([fresh]).load_state_dict(state)
+    assert fresh.steps == 2
+    flat = {k: v for k, v in state.items() if k != "hooks"}
+    flat["steps"] = 5
+    older = _Counter()
+    _tiny_trainer([older]).load_state_dict(flat)
+    assert older.steps == 5
+    with pytest.raises(RuntimeError, match="two hooks save their state under 'counter'"):
+        _tiny_trainer([_Counter(), _Counter()]).state_dict()
+
+
+def test_hooks_do_not_keep_their_trainer_alive():
+    """Hooks reach the trainer through a weak reference: dropping the trainer frees it (no cycle to collect)."""
+    import gc
+    import weakref
+
+    hook = _Counter()
+    trainer = _tiny_trainer([hook])
+    assert hook.trainer is trainer
+    ref = weakref.ref(trainer)
+    gc.disable()  # freed by reference counting alone, not by the cycle collector
+    try:
+        del trainer
+        assert ref() is None and hook.trainer is None
+    finally:
+        gc.enable()

@@ -181,14 +181,14 @@ def test_ground_truth_as_detections_scores_ap_100(coco):
     from mdistiller.detection.loader import test_loader
 
     ds = CocoDetection(coco, "val", DetectionTransform((100,), 200))  # resized: boxes must be mapped back
-    hook = COCOEvalHook(Perfect(ds), test_loader(ds, 2), annotation_path(coco, "val"), ds.category_ids,
-                        [im["id"] for im in ds.images], "cpu")
+    hook = COCOEvalHook(student=Perfect(ds), loader=test_loader(ds, 2), annotations=annotation_path(coco, "val"),
+                        category_ids=ds.category_ids, image_ids=[im["id"] for im in ds.images], device="cpu")
     result = hook.evaluate()
     assert result["AP"] == pytest.approx(100.0) and result["AP50"] == pytest.approx(100.0)
 
 
 def test_lr_is_detectron2_warmup_multistep():
-    s = IterLRSchedule(0.02, [60000, 80000], 0.1, warmup_iters=1000, warmup_factor=0.001)
+    s = IterLRSchedule(lr=0.02, steps=[60000, 80000], gamma=0.1, warmup_iters=1000, warmup_factor=0.001)
     assert s.at(0) == pytest.approx(0.02 * 0.001)
     assert s.at(500) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
     assert s.at(1000) == pytest.approx(0.02)

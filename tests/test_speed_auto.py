@@ -114,7 +114,8 @@ def test_resume_on_a_machine_that_decides_otherwise_keeps_the_plan(cpu, tmp_path
     straight = train_from_config(small_cfg(tmp_path, *auto, name="straight"))
     with pytest.raises(KeyboardInterrupt):
         train_from_config(small_cfg(tmp_path, *auto, name="moved"), extra_hooks=[CrashAfterEpoch(1)])
-    assert torch.load(tmp_path / "moved" / "latest.pth", weights_only=False)["speed"]["amp"] == "bf16"
+    saved = torch.load(tmp_path / "moved" / "latest.pth", weights_only=False)
+    assert saved["hooks"]["speed_plan"]["speed"]["amp"] == "bf16"
     cpu(amx=False, avx512_bf16=False)
     resumed = train_from_config(small_cfg(tmp_path, *auto, name="moved"), resume=True)
     assert resumed["speed"]["amp"] == "bf16"

@@ -9,7 +9,7 @@ import torch
 from ..engine.hooks import HookBase
 from ..utils import distributed
 from .coco_eval import METRICS, evaluate
-from .data import to_original
+from .data import annotation_path, to_original
 
 logger = logging.getLogger("mdistiller")
 
@@ -18,9 +18,15 @@ class IterLRSchedule:
     """LR of global iteration i (0-based): lr x gamma^(number of steps <= i), times a linear warm-up factor
     f + (1 - f) i / warmup_iters for i < warmup_iters (Detectron2's WarmupMultiStepLR, "linear")."""
 
-    def __init__(self, lr, steps, gamma, warmup_iters=0, warmup_factor=0.001):
+    def __init__(self, *, lr, steps, gamma, warmup_iters=0, warmup_factor=0.001):
         self.lr, self.steps, self.gamma = lr, tuple(steps), gamma
         self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.DETECTION
+        return {"lr": cfg.SOLVER.LR, "steps": d.STEPS, "gamma": cfg.SOLVER.LR_DECAY_RATE,
+                "warmup_iters": d.WARMUP_ITERS, "warmup_factor": d.WARMUP_FACTOR}
 
     def at(self, i):
         lr = self.lr * self.gamma ** bisect.bisect_right(self.steps, i)
@@ -52,13 +58,20 @@ class COCOEvalHook(HookBase):
     shard of the test split, rank 0 scores all of them and every rank gets the result. Keeps the best and the last;
     the record gets test_AP, test_AP50, ... (nan where an area range has no ground truth, as in Detectron2)."""
 
+    state_key = "evaluation"
     metric = "AP"
 
-    def __init__(self, student, loader, annotations, category_ids, image_ids, device, period=1):
+    def __init__(self, *, student, loader, annotations, category_ids, image_ids, device, period=1):
+        """`annotations`: the test split's COCO file; `category_ids`: the COCO id of each label 1..80;
+        `image_ids`: every test image (the ranks' shards together); `period`: evaluate every this many epochs."""
         self.student, self.loader, self.annotations = student, loader, annotations
         self.category_ids, self.image_ids, self.device, self.period = category_ids, image_ids, device, period
         self.best = {"AP": -1.0, "epoch": 0}
         self.last = {name: None for name in METRICS}
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"annotations": annotation_path(cfg.DATASET.ROOT, "val"), "period": cfg.DETECTION.EVAL_PERIOD}
 
     def evaluate(self):
         mine = predictions_of(self.student, self.loader, self.device)

@@ -1,7 +1,8 @@
 """TASK detection: what a detection run gives the assembler (engine/build.py), which builds it with the same loop,
 update rules, hooks, run directory, resume and DDP as classification: COCO loaders cut into epochs of
 DETECTION.ITERS_PER_EPOCH iterations, Faster R-CNN student and teacher, the detection distiller with its method's
-registered loss terms (terms.py), the dino term's teacher class means, the LR by iteration, and COCO AP as the evaluation."""
+registered loss terms (terms.py), the dino term's teacher class means, the LR by iteration, and COCO AP as the
+evaluation."""
 
 import hashlib
 import json
@@ -272,13 +273,13 @@ class DetectionTask(Task):
                                                           torch.device(device), run_dir))
 
     def hooks(self, cfg, distiller, test_loader, *, data, speed, device, run_dir=None, monitor_teacher=None):
-        d, device = cfg.DETECTION, torch.device(device)
-        image_ids = [im["id"] for im in data.test_set.images]
-        evaluation = COCOEvalHook(distiller.student, test_loader, annotation_path(cfg.DATASET.ROOT, "val"),
-                                  data.category_ids, image_ids, device, d.EVAL_PERIOD)
-        schedule = IterLRSchedule(cfg.SOLVER.LR, d.STEPS, cfg.SOLVER.LR_DECAY_RATE, d.WARMUP_ITERS, d.WARMUP_FACTOR)
-        return [LRScheduleHook(schedule), FiniteGuardHook(device, 0, run_dir), evaluation, DetectionLogHook(),
-                SpeedPlanHook(speed)], evaluation
+        device = torch.device(device)
+        evaluation = COCOEvalHook(student=distiller.student, loader=test_loader, category_ids=data.category_ids,
+                                  image_ids=[im["id"] for im in data.test_set.images], device=device,
+                                  **COCOEvalHook.from_config(cfg))
+        return [LRScheduleHook(schedule=IterLRSchedule(**IterLRSchedule.from_config(cfg))),
+                FiniteGuardHook(device=device, run_dir=run_dir), evaluation, DetectionLogHook(),
+                SpeedPlanHook(plan=speed)], evaluation
 
     def teacher_record(self, cfg):
         return detection_teacher_record(cfg)

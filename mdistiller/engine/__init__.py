@@ -1,4 +1,5 @@
-"""Training engine: the builder (build.py), the loop (trainer.py), its hooks and the update rules (SOLVER.UPDATE_RULE)."""
+"""Training engine: the assembler (build.py), the tasks' common interface (task.py) and classification's
+(classification.py), the loop (trainer.py), its hooks and the update rules (SOLVER.UPDATE_RULE)."""
 
 from .build import Run, build_run
 from .evaluator import evaluate

@@ -83,11 +83,12 @@ def set_class_means(cfg, term, teacher, data, device, bundle=None, cache=True):
 def standard_hooks(cfg, run_dir, distiller, test_loader, speed, device, monitor_teacher=None):
     """The hooks of every classification run, in the order they must run: LR schedule, loss monitor, training
     accuracy, finite guard, evaluation (fills the epoch's record), the epoch's log line."""
-    evaluation = EvalHook(distiller, distiller.student, test_loader, speed)
-    skipped = cfg.SOLVER.MAX_SKIPPED_STEPS if speed.needs_scaler else 0
-    return [LRScheduleHook(LRSchedule.from_config(cfg)), MonitorHook(cfg.LOG.MONITOR_T, monitor_teacher, speed),
-            TrainAccuracyHook(device), FiniteGuardHook(device, skipped, run_dir), evaluation, EpochLogHook(),
-            SpeedPlanHook(speed)], evaluation
+    evaluation = EvalHook(model=distiller, student=distiller.student, loader=test_loader, speed=speed)
+    return [LRScheduleHook(schedule=LRSchedule(**LRSchedule.from_config(cfg))),
+            MonitorHook(teacher=monitor_teacher, speed=speed, **MonitorHook.from_config(cfg)),
+            TrainAccuracyHook(device=device),
+            FiniteGuardHook(device=device, run_dir=run_dir, **FiniteGuardHook.from_config(cfg, speed.needs_scaler)),
+            evaluation, EpochLogHook(), SpeedPlanHook(plan=speed)], evaluation
 
 
 @TASK_REGISTRY.register("classification")

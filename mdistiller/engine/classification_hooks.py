@@ -23,9 +23,13 @@ class MonitorHook(HookBase):
     `teacher`: a FrozenTeacher run on the step's images when the method itself runs none (the student trained
     alone with LOG.MONITOR_TEACHER); it never touches the loss."""
 
-    def __init__(self, temperature, teacher=None, speed=None):
+    def __init__(self, *, temperature, teacher=None, speed=None):
         """`speed`: the run's SpeedPlan, whose autocast the monitor's own teacher runs under, as a method's would."""
         self.temperature, self.teacher, self.speed = temperature, teacher, speed
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"temperature": cfg.LOG.MONITOR_T}
 
     def after_step(self, step):
         out = step.output
@@ -42,7 +46,7 @@ class TrainAccuracyHook(HookBase):
     """train_top1: how often the logits' argmax of each training step matched its labels, over the epoch and every
     rank (for tasks whose labels are classes). Counts stay on the device until the epoch's end: no sync per step."""
 
-    def __init__(self, device):
+    def __init__(self, *, device):
         self.device = device
         self.correct, self.seen = None, 0
 
@@ -69,9 +73,11 @@ class EvalHook(HookBase):
     Ranks first take rank 0's BatchNorm statistics (their last training step updated them from their own shard),
     so every rank evaluates the very model rank 0 saves; tools/eval.py on that file agrees."""
 
+    state_key = "evaluation"
+
     metric = "top1"  # the record's test_<metric> is what best.pth is chosen by
 
-    def __init__(self, model, student, loader, speed=None):
+    def __init__(self, *, model, student, loader, speed=None):
         """`model(images)` gives the logits (the distiller's evaluation forward); `student` owns the buffers."""
         self.model, self.student, self.loader, self.speed = model, student, loader, speed
         self.best = {"top1": -1.0, "top5": -1.0, "epoch": 0}

@@ -9,6 +9,7 @@ a resumed run continues exactly. Only the main process (rank 0) gets the hooks t
 import json
 import logging
 import os
+import weakref
 
 from ..utils.checkpoint import atomic_save
 from ..utils.errors import UserError
@@ -45,9 +46,26 @@ def read_metrics(path):
 
 class HookBase:
     """Every point is optional. In order: before_train, then per epoch before_epoch, per step before_step and
-    after_step, then end_of_epoch (measure: fill the epoch's record) and after_epoch (report: write it)."""
+    after_step, then end_of_epoch (measure: fill the epoch's record) and after_epoch (report: write it).
 
-    trainer = None
+    A hook reaches its trainer through a weak reference (the trainer holds its hooks), so a dropped trainer is
+    freed with its hooks and their tensors. A hook with state keeps it under its `state_key` in the checkpoint's
+    "hooks" entry."""
+
+    _trainer_ref = None
+
+    @property
+    def trainer(self):
+        return None if self._trainer_ref is None else self._trainer_ref()
+
+    @trainer.setter
+    def trainer(self, trainer):
+        self._trainer_ref = None if trainer is None else weakref.ref(trainer)
+
+    @property
+    def state_key(self):
+        """Where the checkpoint's "hooks" entry keeps this hook's state_dict (default: the class name)."""
+        return type(self).__name__
 
     def before_train(self):
         pass
@@ -71,18 +89,19 @@ class HookBase:
         pass
 
     def state_dict(self):
-        """Top-level entries of the training checkpoint this hook owns (none by default)."""
+        """This hook's state for the training checkpoint (none by default)."""
         return {}
 
     def load_state_dict(self, state):
-        """`state`: the whole training checkpoint."""
+        """`state`: what state_dict returned (for a checkpoint of the older flat layout: the whole checkpoint, where
+        the same keys sat at the top level)."""
 
 
 class MetricsHook(HookBase):
     """metrics.jsonl: one JSON object per epoch; on resume, lines past the checkpoint are dropped first,
     so a crash between writing metrics and writing the checkpoint never duplicates an epoch."""
 
-    def __init__(self, path):
+    def __init__(self, *, path):
         self.path = path
 
     def before_train(self):
@@ -115,8 +134,12 @@ class TensorBoardHook(HookBase):
     """Training scalars every `freq` iterations and the epoch record's `epoch_keys` (the task's: test accuracy or
     AP, losses, LR, speed) every epoch, under <run>/tensorboard."""
 
-    def __init__(self, log_dir, freq, epoch_keys=("train_loss", "lr", "images_per_s")):
+    def __init__(self, *, log_dir, freq, epoch_keys=("train_loss", "lr", "images_per_s")):
         self.log_dir, self.freq, self.epoch_keys, self.writer = log_dir, freq, tuple(epoch_keys), None
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"freq": cfg.LOG.TENSORBOARD_FREQ}
 
     def before_train(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -151,10 +174,14 @@ class CheckpointHook(HookBase):
     DISTILLER.TEACHER_CKPT or be read by tools/eval.py. latest.pth is written last, so a resume never points
     past files that are missing."""
 
-    def __init__(self, run_dir, freq, evaluation, config_text):
-        """`evaluation`: the EvalHook that knows the best epoch; `config_text`: the run's config, kept in
-        every training checkpoint."""
+    def __init__(self, *, run_dir, freq, evaluation, config_text):
+        """`evaluation`: the task's evaluation hook, which knows the best epoch; `config_text`: the run's config,
+        kept in every training checkpoint."""
         self.run_dir, self.freq, self.evaluation, self.config_text = run_dir, freq, evaluation, config_text
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"freq": cfg.LOG.SAVE_CHECKPOINT_FREQ, "config_text": cfg.dump()}
 
     def _path(self, name):
         return os.path.join(self.run_dir, name)
@@ -176,8 +203,9 @@ class CheckpointHook(HookBase):
 class SummaryHook(HookBase):
     """summary.json, written once the last epoch is done: its presence means the run is complete."""
 
-    def __init__(self, path, evaluation, extra):
-        """`evaluation`: the EvalHook (best and last accuracy); `extra`: what else summary.json records."""
+    def __init__(self, *, path, evaluation, extra):
+        """`evaluation`: the task's evaluation hook (best and last results); `extra`: what else summary.json
+        records."""
         self.path, self.evaluation, self.extra = path, evaluation, extra
         self.summary = None
 

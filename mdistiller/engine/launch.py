@@ -254,82 +254,97 @@ def _log_the_end(e):
 
 
 def _train_locked(cfg, resume, extra_hooks, ctx, device):
+    """The run, once rank 0 holds the run directory's lock: decide, build (and resume), start writing, attach the
+    hooks that write files (rank 0), train, and return the summary every rank gets."""
     plan = distributed.broadcast_object(
         distributed.agree(lambda: check_run_dir(cfg, resume) if ctx.is_main else None))
-    path = plan.path
-    summary_file = os.path.join(path, "summary.json")
     if plan.finished is not None:
         if ctx.is_main:
-            setup_logger(os.path.join(path, "train.log")).info("%s is already complete; nothing to resume", path)
+            setup_logger(os.path.join(plan.path, "train.log")).info("%s is already complete; nothing to resume",
+                                                                    plan.path)
         return plan.finished
     # train.log and config.yaml stay as they are until every check has passed and the checkpoint is loaded.
-    logger = setup_logger(os.path.join(path, "train.log") if ctx.is_main else None, console=ctx.is_main,
+    logger = setup_logger(os.path.join(plan.path, "train.log") if ctx.is_main else None, console=ctx.is_main,
                           defer_file=True)  # one voice: rank 0 logs for the job
-    logger.info("run directory %s%s", path, f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
-    # The fast paths a resumed run started with: its "auto" choices stand even where this machine decides otherwise.
-    recorded = distributed.broadcast_object(
-        distributed.agree(lambda: recorded_plan(path) if ctx.is_main and plan.checkpoint else None))
-    # Data, models and teacher first: a run that cannot start leaves no directory behind to trip over.
-    run = build_run(cfg, device=device, run_dir=path, recorded_speed=recorded)
-    trainer, task = run.trainer, run.task
-    if plan.checkpoint:
-        trainer.resume(plan.checkpoint)
-    elif resume:
-        logger.info("--resume: no checkpoint in %s yet, starting from scratch", path)
-
-    def start_writing():
-        """Every check passed: clear what a killed run left half-written, then config.yaml and train.log."""
-        removed = remove_leftovers(path)
-        write_config(cfg, path)
-        open_deferred_log(logger)
-        if removed:
-            logger.info("removed %d half-written file(s) a stopped run left in %s: %s", len(removed), path,
-                        ", ".join(removed))
-
-    distributed.agree(lambda: start_writing() if ctx.is_main else None)  # a full disk stops every rank
-    if plan.old_epochs is not None:
-        logger.info("--resume: SOLVER.EPOCHS %d -> %d; the %d epochs trained keep their schedule, training "
-                    "continues to epoch %d", plan.old_epochs, cfg.SOLVER.EPOCHS, trainer.epoch, cfg.SOLVER.EPOCHS)
-        if ctx.is_main and os.path.exists(summary_file):
-            with writing("remove", summary_file):
-                os.remove(summary_file)  # its presence means "complete": true again once the extension is
-    hooks, summary_hook = list(extra_hooks), None
-    if ctx.is_main:
-        # The teacher the run loaded: the method's, or the loss monitor's (the student alone, LOG.MONITOR_TEACHER).
-        loaded = run.distiller.teacher is not None or run.monitor_teacher is not None
-        teacher = task.teacher_record(cfg) if loaded else None
-        if teacher:
-            metric = teacher["metric"]
-            score = "unknown" if teacher[metric] is None else f"{teacher[metric]:.2f} ({teacher[metric + '_source']})"
-            logger.info("teacher %s: checkpoint %s, sha256 %s, test %s %s", teacher["name"],
-                        teacher["checkpoint"], teacher["sha256"], metric, score)
-        sha, dirty = git_info()
-        extra = {"seed": cfg.EXPERIMENT.SEED, "git_sha": sha, "git_dirty": dirty, "teacher": teacher,
-                 "torch_version": torch.__version__,
-                 "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),
-                 "versions": package_versions(), "dataset_sources": list(run.data.sources),
-                 "dataset_fingerprint": fingerprint(run.data.sources),
-                 "device": describe_device(run.device), "world_size": ctx.world_size,
-                 "num_train": run.data.num_train, "num_test": run.data.num_test, "classes": list(run.data.classes),
-                 "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE, "trainer": cfg.SOLVER.UPDATE_RULE,
-                 "dataset": cfg.DATASET.TYPE, "task": cfg.TASK, "run_dir": path, "speed": run.speed.as_dict(),
-                 "speed_decisions": list(run.speed.notes), "cpu": cpu_kind()}
-        summary_hook = SummaryHook(summary_file, run.evaluation, extra)
-        hooks = [
-            MetricsHook(os.path.join(path, "metrics.jsonl")),
-            TensorBoardHook(os.path.join(path, "tensorboard"), cfg.LOG.TENSORBOARD_FREQ, task.epoch_scalars),
-            *([WandbHook.from_config(cfg, path, task.epoch_scalars)] if cfg.LOG.WANDB else []),
-            CheckpointHook(path, cfg.LOG.SAVE_CHECKPOINT_FREQ, run.evaluation, cfg.dump()),
-            summary_hook,
-            *hooks,
-        ]
-    trainer.register_hooks(hooks)
+    logger.info("run directory %s%s", plan.path,
+                f" ({ctx.world_size} processes, {ctx.backend})" if ctx.enabled else "")
+    run = _build_and_resume(cfg, plan, resume, ctx, device, logger)
+    distributed.agree(lambda: _start_writing(cfg, plan, run.trainer, logger) if ctx.is_main else None)
+    summary_hook = SummaryHook(path=os.path.join(plan.path, "summary.json"), evaluation=run.evaluation,
+                               extra=_summary_extra(cfg, run, plan.path, ctx, logger)) if ctx.is_main else None
+    run.trainer.register_hooks(_file_hooks(cfg, run, plan.path, summary_hook) + list(extra_hooks) if ctx.is_main
+                               else list(extra_hooks))
     logger.info("training %s on %s, %d train / %d test images, device %s", cfg.DISTILLER.STUDENT, run.data.name,
                 run.data.num_train, run.data.num_test, describe_device(run.device))
     logger.info("fast paths: %s", run.speed.describe())
     for note in run.speed.notes:
         logger.info("  %s", note)
-    trainer.train()
+    run.trainer.train()
     summary = distributed.broadcast_object(summary_hook.summary if summary_hook is not None else None)
-    logger.info("done: %s, %.0f img/s", task.result_line(summary), summary["images_per_s"])
+    logger.info("done: %s, %.0f img/s", run.task.result_line(summary), summary["images_per_s"])
     return summary
+
+
+def _build_and_resume(cfg, plan, resume, ctx, device, logger):
+    """The run's objects, resumed from the plan's checkpoint. Data, models and teacher come before anything is
+    written: a run that cannot start leaves no directory behind to trip over."""
+    # The fast paths a resumed run started with: its "auto" choices stand even where this machine decides otherwise.
+    recorded = distributed.broadcast_object(
+        distributed.agree(lambda: recorded_plan(plan.path) if ctx.is_main and plan.checkpoint else None))
+    run = build_run(cfg, device=device, run_dir=plan.path, recorded_speed=recorded)
+    if plan.checkpoint:
+        run.trainer.resume(plan.checkpoint)
+    elif resume:
+        logger.info("--resume: no checkpoint in %s yet, starting from scratch", plan.path)
+    return run
+
+
+def _start_writing(cfg, plan, trainer, logger):
+    """Every check passed (rank 0): clear what a killed run left half-written, write config.yaml, open train.log;
+    an extended run's summary.json goes (its presence means "complete": true again once the extension is)."""
+    removed = remove_leftovers(plan.path)
+    write_config(cfg, plan.path)
+    open_deferred_log(logger)
+    if removed:
+        logger.info("removed %d half-written file(s) a stopped run left in %s: %s", len(removed), plan.path,
+                    ", ".join(removed))
+    if plan.old_epochs is not None:
+        logger.info("--resume: SOLVER.EPOCHS %d -> %d; the %d epochs trained keep their schedule, training "
+                    "continues to epoch %d", plan.old_epochs, cfg.SOLVER.EPOCHS, trainer.epoch, cfg.SOLVER.EPOCHS)
+        summary_file = os.path.join(plan.path, "summary.json")
+        if os.path.exists(summary_file):
+            with writing("remove", summary_file):
+                os.remove(summary_file)
+
+
+def _summary_extra(cfg, run, path, ctx, logger):
+    """What summary.json records beside the result: the teacher file, code, config, data, machine and fast paths.
+    Logs the teacher the run loaded (the method's, or the loss monitor's: LOG.MONITOR_TEACHER)."""
+    loaded = run.distiller.teacher is not None or run.monitor_teacher is not None
+    teacher = run.task.teacher_record(cfg) if loaded else None
+    if teacher:
+        metric = teacher["metric"]
+        score = "unknown" if teacher[metric] is None else f"{teacher[metric]:.2f} ({teacher[metric + '_source']})"
+        logger.info("teacher %s: checkpoint %s, sha256 %s, test %s %s", teacher["name"], teacher["checkpoint"],
+                    teacher["sha256"], metric, score)
+    sha, dirty = git_info()
+    return {"seed": cfg.EXPERIMENT.SEED, "git_sha": sha, "git_dirty": dirty, "teacher": teacher,
+            "torch_version": torch.__version__, "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),
+            "versions": package_versions(), "dataset_sources": list(run.data.sources),
+            "dataset_fingerprint": fingerprint(run.data.sources), "device": describe_device(run.device),
+            "world_size": ctx.world_size, "num_train": run.data.num_train, "num_test": run.data.num_test,
+            "classes": list(run.data.classes), "student": cfg.DISTILLER.STUDENT, "distiller": cfg.DISTILLER.TYPE,
+            "trainer": cfg.SOLVER.UPDATE_RULE, "dataset": cfg.DATASET.TYPE, "task": cfg.TASK, "run_dir": path,
+            "speed": run.speed.as_dict(), "speed_decisions": list(run.speed.notes), "cpu": cpu_kind()}
+
+
+def _file_hooks(cfg, run, path, summary_hook):
+    """The hooks that write the run directory (rank 0), in order: metrics.jsonl, TensorBoard, W&B, checkpoints,
+    summary.json (last: its presence means the run is complete)."""
+    scalars = run.task.epoch_scalars
+    return [MetricsHook(path=os.path.join(path, "metrics.jsonl")),
+            TensorBoardHook(log_dir=os.path.join(path, "tensorboard"), epoch_keys=scalars,
+                            **TensorBoardHook.from_config(cfg)),
+            *([WandbHook(run_dir=path, epoch_keys=scalars, **WandbHook.from_config(cfg))] if cfg.LOG.WANDB else []),
+            CheckpointHook(run_dir=path, evaluation=run.evaluation, **CheckpointHook.from_config(cfg)),
+            summary_hook]

@@ -9,14 +9,15 @@ class LRSchedule:
     epoch for stage 150, as in the CRD/DKD recipe). Warm-up: linear per iteration from lr/steps to lr over
     `warmup_epochs` epochs."""
 
-    def __init__(self, lr, decay_stages, decay_rate, warmup_epochs=0):
+    def __init__(self, *, lr, decay_stages, decay_rate, warmup_epochs=0):
         self.lr, self.decay_stages, self.decay_rate = lr, tuple(decay_stages), decay_rate
         self.warmup_epochs = warmup_epochs
 
     @classmethod
     def from_config(cls, cfg):
         s = cfg.SOLVER
-        return cls(s.LR, s.LR_DECAY_STAGES, s.LR_DECAY_RATE, s.WARMUP_EPOCHS)
+        return {"lr": s.LR, "decay_stages": s.LR_DECAY_STAGES, "decay_rate": s.LR_DECAY_RATE,
+                "warmup_epochs": s.WARMUP_EPOCHS}
 
     def __call__(self, epoch, iteration, iters_per_epoch):
         lr = self.lr * self.decay_rate ** sum(epoch > stage for stage in self.decay_stages)
@@ -28,5 +29,5 @@ class LRSchedule:
 
 def learning_rate(solver, epoch, iteration, iters_per_epoch):
     """The LR the SOLVER section `solver` gives `iteration` of `epoch` (LRSchedule)."""
-    return LRSchedule(solver.LR, solver.LR_DECAY_STAGES, solver.LR_DECAY_RATE, solver.WARMUP_EPOCHS)(
-        epoch, iteration, iters_per_epoch)
+    return LRSchedule(lr=solver.LR, decay_stages=solver.LR_DECAY_STAGES, decay_rate=solver.LR_DECAY_RATE,
+                      warmup_epochs=solver.WARMUP_EPOCHS)(epoch, iteration, iters_per_epoch)

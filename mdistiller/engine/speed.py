@@ -173,8 +173,10 @@ def recorded_plan(run_dir):
             state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # our own run's file
         except Exception:
             state = None  # a damaged checkpoint is reported by the resume that reads it
-        if isinstance(state, dict) and isinstance(state.get("speed"), dict):
-            return state["speed"]
+        if isinstance(state, dict):
+            hook = (state.get("hooks") or {}).get("speed_plan", state)  # without "hooks": the flat layout
+            if isinstance(hook, dict) and isinstance(hook.get("speed"), dict):
+                return hook["speed"]
     return None
 
 

@@ -18,7 +18,7 @@ logger = logging.getLogger("mdistiller")
 class LRScheduleHook(HookBase):
     """Sets the learning rate of every step from `schedule(epoch, it, iters)` (lr_schedule.LRSchedule)."""
 
-    def __init__(self, schedule):
+    def __init__(self, *, schedule):
         self.schedule = schedule
 
     def before_step(self, epoch, it, iters):
@@ -29,9 +29,16 @@ class FiniteGuardHook(HookBase):
     """Stops a run whose losses, gradients or weights stop being finite (finite_guard.py), before the epoch's
     checkpoints are written. `max_skipped_steps`: bad steps in a row an fp16 loss scale may skip (0 without one)."""
 
-    def __init__(self, device, max_skipped_steps=0, run_dir=None):
+    state_key = "finite_guard"
+
+    def __init__(self, *, device, max_skipped_steps=0, run_dir=None):
         self.guard = FiniteGuard(device)
         self.max_skipped_steps, self.run_dir = max_skipped_steps, run_dir
+
+    @classmethod
+    def from_config(cls, cfg, fp16=False):
+        """An fp16 loss scale may skip up to SOLVER.MAX_SKIPPED_STEPS overflowing steps in a row; nothing else."""
+        return {"max_skipped_steps": cfg.SOLVER.MAX_SKIPPED_STEPS if fp16 else 0}
 
     def before_epoch(self, epoch, iters):
         self.guard.limit = self.max_skipped_steps
@@ -74,7 +81,9 @@ class SpeedPlanHook(HookBase):
     """Records the run's resolved fast paths in its checkpoints ("speed"), so that a resume on a machine whose
     "auto" decides otherwise keeps them (launch.py reads them back before building the run)."""
 
-    def __init__(self, plan):
+    state_key = "speed_plan"
+
+    def __init__(self, *, plan):
         self.plan = plan
 
     def state_dict(self):

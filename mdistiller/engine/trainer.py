@@ -179,18 +179,23 @@ class Trainer:
             "counters": dict(self.counters),
             "rng": rng_state(),
         }
+        hooks = {}
         for hook in self.hooks:
-            for key, value in hook.state_dict().items():
-                if key in state:
-                    raise RuntimeError(f"{type(hook).__name__} saves '{key}', which the checkpoint already has")
-                state[key] = value
+            own = hook.state_dict()
+            if own:
+                if hook.state_key in hooks:
+                    raise RuntimeError(f"two hooks save their state under '{hook.state_key}': give one another "
+                                       f"state_key")
+                hooks[hook.state_key] = own
+        state["hooks"] = hooks
         return state
 
     def load_state_dict(self, state):
         self.distiller.load_learnable_state_dict(state["distiller"])
         self.update_rule.load_state_dict(state)
-        for hook in self.hooks:
-            hook.load_state_dict(state)
+        hooks = state.get("hooks")
+        for hook in self.hooks:  # a checkpoint without "hooks" kept each hook's keys at its top level
+            hook.load_state_dict(state if hooks is None else hooks.get(hook.state_key, {}))
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.counters = dict(state["counters"])
         set_rng_state(state["rng"])

@@ -54,7 +54,7 @@ def run_id(run_dir):
 
 
 class WandbHook(HookBase):
-    def __init__(self, run_dir, project, freq, config, epoch_keys=EPOCH_KEYS):
+    def __init__(self, *, run_dir, project, freq, config, epoch_keys=EPOCH_KEYS):
         """`freq`: steps between training scalars (LOG.TENSORBOARD_FREQ); `config`: the run's config as a dict;
         `epoch_keys`: the epoch record's keys to log (the task's epoch_scalars)."""
         self.wandb = require_wandb()
@@ -62,8 +62,9 @@ class WandbHook(HookBase):
         self.epoch_keys = tuple(epoch_keys)
 
     @classmethod
-    def from_config(cls, cfg, run_dir, epoch_keys=EPOCH_KEYS):
-        return cls(run_dir, cfg.LOG.WANDB_PROJECT, cfg.LOG.TENSORBOARD_FREQ, yaml.safe_load(cfg.dump()), epoch_keys)
+    def from_config(cls, cfg):
+        return {"project": cfg.LOG.WANDB_PROJECT, "freq": cfg.LOG.TENSORBOARD_FREQ,
+                "config": yaml.safe_load(cfg.dump())}
 
     def before_train(self):
         if distributed.rank() != 0:

@@ -123,7 +123,8 @@ def load_weights(model, path, model_name, hint=""):
 
 
 # Keys under which checkpoints record a test top-1, most specific first, with what the number means:
-# ours ("test_top1" in student_*.pth / ckpt_epoch_*.pth; "last" in the training format of latest.pth / best.pth),
+# ours ("test_top1" in student_*.pth / ckpt_epoch_*.pth; the evaluation hook's "last" in the training format of
+# latest.pth / best.pth, under "hooks" or, in the older flat layout, at the top level),
 # RepDistiller's teacher script ("accuracy" in ckpt_epoch_N.pth: that epoch's; "best_acc" in <model>_best.pth),
 # mdistiller's trainer ("best_acc" in its full state: the best of its run so far, not necessarily these weights).
 _TOP1_KEYS = (
@@ -143,9 +144,11 @@ def checkpoint_top1(obj):
     """(top-1 in percent, where it came from) recorded inside a loaded checkpoint, or (None, None)."""
     if not isinstance(obj, dict):
         return None, None
-    last = obj.get("last")
+    hooks = obj.get("hooks")
+    last = (hooks.get("evaluation") or {}).get("last") if isinstance(hooks, dict) else obj.get("last")
+    where = "hooks.evaluation.last.top1" if isinstance(hooks, dict) else "last.top1"
     if isinstance(last, dict) and _number(last.get("top1")) is not None:
-        return _number(last["top1"]), "checkpoint key last.top1 (test top-1 of the epoch saved)"
+        return _number(last["top1"]), f"checkpoint key {where} (test top-1 of the epoch saved)"
     for key, source in _TOP1_KEYS:
         if _number(obj.get(key)) is not None:
             return _number(obj[key]), source
