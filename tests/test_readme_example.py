@@ -130,3 +130,78 @@ def test_readme_update_rule_without_clipping_is_plain_sgd_bit_for_bit(clipped_sg
 def test_readme_update_rule_refuses_fp16(clipped_sgd):
     with pytest.raises(ConfigError, match="clipped_sgd"):
         load_config(None, ["SOLVER.UPDATE_RULE", "clipped_sgd", "SPEED.AMP", "fp16", "EXPERIMENT.DEVICE", "cuda"])
+
+
+# ---- "Add your own detection method" ----
+
+@pytest.fixture(scope="module")
+def box_mimic(tmp_path_factory):
+    """The README's file, written out as a user would save it; imported here as tools/train.py --import does."""
+    from mdistiller.detection.terms import DETECTION_METHOD_REGISTRY, DETECTION_TERM_REGISTRY
+    from mdistiller.utils.cli import import_components
+
+    code = readme_example("Add your own detection method")
+    assert "my_box_mimic.py" in code
+    path = tmp_path_factory.mktemp("plugin") / "my_box_mimic.py"
+    path.write_text(code)
+    import_components([str(path)])
+    yield str(path), DETECTION_TERM_REGISTRY.get("box_mimic")
+    DETECTION_TERM_REGISTRY.unregister("box_mimic")
+    DETECTION_METHOD_REGISTRY.unregister("MIMIC")
+
+
+def test_readme_detection_method_is_the_mse_of_the_box_features(box_mimic, tmp_path):
+    """MIMIC's term on a real training forward equals weight x mean((f_s - f_t)^2) computed here from the same
+    step; MIMIC++ is MIMIC plus exactly the dino term."""
+    from test_detection_train import SAMPLE, tiny
+    from mdistiller.detection.sample import write_sample_coco
+    from mdistiller.detection.terms import method_terms
+    from mdistiller.detection.models import build_faster_rcnn
+
+    coco = write_sample_coco(str(tmp_path / "coco"), num_train=2, num_val=1, width=64, height=48)
+    torch.manual_seed(3)
+    teacher = str(tmp_path / "teacher.pth")
+    torch.save({"model": build_faster_rcnn("resnet18").state_dict()}, teacher)
+    cfg = load_config(SAMPLE, tiny(coco, tmp_path, "mimic", "DISTILLER.TYPE", "MIMIC", "DISTILLER.TEACHER",
+                                   "resnet18", "DISTILLER.TEACHER_CKPT", teacher, "BOX_MIMIC.WEIGHT", "0.5"))
+    assert method_terms("MIMIC") == ("box_mimic",) and method_terms("MIMIC++") == ("box_mimic", "dino")
+    run = build_run(cfg)
+    term = run.distiller.terms["box_mimic"]
+    assert isinstance(term, box_mimic[1]) and term.weight == 0.5
+    images, targets, _ = next(iter(run.train_loader))
+    run.distiller.train()
+    step = run.distiller(list(images), list(targets))
+    by_hand = 0.5 * ((step.student_features.double() - step.teacher_features.double()) ** 2).mean()
+    assert term(step).value.double().item() == pytest.approx(by_hand.item(), rel=1e-5)
+    out = run.distiller.train_forward(images, targets)
+    assert sorted(k for k in out.terms if not k.startswith("loss_")) == ["box_mimic"]
+
+
+def test_readme_detection_method_trains_through_train_py_import(box_mimic, tmp_path):
+    """tools/train.py --import my_box_mimic.py: the file alone makes MIMIC++ a method of the command line."""
+    import json
+    import subprocess
+    import sys
+
+    from test_detection_train import SAMPLE, tiny
+    from mdistiller.detection.sample import write_sample_coco
+    from mdistiller.detection.models import build_faster_rcnn
+
+    coco = write_sample_coco(str(tmp_path / "coco"), num_train=2, num_val=1, width=64, height=48)
+    torch.manual_seed(3)
+    teacher = str(tmp_path / "teacher.pth")
+    torch.save({"model": build_faster_rcnn("resnet18").state_dict()}, teacher)
+    opts = tiny(coco, tmp_path, "mimicpp", "DISTILLER.TYPE", "MIMIC++", "DISTILLER.TEACHER", "resnet18",
+                "DISTILLER.TEACHER_CKPT", teacher, "SOLVER.EPOCHS", "1", "DETECTION.ITERS_PER_EPOCH", "1",
+                "DETECTION.DINO.CLASS_MEANS_ITERS", "1", "LOG.TENSORBOARD_FREQ", "0")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--import", box_mimic[0],
+                           "--cfg", SAMPLE, *opts], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(tmp_path / "mimicpp" / "metrics.jsonl") as f:
+        (record,) = [json.loads(line) for line in f]
+    assert "loss/box_mimic" in record and "loss/dino" in record
+    missing = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--import",
+                              str(tmp_path / "nowhere.py"), "--cfg", SAMPLE], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and "--import" in missing.stderr and "no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -10,6 +10,12 @@ with that many epochs, provided the epochs already trained keep their learning r
 past them) and no other key changes; anything else is refused with the key named.
 
     python tools/train.py --cfg configs/fashion_mnist/vanilla/resnet8.yaml --resume SOLVER.EPOCHS 8
+
+Your own method (loss term, update rule, dataset) in a file of its own is imported with --import before the config
+is read, and is then selectable like the package's:
+
+    python tools/train.py --import my_fitnet.py --cfg configs/fashion_mnist/kd/resnet20_resnet8.yaml \
+        DISTILLER.TYPE MYFITNET
 """
 
 import argparse
@@ -20,15 +26,19 @@ from mdistiller.config import load_config
 from mdistiller.utils import distributed
 from mdistiller.engine.launch import train_from_config
 from mdistiller.engine.task import build_task
-from mdistiller.utils.cli import parse_args_anywhere, run_cli
+from mdistiller.utils.cli import import_components, parse_args_anywhere, run_cli
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="config file (YAML) over the package defaults")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest.pth (with a larger SOLVER.EPOCHS: extend it)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module (dotted name) or a .py file first: the components it registers (your "
+                             "method, loss term, update rule, dataset) become selectable; repeatable")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = parse_args_anywhere(parser, argv)  # --resume also after the KEY VALUE pairs
+    import_components(args.imports)
     cfg = load_config(args.cfg, args.opts)
     finished = False
     try:

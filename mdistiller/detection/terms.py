@@ -20,32 +20,33 @@ from .review import FPNReview, reviewkd_term
 
 #: term name -> nn.Module class: `term(step) -> LossTerm`, built with `cls(**cls.from_config(cfg))`
 DETECTION_TERM_REGISTRY = Registry("detection loss term", sections=True)
-#: method name -> the names of the terms it adds to the detector's losses
-_METHODS = {}
+#: method name (DISTILLER.TYPE under TASK detection) -> the names of the terms it adds to the detector's losses
+DETECTION_METHOD_REGISTRY = Registry("detection method")
 PLUS_PLUS = "++"
 
 
 def register_method(name, *terms):
     """A detection method: DISTILLER.TYPE `name` adds `terms` (registered term names) to the detector's losses."""
-    if name in _METHODS and _METHODS[name] != terms:
-        raise ValueError(f"detection method '{name}' is registered twice")
-    _METHODS[name] = tuple(terms)
+    DETECTION_METHOD_REGISTRY.register(name)(tuple(terms))
 
 
 def method_terms(name):
     """The terms DISTILLER.TYPE `name` adds; "X++" is X's terms and "dino" for any X with terms."""
-    if name in _METHODS:
-        return _METHODS[name]
+    reg = DETECTION_METHOD_REGISTRY
+    if name in reg:
+        return reg.get(name)
     base = name[:-len(PLUS_PLUS)] if name.endswith(PLUS_PLUS) else None
-    if base in _METHODS and _METHODS[base] and "dino" not in _METHODS[base]:
-        return _METHODS[base] + ("dino",)
+    if base in reg and reg.get(base) and "dino" not in reg.get(base):
+        return reg.get(base) + ("dino",)
     raise ConfigError(f"config key DISTILLER.TYPE: TASK detection has the methods {', '.join(method_names())}; "
                       f"got '{name}'")
 
 
 def method_names():
-    derived = [n + PLUS_PLUS for n, t in _METHODS.items() if t and "dino" not in t and n + PLUS_PLUS not in _METHODS]
-    return sorted(list(_METHODS) + derived)
+    reg = DETECTION_METHOD_REGISTRY
+    derived = [n + PLUS_PLUS for n in reg.names()
+               if reg.get(n) and "dino" not in reg.get(n) and n + PLUS_PLUS not in reg]
+    return sorted(reg.names() + derived)
 
 
 @DETECTION_TERM_REGISTRY.register("kd")

@@ -72,15 +72,18 @@ def apply_loss_ramp(terms, names, factor):
 class LossRamp:
     """The ramp of one run: `ramp(terms, epoch)` applies it for the 1-based `epoch`."""
 
-    def __init__(self, epochs, names):
+    def __init__(self, *, epochs, names):
         self.epochs, self.names = int(epochs), tuple(names)
 
     @classmethod
     def from_config(cls, cfg, method):
-        """The run's ramp for `method` (a Distiller class), or None when LOSS_RAMP is off."""
-        if cfg.LOSS_RAMP.EPOCHS <= 0:
-            return None
-        return cls(cfg.LOSS_RAMP.EPOCHS, ramped_term_names(cfg, method))
+        """The keyword arguments of the run's ramp for `method` (a Distiller class)."""
+        return {"epochs": cfg.LOSS_RAMP.EPOCHS, "names": ramped_term_names(cfg, method)}
+
+    @classmethod
+    def build(cls, cfg, method):
+        """The run's ramp for `method`, or None when LOSS_RAMP is off."""
+        return cls(**cls.from_config(cfg, method)) if cfg.LOSS_RAMP.EPOCHS > 0 else None
 
     def __call__(self, terms, epoch):
         return apply_loss_ramp(terms, self.names, ramp_factor(self.epochs, epoch))

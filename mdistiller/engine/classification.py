@@ -58,7 +58,7 @@ def build_distiller(cfg, data, device, teacher_state=None):
     distiller = method.build(cfg, student, frozen, data)
     if plus_plus:
         distiller.add_term("dino", DinoTerm.build(cfg, student, distiller.teacher, data.num_classes))
-    distiller.loss_ramp = LossRamp.from_config(cfg, method)
+    distiller.loss_ramp = LossRamp.build(cfg, method)
     return distiller.to(device), monitor
 
 

@@ -8,6 +8,9 @@ its traceback.
 """
 
 import errno
+import importlib
+import importlib.util
+import os
 import sys
 
 from .errors import UserError
@@ -61,3 +64,26 @@ def parse_args_anywhere(parser, argv=None, opts="opts"):
                             f"dashes, e.g. SOLVER.EPOCHS 8")
     setattr(args, opts, rest)
     return args
+
+
+def import_components(names):
+    """Import each of `names` (a dotted module name, or the path of a .py file) so that the components it
+    registers (a method, a loss term, an update rule, a dataset) exist before the config is read: one file of
+    yours, no edit to the package. A name that cannot be imported is one clear error."""
+    for name in names:
+        if name.endswith(".py"):
+            if not os.path.isfile(name):
+                raise UserError(f"--import {name}: no such file")
+            module = os.path.splitext(os.path.basename(name))[0]
+            spec = importlib.util.spec_from_file_location(module, name)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[module] = loaded
+            spec.loader.exec_module(loaded)
+        else:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                if e.name is None or not name.startswith(e.name):
+                    raise  # the module exists but one of its own imports is missing: its traceback says which
+                raise UserError(f"--import {name}: no module of that name on the Python path (give a .py file's "
+                                f"path, or run from the folder that holds it)") from None
