@@ -305,3 +305,31 @@ def test_teacher_with_other_normalisation_sees_its_own_input():
         pooled = teacher.roi_heads.box_roi_pool(teacher.backbone(s_list.tensors), step.proposals, s_list.image_sizes)
         unmapped = teacher.roi_heads.box_head(pooled)
     assert (unmapped - want).abs().max() > 100 * 1e-4 * scale
+
+
+def test_distiller_state_of_the_older_layout_loads():
+    """Checkpoints whose ReviewKD fusion and dino class means were attributes of the distiller ("review.*",
+    "class_means") load into the terms' modules; the terms are summed in their registration order whatever order
+    they are given in."""
+    from mdistiller.detection.method import DetectionDistiller
+    from mdistiller.detection.terms import BoxDino, FPNReviewKD
+
+    def make():
+        torch.manual_seed(0)
+        return DetectionDistiller(student=build_faster_rcnn("resnet18"), teacher=build_faster_rcnn("resnet18"),
+                                  terms={"reviewkd": FPNReviewKD(weight=1.0), "dino": BoxDino(weight=1.0)})
+
+    saved = make()
+    assert list(saved.terms) == ["dino", "reviewkd"]
+    saved.terms["dino"].class_means.uniform_()
+    with torch.no_grad():
+        for p in saved.terms["reviewkd"].parameters():
+            p.add_(1.0)
+    old = {}
+    for key, value in saved.learnable_state_dict().items():
+        key = key.replace("terms.dino.class_means", "class_means").replace("terms.reviewkd.review.", "review.")
+        old[key] = value
+    assert "class_means" in old and any(k.startswith("review.") for k in old)
+    fresh = make()
+    fresh.load_learnable_state_dict(old)
+    assert all(torch.equal(v, saved.learnable_state_dict()[k]) for k, v in fresh.learnable_state_dict().items())

@@ -156,7 +156,7 @@ def test_unknown_model_lists_available():
 
 
 def test_models_take_classes_and_input_size_not_a_dataset():
-    # A built-in dataset's models are those registered under its family, as before the zoo took sizes.
+    # A built-in dataset's models are those registered under its family.
     from mdistiller.models import MODEL_REGISTRY, family_for
 
     for dataset, family in (("cifar100", "cifar"), ("fashion_mnist", "cifar"), ("tiny_imagenet", "tiny_imagenet"),

@@ -13,7 +13,7 @@ from .models import BOX_FEATURE_DIM, NUM_CLASSES
 from .rcnn_distill import BoxFeatureClassMeans, RCNNDistillGlue, detector_task_terms
 from .terms import DETECTION_TERM_REGISTRY
 
-# learnable-state keys of checkpoints written before the terms were modules of their own -> today's
+# learnable-state keys of the older checkpoint layout (terms as attributes of the distiller) -> the terms' modules
 _RENAMED_STATE = (("class_means", "terms.dino.class_means"), ("review.", "terms.reviewkd.review."))
 
 
