@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..engine.hooks import HookBase
+from ..engine.hooks import EvaluationHook, HookBase
 from ..utils import distributed
 from .coco_eval import METRICS, evaluate
 from .data import annotation_path, to_original
@@ -53,12 +53,11 @@ def predictions_of(student, loader, device):
     return out
 
 
-class COCOEvalHook(HookBase):
+class COCOEvalHook(EvaluationHook):
     """Box AP of the student (pycocotools) after every `period`-th epoch and the last: each rank detects on its
     shard of the test split, rank 0 scores all of them and every rank gets the result. Keeps the best and the last;
     the record gets test_AP, test_AP50, ... (nan where an area range has no ground truth, as in Detectron2)."""
 
-    state_key = "evaluation"
     metric = "AP"
 
     def __init__(self, *, student, loader, annotations, category_ids, image_ids, device, period=1):
@@ -100,11 +99,6 @@ class COCOEvalHook(HookBase):
         return {"best_AP": self.best["AP"], "best_epoch": self.best["epoch"],
                 **{f"last_{name}": self.last[name] for name in METRICS}}
 
-    def state_dict(self):
-        return {"best": dict(self.best), "last": dict(self.last)}
-
-    def load_state_dict(self, state):
-        self.best, self.last = dict(state["best"]), dict(state["last"])
 
 
 class DetectionLogHook(HookBase):

@@ -19,6 +19,7 @@ from ..models.frozen import FrozenTeacher
 from ..utils import distributed
 from ..utils.env import resolve_device, seed_everything
 from .ddp_wrap import wrap_for_training
+from .hooks import EvaluationHook
 from .speed import SpeedPlan
 from .task import Task, build_task
 from .trainer import Trainer
@@ -34,7 +35,7 @@ class Run:
     trainer: Trainer
     distiller: Distiller
     update_rule: UpdateRule
-    evaluation: object  # the hook that evaluates (knows the best and last result)
+    evaluation: EvaluationHook  # the task's hook that evaluates (knows the best and last result)
     train_loader: object
     test_loader: object
     data: object  # the task's data record (name, num_train, num_test, classes, sources)

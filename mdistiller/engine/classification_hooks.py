@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..distillers.losses import kd_loss
 from ..utils import distributed
 from .evaluator import evaluate
-from .hooks import HookBase
+from .hooks import EvaluationHook, HookBase
 
 logger = logging.getLogger("mdistiller")
 
@@ -66,14 +66,12 @@ class TrainAccuracyHook(HookBase):
         record["train_top1"] = 100.0 * float(totals[0]) / int(totals[1])
 
 
-class EvalHook(HookBase):
+class EvalHook(EvaluationHook):
     """Test accuracy of the student after every epoch, every test sample counted once over all ranks; keeps the
     best and the last result.
 
     Ranks first take rank 0's BatchNorm statistics (their last training step updated them from their own shard),
     so every rank evaluates the very model rank 0 saves; tools/eval.py on that file agrees."""
-
-    state_key = "evaluation"
 
     metric = "top1"  # the record's test_<metric> is what best.pth is chosen by
 
@@ -101,11 +99,6 @@ class EvalHook(HookBase):
         return {"best_top1": self.best["top1"], "best_top5": self.best["top5"], "best_epoch": self.best["epoch"],
                 "last_top1": self.last["top1"], "last_top5": self.last["top5"]}
 
-    def state_dict(self):
-        return {"best": dict(self.best), "last": dict(self.last)}
-
-    def load_state_dict(self, state):
-        self.best, self.last = dict(state["best"]), dict(state["last"])
 
 
 class EpochLogHook(HookBase):

@@ -97,6 +97,25 @@ class HookBase:
         the same keys sat at the top level)."""
 
 
+class EvaluationHook(HookBase):
+    """What the run-directory hooks need of a task's evaluation: the `metric` best.pth is chosen by, `best` (a dict
+    with "epoch" and the metric's best value) and `last`, kept across a resume, and `summary_fields()` for
+    summary.json. A task's evaluation hook fills them at end_of_epoch."""
+
+    metric = None
+    state_key = "evaluation"
+    best, last = None, None
+
+    def summary_fields(self):
+        raise NotImplementedError
+
+    def state_dict(self):
+        return {"best": dict(self.best), "last": dict(self.last)}
+
+    def load_state_dict(self, state):
+        self.best, self.last = dict(state["best"]), dict(state["last"])
+
+
 class MetricsHook(HookBase):
     """metrics.jsonl: one JSON object per epoch; on resume, lines past the checkpoint are dropped first,
     so a crash between writing metrics and writing the checkpoint never duplicates an epoch."""
