@@ -39,7 +39,8 @@ def _run(device, *extra, method="KD", run_dir=None):
                              "SPEED.TEACHER_HALF", "off", *extra])
     run = build_run(cfg, run_dir=run_dir, bundle=DATA(cfg), teacher_state=TEACHER)
     if run_dir is not None:  # checkpoints as launch.py has them written (latest.pth each epoch)
-        run.trainer.register_hooks([CheckpointHook(run_dir=run_dir, freq=0, evaluation=run.evaluation, config_text=cfg.dump())])
+        run.trainer.register_hooks([CheckpointHook(run_dir=run_dir, freq=0, evaluation=run.evaluation,
+                                                   config_text=cfg.dump())])
     return run
 
 

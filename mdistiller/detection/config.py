@@ -1,6 +1,6 @@
 """The DETECTION config section (TASK detection): input recipe, model settings, schedule in iterations, and the
-detection loss terms' weights (terms.py). Defaults are Detectron2's (what the KD++ and mdistiller detection results were trained
-with) where torchvision differs: RPN post-NMS top-k 1000 per image in training (torchvision: 2000)."""
+detection loss terms' weights (terms.py). Defaults are Detectron2's (what the KD++ and mdistiller detection results
+were trained with) where torchvision differs: RPN post-NMS top-k 1000 per image in training (torchvision: 2000)."""
 
 from yacs.config import CfgNode as CN
 

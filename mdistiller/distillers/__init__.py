@@ -10,5 +10,6 @@ from .term_registry import TERM_REGISTRY
 from . import (at, crd, ctkd, dist, dkd, fitnet, kd, kdsvd, nst, ofd, pkt, plus_plus,  # noqa: E402,F401
                reviewkd, rkd, sp, srrl, student_only, vid)
 
-__all__ = ["DISTILLER_REGISTRY", "TERM_REGISTRY", "Distiller", "LossTerm", "StepOutput", "TASK", "DISTILL", "ce_term", "kd_loss",
+__all__ = ["DISTILLER_REGISTRY", "TERM_REGISTRY",
+           "Distiller", "LossTerm", "StepOutput", "TASK", "DISTILL", "ce_term", "kd_loss",
            "task_loss", "distill_loss", "total_loss"]

@@ -7,8 +7,8 @@ family that has the name and whose native input size is nearest to the requested
 adaptively, so any input size runs. Names with a library prefix ("timm:vit_small_patch16_224",
 "torchvision:resnet18") come from those libraries' registries through models/external/.
 
-The families (cifar/, tiny_imagenet/, imagenet/) list their modules explicitly, so adding a model is one new file
-with `@MODEL_REGISTRY.register("<family>/<name>")` and its name in its family's list. All models follow the feature contract
+The families (cifar/, tiny_imagenet/, imagenet/) list their modules explicitly, so adding a model is one new
+file with `@MODEL_REGISTRY.register("<family>/<name>")` and its name in its family's list. All models follow the feature contract
 documented in models/base.py.
 """
 
