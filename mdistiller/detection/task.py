@@ -251,7 +251,7 @@ def validate_detection(cfg):
 @TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION", loss_weights=("DKD.ALPHA", "DKD.BETA"),
                         renamed={"ND": "DINO"})
 class DetectionTask(Task):
-    metric = "AP"
+    metric = metric_label = "AP"
     epoch_scalars = ("test_AP", "test_AP50", "test_AP75", "train_loss", "lr", "images_per_s")
     validate_config = staticmethod(validate_detection)
 

@@ -326,7 +326,7 @@ def _summary_extra(cfg, run, path, ctx, logger):
         metric = teacher["metric"]
         score = "unknown" if teacher[metric] is None else f"{teacher[metric]:.2f} ({teacher[metric + '_source']})"
         logger.info("teacher %s: checkpoint %s, sha256 %s, test %s %s", teacher["name"], teacher["checkpoint"],
-                    teacher["sha256"], metric, score)
+                    teacher["sha256"], run.task.metric_label, score)
     sha, dirty = git_info()
     return {"seed": cfg.EXPERIMENT.SEED, "git_sha": sha, "git_dirty": dirty, "teacher": teacher,
             "torch_version": torch.__version__, "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),

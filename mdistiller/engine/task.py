@@ -12,8 +12,8 @@ from ..config.registry import TASK_REGISTRY
 class Task:
     """One kind of run. Subclasses fill in every method; none keeps state (a task is built once per run)."""
 
-    #: the test metric best.pth is chosen by (the epoch record's test_<metric>, higher is better)
-    metric = "top1"
+    #: the test metric best.pth is chosen by (the epoch record's test_<metric>, higher is better), and its name in logs
+    metric, metric_label = "top1", "top-1"
     #: the epoch record's keys that TensorBoard and W&B plot as epoch/<key>
     epoch_scalars = ("train_loss", "lr", "images_per_s")
 
