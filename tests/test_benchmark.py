@@ -256,3 +256,34 @@ def test_compare_rejects_a_variant_on_another_dataset():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trains on DATASET.TYPE 'fashion_mnist', --cfg on 'cifar100'" in proc.stderr
+
+
+def test_op_counter_counts_calls_and_host_waits_exactly():
+    """Hand-made steps with known aten calls: every call counted once, the ones that make a CUDA host wait
+    (a value read, a data-dependent shape) counted as syncs, nothing else."""
+    from mdistiller.bench.op_count import count_ops
+
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    assert count_ops(lambda: a + b) == {"aten_ops": 1, "syncs": 0, "sync_ops": {}, "top_ops": {"add": 1}}
+    read = count_ops(lambda: (a * b).sum().item())
+    assert read["aten_ops"] == 3 and read["syncs"] == 1 and read["sync_ops"] == {"_local_scalar_dense": 1}
+    shaped = count_ops(lambda: [(a > 0).nonzero() for _ in range(2)], 2)  # per update: gt, nonzero (a CUDA sync)
+    assert shaped["aten_ops"] == 2 and shaped["sync_ops"] == {"nonzero": 1}
+    assert count_ops(lambda: float(a.max()))["syncs"] == 1  # Python's float() reads the value too
+
+
+def test_ops_compares_the_update_with_a_bare_loop():
+    """--ops: per update, the aten calls and host waits of the run's loop step (hooks included, over one period of
+    the finite guard's check) and of a bare PyTorch KD loop of the same models. The KD step waits on the host only
+    for the guard's check, once per period; the bare loop never does."""
+    from mdistiller.engine.finite_guard import CHECK_EVERY
+
+    out, stdout = bench_json("--steps", "1", "--warmup", "1", "--rounds", "1", "--no-data", "--no-breakdown", "--ops",
+                             "--compare", "SOLVER.UPDATE_RULE vanilla", "SOLVER.UPDATE_RULE dot",
+                             "--", *TINY, "SPEED.AMP", "off")
+    for r in out["results"]:
+        ops, bare = r["ops"], r["ops"]["bare"]
+        assert bare["syncs"] == 0 and bare["aten_ops"] > 0
+        assert ops["syncs"] == 1 / CHECK_EVERY and ops["sync_ops"] == {"_local_scalar_dense": 1 / CHECK_EVERY}
+        assert ops["aten_ops"] >= bare["aten_ops"] * 0.5 and sum(ops["top_ops"].values()) <= ops["aten_ops"]
+    assert "operations per update" in stdout

@@ -33,6 +33,11 @@ each variant (and the baseline) a teacher with random weights, in memory (timing
 weights). Peak memory: CUDA's allocator peak per variant (and for the baseline); on CPU the process's peak
 resident size (shared by everything in the run).
 
+--ops (mdistiller/bench/op_count.py): the aten operations one update dispatches (forward, backward, optimizer) and
+the points where the host waits for the device (.item() and friends, data-dependent shapes, device-to-host
+copies), for each variant and for a bare PyTorch loop of the same architectures, KD loss and torch SGD
+(bench/baseline.BareKD) on the same batch: what launches and waits the framework adds to an update, on any device.
+
 --roofline (mdistiller/bench/roofline.py): each variant's floating-point work per update (PyTorch's FLOP counter
 over one more real step), the rate its ms/step achieves, and that rate against a large float32 matmul on the same
 device: the float32 step time no implementation of these models and this batch can beat here.
@@ -48,7 +53,10 @@ import tempfile
 import _path  # noqa: F401
 import torch
 
+from mdistiller.bench.baseline import BareKD
 from mdistiller.bench.device import peak_mb, reset_peak
+from mdistiller.bench.op_count import count_ops
+from mdistiller.engine.finite_guard import CHECK_EVERY
 from mdistiller.bench.phases import PHASES
 from mdistiller.bench.random_teacher import random_teacher_state
 from mdistiller.bench.roofline import matmul_gflops, roofline, step_flops
@@ -166,6 +174,15 @@ def run(args):
         for _ in range(args.rounds):
             for v in variants:
                 v.round(args.steps, with_data=not args.no_data, breakdown=not args.no_breakdown)
+        if args.ops:  # after the timings: one more update of each variant, and of the bare loop, counted
+            span = CHECK_EVERY  # one period of the finite guard's check: its sync is counted at its rate
+            ops = {v.label: count_ops(lambda v=v: v.loop_steps(span), span) for v in variants}
+            first = variants[0]
+            bare = BareKD(first.cfg, first.run.data.num_classes, first.run.data.image_size, first.device,
+                          teachers.get(first.cfg.DISTILLER.TEACHER))
+            images, labels = first.batch[0], first.batch[1]
+            bare.step(images, labels)  # lazily created optimizer state, as the variants' warm-up
+            bare_ops = count_ops(lambda: [bare.step(images, labels) for _ in range(span)], span)
         if args.roofline:  # after the timings: the counted step is one more update of each variant
             flops = {v.label: step_flops(lambda v=v: v._step(v.batch)) for v in variants}
             matmul = matmul_gflops(variants[0].device)
@@ -175,6 +192,8 @@ def run(args):
     results = [v.result() for v in variants]
     for r in results:
         r["ratio_to_first"] = r["ms_per_step"] / results[0]["ms_per_step"]
+        if args.ops:
+            r["ops"] = {**ops[r["variant"]], "bare": bare_ops}
         if baseline_summary:
             r["speedup_vs_baseline"] = r["epoch"]["images_per_s"] / baseline_summary["images_per_s"]
         if args.roofline:
@@ -185,7 +204,7 @@ def run(args):
                                                       / baseline_summary["images_per_s"])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     notes = [f"the baseline is KD; variant '{v.label}' runs DISTILLER.TYPE {v.cfg.DISTILLER.TYPE}"
-             for v in variants if baseline_summary and v.cfg.DISTILLER.TYPE != "KD"]
+             for v in variants if (baseline_summary or args.ops) and v.cfg.DISTILLER.TYPE != "KD"]
     return results, peak_rss_mb, baseline_summary, notes
 
 
@@ -213,6 +232,16 @@ def print_report(args, results, peak_rss_mb, baseline, notes):
                   f"{r['speedup_vs_baseline']:8.2f}")
         label = f"{baseline['name']} baseline ({baseline['workers']} workers)"
         print(f"{label[:48]:48s} {baseline['images_per_s']:9.1f} {1.0:8.2f}")
+    if "ops" in results[0]:
+        bare = results[0]["ops"]["bare"]
+        print(f"\noperations per update (aten calls dispatched; host waits for the device) against a bare PyTorch "
+              f"KD loop of the same models and torch SGD: {bare['aten_ops']:.0f} ops, {bare['syncs']:.0f} syncs")
+        print(f"{'variant':32s} {'aten ops':>9s} {'x bare':>7s} {'syncs':>6s}  where the syncs are")
+        for r in results:
+            o = r["ops"]
+            where = ", ".join(f"{k} {v:g}" for k, v in o["sync_ops"].items()) or "-"
+            print(f"{r['variant'][:32]:32s} {o['aten_ops']:9.0f} {o['aten_ops'] / bare['aten_ops']:7.2f} "
+                  f"{o['syncs']:6.0f}  {where}")
     if "roofline" in results[0]:
         rl = results[0]["roofline"]
         print(f"\nroofline: float work of one step (torch.utils.flop_counter; int8 kernels and elementwise ops count "
@@ -252,6 +281,8 @@ def main(argv=None):
     p.add_argument("--epoch-rounds", type=int, default=1, help="epochs timed per variant and for the baseline")
     p.add_argument("--roofline", action="store_true",
                    help="count each variant's FLOPs per step and compare with the device's float32 matmul rate")
+    p.add_argument("--ops", action="store_true",
+                   help="count the aten operations and host synchronisations of one update, and a bare loop's")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs for every variant")
     args = p.parse_args(argv)

@@ -27,6 +27,43 @@ from .device import sync
 NUM_CLASSES = 100
 
 
+def kd_update(student, teacher, optimizer, images, labels, temperature, ce_weight, kd_weight):
+    """One KD update as plain PyTorch writes it; returns the loss (a detached tensor, no sync)."""
+    with torch.no_grad():
+        logits_t = teacher(images)[0]
+    logits = student(images)[0]
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.softmax(logits_t / t, dim=1), reduction="batchmean")
+    loss = ce_weight * F.cross_entropy(logits, labels) + kd_weight * t * t * kl
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class BareKD:
+    """A config's student and teacher architectures (fresh weights; `teacher_state` for the teacher's), its KD
+    loss (the KD section's weights and temperature, whatever the method) and torch SGD, with nothing around them:
+    what one update costs in plain PyTorch (tools/benchmark.py --ops)."""
+
+    def __init__(self, cfg, num_classes, image_size, device, teacher_state=None):
+        torch.manual_seed(cfg.EXPERIMENT.SEED)
+        self.student = build_model(cfg.DISTILLER.STUDENT, num_classes=num_classes, image_size=image_size)
+        self.teacher = build_model(cfg.DISTILLER.TEACHER, num_classes=num_classes, image_size=image_size)
+        if teacher_state is not None:
+            self.teacher.load_state_dict(teacher_state)
+        self.student.to(device).train()
+        self.teacher.to(device).eval()
+        s, kd = cfg.SOLVER, cfg.KD
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=s.LR, momentum=s.MOMENTUM,
+                                         weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+        self.temperature, self.ce_weight, self.kd_weight = kd.TEMPERATURE, kd.LOSS.CE_WEIGHT, kd.LOSS.KD_WEIGHT
+
+    def step(self, images, labels):
+        return kd_update(self.student, self.teacher, self.optimizer, images, labels, self.temperature,
+                         self.ce_weight, self.kd_weight)
+
+
 def cifar100_train_transform(mean, std):
     return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                transforms.ToTensor(), transforms.Normalize(mean, std)])
@@ -66,16 +103,8 @@ class TorchvisionKD:
     def step(self, images, labels):
         """One update on a CPU batch; returns the loss (a detached tensor, no sync)."""
         images, labels = images.to(self.device), labels.to(self.device)
-        with torch.no_grad():
-            logits_t = self.teacher(images)[0]
-        logits = self.student(images)[0]
-        t = self.temperature
-        kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.softmax(logits_t / t, dim=1), reduction="batchmean")
-        loss = self.ce_weight * F.cross_entropy(logits, labels) + self.kd_weight * t * t * kl
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return kd_update(self.student, self.teacher, self.optimizer, images, labels, self.temperature,
+                         self.ce_weight, self.kd_weight)
 
     def warmup(self, steps):
         """Untimed updates on one batch (allocator, kernels), as the variants get before their timings."""

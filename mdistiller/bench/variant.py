@@ -42,6 +42,14 @@ class Variant:
         images, labels, index = batch
         self.trainer.run_step(images, labels, index, 1)
 
+    def loop_steps(self, steps):
+        """`steps` iterations on the fixed batch as the training loop takes them (hooks included), so that what a
+        hook does every so many steps (the finite guard's check) is counted at its rate."""
+        images, labels, index = self.batch
+        iters = max(len(self.trainer.train_loader), steps + 1)  # the steps lie inside one epoch, not at its end
+        for it in range(steps):
+            self.trainer.step_with_hooks(images, labels, index, 1, it, iters)
+
     def time_steps(self, steps):
         """Mean seconds per update on the fixed batch."""
         sync(self.device)

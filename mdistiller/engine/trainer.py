@@ -100,6 +100,17 @@ class Trainer:
         return Step(loss_record(out.terms, losses["total"]), self.update_rule.stats(), out, images, labels,
                     grad_max)
 
+    def step_with_hooks(self, images, labels, index, epoch, it, iters):
+        """Step `it` of `epoch` as the loop takes it: the hooks' before_step, the update, the hooks' after_step."""
+        for hook in self.hooks:
+            hook.before_step(epoch, it, iters)
+        step = self.run_step(images, labels, index, epoch)
+        step.it, step.iters = it, iters
+        self.global_step += 1
+        for hook in self.hooks:
+            hook.after_step(step)
+        return step
+
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self):
         for hook in self.hooks:
@@ -130,13 +141,7 @@ class Trainer:
                                  self.world_size, self.device)
         start = time.perf_counter()
         for it, (images, labels, index) in enumerate(progress):
-            for hook in self.hooks:
-                hook.before_step(epoch, it, iters)
-            step = self.run_step(images, labels, index, epoch)
-            step.it, step.iters = it, iters
-            self.global_step += 1
-            for hook in self.hooks:
-                hook.after_step(step)
+            step = self.step_with_hooks(images, labels, index, epoch, it, iters)
             n = len(labels)
             seen += n
             for name, value in step.losses.items():
