@@ -270,6 +270,8 @@ def test_op_counter_counts_calls_and_host_waits_exactly():
     shaped = count_ops(lambda: [(a > 0).nonzero() for _ in range(2)], 2)  # per update: gt, nonzero (a CUDA sync)
     assert shaped["aten_ops"] == 2 and shaped["sync_ops"] == {"nonzero": 1}
     assert count_ops(lambda: float(a.max()))["syncs"] == 1  # Python's float() reads the value too
+    masked = count_ops(lambda: a[a > 0])  # a boolean index: positions from a hidden nonzero
+    assert masked["sync_ops"] == {"index": 1} and count_ops(lambda: a[:, 1:])["syncs"] == 0
 
 
 def test_ops_compares_the_update_with_a_bare_loop():

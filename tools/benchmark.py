@@ -241,7 +241,7 @@ def print_report(args, results, peak_rss_mb, baseline, notes):
             o = r["ops"]
             where = ", ".join(f"{k} {v:g}" for k, v in o["sync_ops"].items()) or "-"
             print(f"{r['variant'][:32]:32s} {o['aten_ops']:9.0f} {o['aten_ops'] / bare['aten_ops']:7.2f} "
-                  f"{o['syncs']:6.0f}  {where}")
+                  f"{o['syncs']:6.2f}  {where}")
     if "roofline" in results[0]:
         rl = results[0]["roofline"]
         print(f"\nroofline: float work of one step (torch.utils.flop_counter; int8 kernels and elementwise ops count "

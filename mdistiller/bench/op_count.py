@@ -7,7 +7,7 @@ device: every aten call the step dispatches (forward, the autograd engine's back
 them the ones that make the host wait on a CUDA device:
 - reading a value to the host (`.item()`, `float()`, `bool()`, `.tolist()`: aten._local_scalar_dense),
 - operations whose output size depends on the data (nonzero, masked_select, unique, repeat_interleave without
-  output_size),
+  output_size, indexing with a boolean mask),
 - a copy from a CUDA tensor to the CPU (seen only when the step runs on CUDA).
 `torch.cuda.synchronize()` and a CUDA event's wait are not aten calls and are not seen.
 """
@@ -34,9 +34,18 @@ def _is_device_to_host(func, args, kwargs):
     return False
 
 
+def _bool_index(args):
+    """Whether an index op's indices hold a boolean mask (turned into positions by a hidden nonzero)."""
+    indices = args[1] if len(args) > 1 else None
+    return isinstance(indices, (list, tuple)) and any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
 def _is_sync(func, args, kwargs):
     name = func.overloadpacket.__name__
     if name in SYNC_OPS:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_") and _bool_index(args):
         return True
     if name == "repeat_interleave" and kwargs.get("output_size") is None:
         return isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.int32, torch.int64) and len(args) == 1

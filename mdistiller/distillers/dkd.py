@@ -34,27 +34,34 @@ _cfg.WARMUP = 20  # epochs of linear ramp of the DKD term
 _cfg.LOGIT_STANDARDIZE = False  # LSKD: z-score both models' logits before the temperature
 
 
-def _binary_log_probs(logits, target_mask):
+# The target and non-target logits are picked with gather and index tensors, not boolean masks: a boolean index
+# has a data-dependent size, which makes a CUDA host wait for the device at every step (tools/benchmark.py --ops).
+
+
+def _binary_log_probs(logits, target, target_mask):
     """log (p_t, 1 - p_t) per sample, computed with logsumexp so neither side underflows to log(0)."""
     lse = torch.logsumexp(logits, dim=1)
-    log_pt = logits[target_mask] - lse
+    log_pt = logits.gather(1, target[:, None]).squeeze(1) - lse
     log_pnt = torch.logsumexp(logits.masked_fill(target_mask, float("-inf")), dim=1) - lse
     return torch.stack([log_pt, log_pnt], dim=1)
 
 
-def _non_target_logits(logits, target_mask):
-    n, c = logits.shape
-    return logits[~target_mask].view(n, c - 1)
+def _non_target_columns(target, num_classes):
+    """(N, C - 1) column indices of each row's non-target classes, in increasing order."""
+    columns = torch.arange(num_classes - 1, device=target.device).expand(len(target), -1)
+    return columns + (columns >= target[:, None]).long()
 
 
 def decoupled_kl(logits_student, logits_teacher, target, temperature=1.0):
     """Per-sample (TCKD, NCKD) = (KL(b^T || b^S), KL(p_hat^T || p_hat^S)) at `temperature`, without the T^2."""
-    mask = F.one_hot(target, logits_student.shape[1]).bool()
+    num_classes = logits_student.shape[1]
+    mask = torch.zeros_like(logits_student, dtype=torch.bool).scatter_(1, target[:, None], True)
     zs, zt = logits_student / temperature, logits_teacher / temperature
-    log_bs, log_bt = _binary_log_probs(zs, mask), _binary_log_probs(zt, mask)
+    log_bs, log_bt = _binary_log_probs(zs, target, mask), _binary_log_probs(zt, target, mask)
     tckd = (log_bt.exp() * (log_bt - log_bs)).sum(1)
-    log_ps_hat = F.log_softmax(_non_target_logits(zs, mask), dim=1)
-    log_pt_hat = F.log_softmax(_non_target_logits(zt, mask), dim=1)
+    others = _non_target_columns(target, num_classes)
+    log_ps_hat = F.log_softmax(zs.gather(1, others), dim=1)
+    log_pt_hat = F.log_softmax(zt.gather(1, others), dim=1)
     nckd = (log_pt_hat.exp() * (log_pt_hat - log_ps_hat)).sum(1)
     return tckd, nckd
 
