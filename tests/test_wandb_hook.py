@@ -153,7 +153,7 @@ def test_hook_on_other_ranks_logs_nothing(tmp_path, offline, monkeypatch):
     from mdistiller.utils import distributed
 
     cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True", "LOG.TENSORBOARD_FREQ", "1"])  # a row every step on rank 0
-    hook = WandbHook(run_dir=str(tmp_path), **WandbHook.from_config(cfg))
+    hook = WandbHook(run_dir=str(tmp_path), epoch_keys=("test_top1",), **WandbHook.from_config(cfg))
     monkeypatch.setattr(distributed, "rank", lambda: 1)  # the hook asks the process group which rank it runs on
     trainer = type("Rank1", (), {"global_step": 3, "lr": 0.1})()  # held here: hooks keep a weak reference
     hook.trainer = trainer
@@ -173,7 +173,7 @@ def test_missing_wandb_is_one_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     cfg = load_config(STUDENT_CFG, ["LOG.WANDB", "True"], validate=False)
     attempts = (lambda: load_config(STUDENT_CFG, ["LOG.WANDB", "True"]),  # validation: before anything is written
-                lambda: validate_config(cfg), lambda: WandbHook(run_dir="unused", **WandbHook.from_config(cfg)))
+                lambda: validate_config(cfg), lambda: WandbHook(run_dir="unused", epoch_keys=(), **WandbHook.from_config(cfg)))
     for attempt in attempts:
         with pytest.raises(ConfigError) as e:
             attempt()

@@ -16,8 +16,9 @@ from yacs.config import CfgNode as CN
 from ..utils.errors import ConfigError
 from .registry import REGISTRIES, declared_sections
 
-WANDB_MISSING = ("config key LOG.WANDB: True needs the wandb package, which is not installed; run `pip install "
-                 ".[wandb]` (or `pip install wandb`), or set LOG.WANDB False")
+#: what is wrong with LOG.WANDB True without the package (config key LOG.WANDB: ...), here and in the W&B hook
+WANDB_MISSING = ("True needs the wandb package, which is not installed; run `pip install .[wandb]` (or "
+                 "`pip install wandb`), or set LOG.WANDB False")
 
 
 def loss_weight_keys():
@@ -117,7 +118,7 @@ def validate_config(cfg):
            f"must be > 0 images, got {sp.TEACHER_INT8_CALIBRATION}")
 
     if cfg.LOG.WANDB:  # fail before anything is written when the W&B hook cannot work
-        _check(importlib.util.find_spec("wandb") is not None, "LOG.WANDB", WANDB_MISSING.split(": ", 1)[1])
+        _check(importlib.util.find_spec("wandb") is not None, "LOG.WANDB", WANDB_MISSING)
         _check(str(cfg.LOG.WANDB_PROJECT).strip(), "LOG.WANDB_PROJECT", "empty; name the wandb project, e.g. "
                "mdistiller")
     for registry in registries:

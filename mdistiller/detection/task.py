@@ -248,8 +248,8 @@ def validate_detection(cfg):
     _check(not cfg.DISTRIBUTED.SYNC_BN, "DISTRIBUTED.SYNC_BN", "the detectors' BatchNorm is frozen: set it False")
 
 
-@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION", loss_weights=("DKD.ALPHA", "DKD.BETA"),
-                        renamed={"ND": "DINO"})
+@TASK_REGISTRY.register("detection", config=DETECTION_CFG, section="DETECTION",
+                        loss_weights=("DKD.ALPHA", "DKD.BETA"), renamed={"ND": "DINO"})
 class DetectionTask(Task):
     metric = metric_label = "AP"
     epoch_scalars = ("test_AP", "test_AP50", "test_AP75", "train_loss", "lr", "images_per_s")
@@ -269,8 +269,8 @@ class DetectionTask(Task):
                 monitor_teacher=None):
         """The dino term's teacher class means (file, run-directory cache or collected) into its buffer."""
         if "dino" in distiller.terms:
-            distiller.terms["dino"].class_means.copy_(distributed.agree(class_means, cfg, distiller, data.train_set,
-                                                          torch.device(device), run_dir))
+            means = distributed.agree(class_means, cfg, distiller, data.train_set, torch.device(device), run_dir)
+            distiller.terms["dino"].class_means.copy_(means)
 
     def hooks(self, cfg, distiller, test_loader, *, data, speed, device, run_dir=None, monitor_teacher=None):
         device = torch.device(device)

@@ -19,10 +19,10 @@ from ..models.teacher_ckpt import build_teacher, teacher_record
 from ..utils import distributed
 from ..utils.errors import CheckpointError
 from .class_means import class_means_for_run
+from .classification_hooks import EpochLogHook, EvalHook, MonitorHook, TrainAccuracyHook
 from .lr_schedule import LRSchedule
 from .speed import apply_speed, resolve_speed
 from .task import Task
-from .classification_hooks import EpochLogHook, EvalHook, MonitorHook, TrainAccuracyHook
 from .train_hooks import FiniteGuardHook, LRScheduleHook, SpeedPlanHook
 
 logger = logging.getLogger("mdistiller")

@@ -153,7 +153,7 @@ class TensorBoardHook(HookBase):
     """Training scalars every `freq` iterations and the epoch record's `epoch_keys` (the task's: test accuracy or
     AP, losses, LR, speed) every epoch, under <run>/tensorboard."""
 
-    def __init__(self, *, log_dir, freq, epoch_keys=("train_loss", "lr", "images_per_s")):
+    def __init__(self, *, log_dir, freq, epoch_keys):
         self.log_dir, self.freq, self.epoch_keys, self.writer = log_dir, freq, tuple(epoch_keys), None
 
     @classmethod

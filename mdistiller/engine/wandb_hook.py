@@ -23,8 +23,6 @@ from .hooks import HookBase
 
 #: the file in the run directory that holds the wandb run id
 RUN_ID_FILE = "wandb_run_id"
-#: the per-epoch record keys logged as epoch/<key> when the task names none (the task's, as TensorBoard's)
-EPOCH_KEYS = ("train_loss", "lr", "images_per_s")
 STEP_KEY = "trainer/global_step"
 
 
@@ -33,7 +31,7 @@ def require_wandb():
     try:
         import wandb
     except ImportError:
-        raise ConfigError(WANDB_MISSING) from None
+        raise ConfigError(f"config key LOG.WANDB: {WANDB_MISSING}") from None
     return wandb
 
 
@@ -54,7 +52,7 @@ def run_id(run_dir):
 
 
 class WandbHook(HookBase):
-    def __init__(self, *, run_dir, project, freq, config, epoch_keys=EPOCH_KEYS):
+    def __init__(self, *, run_dir, project, freq, config, epoch_keys):
         """`freq`: steps between training scalars (LOG.TENSORBOARD_FREQ); `config`: the run's config as a dict;
         `epoch_keys`: the epoch record's keys to log (the task's epoch_scalars)."""
         self.wandb = require_wandb()
