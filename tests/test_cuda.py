@@ -36,7 +36,7 @@ def _run(device, *extra, method="KD", run_dir=None):
                              "resnet8", "EXPERIMENT.DEVICE", device, "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS",
                              "2", "SOLVER.LR_DECAY_STAGES", "[2]", "DATASET.ROOT", "/nonexistent",
                              "LOG.PRINT_FREQ", "0", "SPEED.AMP", "off", "SPEED.CHANNELS_LAST", "off",
-                             "SPEED.TEACHER_HALF", "off", *extra])
+                             "SPEED.TEACHER_HALF", "off", "SPEED.CUDA_GRAPHS", "off", *extra])
     run = build_run(cfg, run_dir=run_dir, bundle=DATA(cfg), teacher_state=TEACHER)
     if run_dir is not None:  # checkpoints as launch.py has them written (latest.pth each epoch)
         run.trainer.register_hooks([CheckpointHook(run_dir=run_dir, freq=0, evaluation=run.evaluation,

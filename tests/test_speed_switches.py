@@ -269,7 +269,8 @@ def test_auto_resolution_on_the_cpu():
     plan = resolve_speed(load_config(KD_CFG, ["SPEED.TEACHER_HALF", "on", "SPEED.CHANNELS_LAST", "off"]), cpu)
     assert plan.amp is None and plan.teacher_dtype == torch.bfloat16 and not plan.channels_last
     assert plan.as_dict() == {"amp": "off", "channels_last": False, "compile": False,
-                              "teacher_inference_mode": True, "teacher_half": "bf16", "teacher_int8": False}
+                              "teacher_inference_mode": True, "teacher_half": "bf16", "teacher_int8": False,
+                              "cuda_graphs": False}
 
 
 # --- the switches against the plain float32 run ----------------------------------------------------------------

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check: one command for a lent GPU machine, under 9 minutes by its sections' limits, never run by CI.
+# The GPU check: one command for a lent GPU machine, under 8 minutes by its sections' limits, never run by CI.
 #
 #   bash tools/gpu_check.sh [OUTDIR]        (OUTDIR default: $OUT where set, else output/gpu_check)
 #
 # Sections, each under its own time limit so that one failure or hang still leaves the others' results:
 #   env_info  the GPU, driver, torch/CUDA versions, CPU
-#   tests  tests/test_cuda.py (the CUDA paths against the float32 CPU path and the published identities)
+#   tests  tests/test_cuda.py (the CUDA paths against the float32 CPU path and the published identities) and
+#          tests/test_cuda_graphs.py (replayed updates against eager ones; no host wait in any update)
 #   e2e    Fashion-MNIST end to end on the GPU: a resnet20 teacher, then KD in float32, bf16 and fp16 autocast,
 #          KD+DOT under fp16 loss scaling, DKD and KD++ in bf16; best/last top-1 and minutes per run
 #   bench  KD resnet32x4 -> resnet8x4 on synthetic CIFAR-100: a full epoch of our loop (data included) against
 #          the torchvision baseline at batch 64 (defaults and float32), 128 and 256, with the step breakdown
-#   dot    DOT against the vanilla update, the update alone, at batch 64 and 256
+#   graphs the update alone at batch 64, 128 and 256: eager against SPEED.CUDA_GRAPHS, vanilla and DOT
 # Files written to OUTDIR: status.txt (each section's exit code and seconds), <section>.txt (its full output),
 # e2e.md (the end-to-end table). Needs Fashion-MNIST where tools/fetch_data.sh looks (data/FashionMNIST/raw/ or
 # Debian's folder) and, where the machine lacks a package of requirements.txt (yacs), its wheel in .whl/.
@@ -41,12 +42,14 @@ if [ "$SMOKE" = 1 ]; then
     E2E=(DATASET.TRAIN_SUBSET 256 DATASET.TEST_SUBSET 256 SOLVER.EPOCHS 1 SOLVER.LR_DECAY_STAGES "[1]")
     BENCH=(--steps 1 --warmup 1 --rounds 1 --epoch-images 32 --baseline-workers 0)
     BATCHES=(8)
+    GRAPHS_ON=auto  # CUDA graphs are CUDA's: on the CPU auto resolves to off
     export MDISTILLER_TEST_DEVICE=cpu
 else
     DEVICE=cuda
     E2E=()
     BENCH=(--steps 20 --warmup 5 --rounds 3 --epoch-images 0 --baseline-workers 12)
     BATCHES=(64 128 256)
+    GRAPHS_ON=on
 fi
 
 section() {  # section NAME SECONDS: this script again running function NAME, its output to NAME.txt, a status line
@@ -76,7 +79,8 @@ EOF
 }
 
 tests() {
-    "$PYTHON" -m pytest -q -p no:cacheprovider -o tmp_path_retention_policy=failed tests/test_cuda.py
+    "$PYTHON" -m pytest -q -p no:cacheprovider -o tmp_path_retention_policy=failed tests/test_cuda.py \
+        tests/test_cuda_graphs.py
 }
 
 e2e() {
@@ -127,14 +131,14 @@ bench() {
     done
 }
 
-dot() {
+graphs() {  # the update alone, eager against CUDA graphs, vanilla and DOT, at each batch size
     local cfg=configs/cifar100/kd/resnet32x4_resnet8x4.yaml
-    for bs in "${BATCHES[0]}" "${BATCHES[-1]}"; do
+    for bs in "${BATCHES[@]}"; do
         echo "### batch $bs"
-        "$PYTHON" tools/benchmark.py --cfg $cfg --synthetic --random-teacher "${BENCH[@]}" --no-data --json \
-            --compare "SOLVER.UPDATE_RULE vanilla" "SOLVER.UPDATE_RULE dot" "SOLVER.UPDATE_RULE dot SOLVER.DOT.GRAD_MODE batched" \
+        "$PYTHON" tools/benchmark.py --cfg $cfg --synthetic --random-teacher "${BENCH[@]}" --no-data --no-breakdown \
+            --json --compare "SPEED.CUDA_GRAPHS off" "SPEED.CUDA_GRAPHS $GRAPHS_ON" \
+            "SPEED.CUDA_GRAPHS off SOLVER.UPDATE_RULE dot" "SPEED.CUDA_GRAPHS $GRAPHS_ON SOLVER.UPDATE_RULE dot" \
             -- SOLVER.BATCH_SIZE "$bs" EXPERIMENT.DEVICE "$DEVICE"
-        if [ "${BATCHES[0]}" = "${BATCHES[-1]}" ]; then break; fi
     done
 }
 
@@ -144,8 +148,8 @@ if [ -n "$SECTION" ]; then
 fi
 : > "$OUTDIR/status.txt"
 # GPU_CHECK_SECTIONS="tests dot" runs only those (e.g. again after a fix)
-SECTIONS="${GPU_CHECK_SECTIONS:-env_info tests e2e bench dot}"
-declare -A LIMIT=([env_info]=30 [tests]=120 [e2e]=150 [bench]=180 [dot]=60)
+SECTIONS="${GPU_CHECK_SECTIONS:-env_info tests e2e bench graphs}"
+declare -A LIMIT=([env_info]=20 [tests]=150 [e2e]=120 [bench]=120 [graphs]=90)
 for name in $SECTIONS; do
     section "$name" "${LIMIT[$name]}"
 done

@@ -76,8 +76,13 @@ class Variant:
         return (time.perf_counter() - start) / steps
 
     def time_phases(self, steps):
-        """{phase: mean seconds} of `steps` updates on the fixed batch, each split at its phase boundaries."""
-        return time_phases(self.trainer, self.batch, steps)
+        """{phase: mean seconds} of `steps` updates on the fixed batch, each split at its phase boundaries. A
+        replayed CUDA graph has no boundaries to time: the breakdown is of the same update run eagerly."""
+        graphed, self.trainer.graphed = self.trainer.graphed, None
+        try:
+            return time_phases(self.trainer, self.batch, steps)
+        finally:
+            self.trainer.graphed = graphed
 
     def time_epoch(self, epoch):
         """(images, seconds) of one real training epoch, data included."""

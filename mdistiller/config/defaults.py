@@ -103,6 +103,15 @@ _C.SPEED.TEACHER_HALF = "auto"  # auto, on, off
 # quantization error (docs/speed.md has the measured cost in accuracy and the gain in images/s).
 _C.SPEED.TEACHER_INT8 = False
 _C.SPEED.TEACHER_INT8_CALIBRATION = 512
+# CUDA only: the whole update (teacher and student forward, backward, losses, update rule) recorded once as a CUDA
+# graph and replayed for every batch of the same shape (engine/cuda_graph.py): one launch instead of hundreds.
+# auto: on for a one-process CUDA run of a method that can be captured; a method that cannot runs eagerly, with
+# one line in train.log saying why. on: the same, but a method that cannot be captured is an error.
+_C.SPEED.CUDA_GRAPHS = "auto"  # auto, on, off
+# CUDA only: the keys above left "auto" (AMP, CHANNELS_LAST, CUDA_GRAPHS) are decided by timing the run's own
+# update under each combination, on copies of the method, for at most 5 seconds (engine/speed_probe.py); the times
+# and the choice go to train.log and summary.json, and a resumed run keeps its recorded choice. False: the rules.
+_C.SPEED.PROBE = True
 
 _C.LOG = CN()
 _C.LOG.PREFIX = "output"

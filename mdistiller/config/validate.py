@@ -107,9 +107,11 @@ def validate_config(cfg):
     _check(sp.AMP in AMP_MODES, "SPEED.AMP", f"must be one of {', '.join(AMP_MODES)}, got '{sp.AMP}'")
     _check(not (sp.AMP == "fp16" and dev == "cpu"), "SPEED.AMP",
            "fp16 autocast is for CUDA GPUs; on the CPU use bf16 or off")
-    for key in ("CHANNELS_LAST", "TEACHER_HALF"):
+    for key in ("CHANNELS_LAST", "TEACHER_HALF", "CUDA_GRAPHS"):
         _check(sp[key] in SWITCH_MODES, f"SPEED.{key}",
                f"must be one of {', '.join(SWITCH_MODES)}, got '{sp[key]}'")
+    _check(not (sp.CUDA_GRAPHS == "on" and dev == "cpu"), "SPEED.CUDA_GRAPHS",
+           "CUDA graphs replay GPU work; on the CPU set it to auto or off")
     _check(not (sp.TEACHER_INT8 and dev.startswith("cuda")), "SPEED.TEACHER_INT8",
            "the int8 teacher runs on the CPU; on a GPU use SPEED.TEACHER_HALF")
     _check(not (sp.TEACHER_INT8 and sp.TEACHER_HALF == "on"), "SPEED.TEACHER_INT8",

@@ -31,6 +31,10 @@ class DetectionDistiller(RCNNDistillGlue):
             raise ValueError(f"unregistered detection terms {sorted(unknown)}: register them in "
                              f"DETECTION_TERM_REGISTRY")
 
+    def prepare_capture(self):
+        return ("a detector's proposals and sampled regions vary in number with the image (shapes that depend on "
+                "the data)")
+
     def train_forward(self, images, targets, epoch=None, index=None):
         """One training batch (lists of images and targets) -> StepOutput: the four detector losses as task terms
         plus the method's distillation terms; logits are the student's box logits on its sampled proposals."""

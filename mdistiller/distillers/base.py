@@ -51,6 +51,18 @@ class Distiller(nn.Module):
     def validate_config(cls, cfg):
         """Raise ConfigError for invalid values in this method's section; nothing to check by default."""
 
+    def prepare_capture(self):
+        """Get the update ready to be recorded as a CUDA graph (engine/cuda_graph.py) where the method can (CRD's
+        auto sampler switches to its sampler without host waits); returns why it cannot (a host wait, a shape
+        that depends on the data), or None. The default asks every submodule that defines `prepare_capture`
+        (an added term, a memory bank); a capture that still fails falls back to eager steps at run time."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "prepare_capture"):
+                why = module.prepare_capture()
+                if why:
+                    return why
+        return None
+
     def add_term(self, name, term):
         """Add a loss term to every step: `term(step_output, images, labels, teacher) -> LossTerm` (a module, so its
         parameters train and its state is checkpointed with the method's)."""

@@ -8,6 +8,7 @@ hooks and returns them in a `Run` with the `Trainer` that loops over them. Every
 `bundle` (in-memory data) and `teacher_state` (random weights) instead of files.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -18,8 +19,10 @@ from ..distillers import Distiller
 from ..models.frozen import FrozenTeacher
 from ..utils import distributed
 from ..utils.env import resolve_device, seed_everything
+from ..utils.errors import ConfigError
 from .ddp_wrap import wrap_for_training
 from .hooks import EvaluationHook
+from .cuda_graph import GraphedUpdate
 from .speed import SpeedPlan
 from .task import Task, build_task
 from .trainer import Trainer
@@ -45,6 +48,21 @@ class Run:
     task: Optional[Task] = None
 
 
+def graphs_for_method(speed, distiller):
+    """The plan with CUDA graphs off where the method's update cannot be captured (SPEED.CUDA_GRAPHS auto: one
+    line saying why; on: an error)."""
+    if not speed.cuda_graphs:
+        return speed
+    why = distiller.prepare_capture()
+    if why is None:
+        return speed
+    if speed.cuda_graphs_required:
+        raise ConfigError(f"config key SPEED.CUDA_GRAPHS on: {type(distiller).__name__}'s update cannot be "
+                          f"captured: {why}; set SPEED.CUDA_GRAPHS auto or off")
+    note = f"SPEED.CUDA_GRAPHS auto -> off: {type(distiller).__name__}'s update cannot be captured: {why}"
+    return dataclasses.replace(speed, cuda_graphs=False, notes=speed.notes + (note,))
+
+
 def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None, recorded_speed=None):
     """The run `cfg` describes. `device`: this process's device (launch.py has joined the process group and
     chosen it), else resolved here; `run_dir`: where caches of the run live (detection's class means); `bundle`:
@@ -60,14 +78,18 @@ def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None, r
     train_loader, test_loader, data = distributed.agree(task.build_data, cfg, device, bundle=bundle)
     distiller, monitor_teacher = distributed.agree(task.build_distiller, cfg, data, device, teacher_state)
     # Before the optimizer (a term may add learnable state) and not under agree(): it may run collectives itself.
-    task.prepare(cfg, distiller, data, device, speed=speed, run_dir=run_dir, bundle=bundle,
-                 teacher_state=teacher_state, monitor_teacher=monitor_teacher)
+    speed = task.prepare(cfg, distiller, data, device, speed=speed, run_dir=run_dir, bundle=bundle,
+                         teacher_state=teacher_state, monitor_teacher=monitor_teacher) or speed
     model = wrap_for_training(distiller, device, cfg.DISTRIBUTED.SYNC_BN, cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
     rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").build(
         cfg, distiller.learnable_parameters(), device, fp16=speed.needs_scaler)
+    speed = graphs_for_method(speed, distiller)
     hooks, evaluation = task.hooks(cfg, distiller, test_loader, data=data, speed=speed, device=device,
                                    run_dir=run_dir, monitor_teacher=monitor_teacher)
     trainer = Trainer(distiller, model, train_loader, rule, hooks, speed=speed, max_epochs=cfg.SOLVER.EPOCHS,
                       device=device, print_freq=cfg.LOG.PRINT_FREQ)
+    if speed.cuda_graphs:
+        rule.use_device_lr(device)
+        trainer.replay_updates(GraphedUpdate(trainer.update, device, label=f"the {cfg.DISTILLER.TYPE} update"))
     return Run(trainer, distiller, rule, evaluation, train_loader, test_loader, data, speed, torch.device(device),
                monitor_teacher, task)

@@ -22,6 +22,7 @@ from .class_means import class_means_for_run
 from .classification_hooks import EpochLogHook, EvalHook, MonitorHook, TrainAccuracyHook
 from .lr_schedule import LRSchedule
 from .speed import apply_speed, resolve_speed
+from .speed_probe import probe_run_speed
 from .task import Task
 from .train_hooks import FiniteGuardHook, LRScheduleHook, SpeedPlanHook
 
@@ -107,14 +108,18 @@ class ClassificationTask(Task):
 
     def prepare(self, cfg, distiller, data, device, *, speed, run_dir=None, bundle=None, teacher_state=None,
                 monitor_teacher=None):
-        """KD++'s class means with the plain float32 teacher (so caches never depend on SPEED), then the fast
-        paths. Not under agree(): both may run collectives themselves."""
+        """KD++'s class means with the plain float32 teacher (so caches never depend on SPEED), the probe of the
+        "auto" fast paths on a GPU (speed_probe.py), then the fast paths. Not under agree(): they may run
+        collectives themselves. Returns the plan the run trains with."""
         added = getattr(distiller, "added_terms", {})
         if "dino" in added:
             set_class_means(cfg, added["dino"], distiller.teacher.model, data, device, bundle=bundle,
                             cache=teacher_state is None)
+        if speed.probe:
+            speed = probe_run_speed(cfg, speed, distiller, data, device)
         apply_speed(speed, distiller, [monitor_teacher] if monitor_teacher is not None else [],
                     calibration_batches=lambda: unaugmented_train_loader(cfg, device, bundle=bundle))
+        return speed
 
     def hooks(self, cfg, distiller, test_loader, *, data, speed, device, run_dir=None, monitor_teacher=None):
         return standard_hooks(cfg, run_dir, distiller, test_loader, speed, device, monitor_teacher)

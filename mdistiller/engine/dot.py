@@ -16,8 +16,9 @@ The two gradients (SOLVER.DOT.GRAD_MODE):
 Both give the same gradients; docs/dot.md says which is faster where.
 
 With SPEED.AMP fp16 both losses are scaled, both gradient sets unscaled and checked together, and an overflow
-skips the whole update (loss_scaler.py); SPEED's autocast covers the forward and the losses only. Both losses
-and the largest |g| of each gradient set go to the finite guard (finite_guard.py), which stops a diverged run.
+skips the whole update, decided on the device (loss_scaler.py, dot_optimizer.py); SPEED's autocast covers the
+forward and the losses only. Both losses and the largest |g| of each gradient set go to the finite guard
+(finite_guard.py), which stops a diverged run.
 """
 
 import contextlib
@@ -130,8 +131,9 @@ class DOTRule(UpdateRule):
             # Averaged before the check, so every rank sees the same overflow and skips the same steps.
             found_inf = self.scaler.unscale_(task_grads + distill_grads)
             grad_max = {"task": largest_abs(task_grads), "distill": largest_abs(distill_grads)}
-            if not found_inf.item():  # a sync, as in GradScaler.step
-                self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine)
+            # An overflowing step is undone on the device (no host wait), as GradScaler lets a fused optimizer do.
+            self.optimizer.step_with_grads(task_grads, distill_grads, track_cosine=self._track_cosine,
+                                           found_inf=found_inf)
             self.scaler.update(found_inf)
         return grad_max
 

@@ -46,10 +46,38 @@ class DOTOptimizer(Optimizer):
         return bufs
 
     @torch.no_grad()
-    def step_with_grads(self, task_grads, distill_grads, track_cosine=False):
+    def step_with_grads(self, task_grads, distill_grads, track_cosine=False, found_inf=None):
         """Apply one update. `task_grads` / `distill_grads`: one entry per parameter, in `params()` order, None
         where that loss does not reach the parameter. With `track_cosine`, `self.cosines` becomes
-        (cos(v_task, v), cos(v_distill, v)) over the parameters both losses reach (DOT fig. 5)."""
+        (cos(v_task, v), cos(v_distill, v)) over the parameters both losses reach (DOT fig. 5). `found_inf`: a
+        one-element device tensor, non-zero when the fp16 gradients overflowed; the step is then undone on the
+        device (weights, buffers and cosines keep their bits), with no host wait."""
+        if found_inf is None:
+            return self._step(task_grads, distill_grads, track_cosine)
+        touched = self._touched(task_grads, distill_grads)
+        before = [t.clone() for t in touched]
+        cosines = self.cosines
+        self._step(task_grads, distill_grads, track_cosine)
+        skip = found_inf.reshape(()) != 0
+        for t, old in zip(touched, before):
+            t.copy_(torch.where(skip, old, t))
+        if self.cosines is not None and cosines is not None:
+            self.cosines = tuple(torch.where(skip, old, new) for old, new in zip(cosines, self.cosines))
+
+    def _touched(self, task_grads, distill_grads):
+        """The parameters and buffers an update with these gradients writes (buffers created now if new)."""
+        touched, offset = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                a, b = task_grads[offset], distill_grads[offset]
+                offset += 1
+                if a is not None and b is not None:
+                    touched += [p] + self._buffers([p], "task_buffer") + self._buffers([p], "distill_buffer")
+                elif (a is None) != (b is None):
+                    touched += [p] + self._buffers([p], "momentum_buffer")
+        return touched
+
+    def _step(self, task_grads, distill_grads, track_cosine):
         task_grads, distill_grads = list(task_grads), list(distill_grads)
         offset = 0
         both_task, both_distill = [], []
@@ -71,7 +99,7 @@ class DOTOptimizer(Optimizer):
                 torch._foreach_mul_(vd, mu + delta)
                 torch._foreach_add_(vd, gb)
                 step = torch._foreach_add(vt, vd)
-                torch._foreach_add_(ps, step, alpha=-lr)
+                _descend(ps, step, lr)
                 if track_cosine:
                     both_task += vt
                     both_distill += vd
@@ -82,10 +110,19 @@ class DOTOptimizer(Optimizer):
                     gs = torch._foreach_add(gs, ps, alpha=wd)
                 torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, gs)
-                torch._foreach_add_(ps, bufs, alpha=-lr)
+                _descend(ps, bufs, lr)
         if offset != len(task_grads) or len(task_grads) != len(distill_grads):
             raise ValueError(f"expected {offset} gradients per loss, got {len(task_grads)} and {len(distill_grads)}")
         self.cosines = _cosines(both_task, both_distill) if track_cosine else None
+
+
+def _descend(params, steps, lr):
+    """params -= lr * steps; a device-tensor LR (cuda_graph.py) is multiplied in on the device rather than read
+    back as an alpha (a host wait)."""
+    if torch.is_tensor(lr):
+        torch._foreach_sub_(params, torch._foreach_mul(steps, lr))
+    else:
+        torch._foreach_add_(params, steps, alpha=-lr)
 
 
 def _cosines(task_bufs, distill_bufs):

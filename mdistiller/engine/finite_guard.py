@@ -79,15 +79,16 @@ class FiniteGuard:
             # Keep the values of a failure already recorded; reading that is a sync, on this rare event alone.
             if self._saved is None or int(self._fail) < 0:
                 self._saved, self._saved_names = torch.full_like(vals, math.nan), names
+        # In place: a CUDA graph that replays this (cuda_graph.py) reads and writes the same tensors every time.
         self._step += 1
         bad = ~torch.isfinite(vals).all()
-        self._streak_start = torch.where(bad & (self._streak == 0), self._step, self._streak_start)
-        self._streak = torch.where(bad, self._streak + 1, torch.zeros_like(self._streak))
+        self._streak_start.copy_(torch.where(bad & (self._streak == 0), self._step, self._streak_start))
+        self._streak.copy_(torch.where(bad, self._streak + 1, torch.zeros_like(self._streak)))
         new = (self._streak > self.limit) & (self._fail < 0)
-        self._fail = torch.where(new, self._step, self._fail)
-        self._fail_start = torch.where(new, self._streak_start, self._fail_start)
+        self._fail.copy_(torch.where(new, self._step, self._fail))
+        self._fail_start.copy_(torch.where(new, self._streak_start, self._fail_start))
         if self._saved_names == names:
-            self._saved = torch.where(new, vals, self._saved)
+            self._saved.copy_(torch.where(new, vals, self._saved))
         self._last = vals
 
     # --- at the check points, on the host -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..utils import distributed
 from ..utils.errors import ConfigError
 from ..utils.hardware import cpu_bf16_decision
 from .teacher_int8 import install_int8_forward
@@ -49,6 +50,10 @@ class SpeedPlan:
     teacher_dtype: Optional[torch.dtype] = None  # None = the teacher in float32
     teacher_int8: bool = False
     int8_calibration: int = 0  # images the int8 teacher is calibrated on
+    cuda_graphs: bool = False  # the update replayed as a CUDA graph where the method can be captured
+    cuda_graphs_required: bool = False  # SPEED.CUDA_GRAPHS on: a method that cannot be captured is an error
+    # the "auto" keys a probe of the real update still decides (speed_probe.py; CUDA, SPEED.PROBE, a fresh run)
+    probe: Tuple[str, ...] = ()
     # why each "auto" came out as it did, and what a resume kept (train.log, summary.json "speed_decisions")
     notes: Tuple[str, ...] = ()
 
@@ -60,7 +65,8 @@ class SpeedPlan:
     def autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp)
+        # Under capture the cast weights must be recast on every replay: no autocast cache (same numbers).
+        return torch.autocast(self.device_type, dtype=self.amp, cache_enabled=not self.cuda_graphs)
 
     def batch(self, images):
         """The batch in the layout the models were converted to."""
@@ -72,14 +78,15 @@ class SpeedPlan:
         """JSON-friendly record (summary.json "speed")."""
         return {"amp": _DTYPE_NAMES.get(self.amp, "off"), "channels_last": self.channels_last,
                 "compile": self.compile, "teacher_inference_mode": self.teacher_inference_mode,
-                "teacher_half": _DTYPE_NAMES.get(self.teacher_dtype, "off"), "teacher_int8": self.teacher_int8}
+                "teacher_half": _DTYPE_NAMES.get(self.teacher_dtype, "off"), "teacher_int8": self.teacher_int8,
+                "cuda_graphs": self.cuda_graphs}
 
     def describe(self):
         d = self.as_dict()
         on = {True: "on", False: "off"}
         return (f"amp {d['amp']}, channels_last {on[d['channels_last']]}, compile {on[d['compile']]}, "
                 f"teacher inference_mode {on[d['teacher_inference_mode']]}, teacher half {d['teacher_half']}, "
-                f"teacher int8 {on[d['teacher_int8']]}")
+                f"teacher int8 {on[d['teacher_int8']]}, cuda graphs {on[d['cuda_graphs']]}")
 
 
 def _cuda_bf16(device):
@@ -148,10 +155,40 @@ def resolve_speed(cfg, device, recorded=None):
         name = _keep_recorded("TEACHER_HALF", _DTYPE_NAMES.get(teacher_dtype, "off"), recorded["teacher_half"],
                               recorded["teacher_half"] != "fp16" or cuda, notes)
         teacher_dtype = _DTYPES[name]
+    graphs = _cuda_graphs(s.CUDA_GRAPHS, device, recorded, notes)
+    probe = ()
+    if cuda and s.PROBE and not recorded:  # a resumed run keeps what it recorded: probed once
+        probe = tuple(k for k in ("AMP", "CHANNELS_LAST", "CUDA_GRAPHS", "TEACHER_HALF") if s[k] == "auto"
+                      and (k != "CUDA_GRAPHS" or graphs) and (k != "AMP" or _cuda_bf16(device)))
+        if not set(probe) & {"AMP", "CHANNELS_LAST", "CUDA_GRAPHS"}:
+            probe = ()
     return SpeedPlan(device_type=device.type, amp=amp_dtype, channels_last=channels_last, compile=bool(s.COMPILE),
                      teacher_inference_mode=bool(s.TEACHER_INFERENCE_MODE), teacher_dtype=teacher_dtype,
                      teacher_int8=bool(s.TEACHER_INT8), int8_calibration=int(s.TEACHER_INT8_CALIBRATION),
+                     cuda_graphs=graphs, cuda_graphs_required=s.CUDA_GRAPHS == "on", probe=probe,
                      notes=tuple(notes))
+
+
+def _cuda_graphs(mode, device, recorded, notes):
+    """SPEED.CUDA_GRAPHS as far as the device decides it (the method may still decline: build.py)."""
+    if mode == "off":
+        return False
+    if device.type != "cuda":
+        if mode == "on":
+            raise ConfigError(f"config key SPEED.CUDA_GRAPHS: CUDA graphs replay GPU work, this run is on "
+                              f"{device.type}; set it to auto or off")
+        return False
+    if distributed.world_size() > 1:
+        why = (f"{distributed.world_size()} processes train: the gradient all-reduce is not captured (one-process "
+               f"runs only)")
+        if mode == "on":
+            raise ConfigError(f"config key SPEED.CUDA_GRAPHS on: {why}; set it to auto or off")
+        notes.append(f"SPEED.CUDA_GRAPHS auto -> off: {why}")
+        return False
+    if mode == "auto":
+        notes.append("SPEED.CUDA_GRAPHS auto -> on: one CUDA process")
+        return _keep_recorded("CUDA_GRAPHS", True, recorded.get("cuda_graphs"), True, notes)
+    return True
 
 
 def recorded_plan(run_dir):

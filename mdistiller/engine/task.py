@@ -37,7 +37,8 @@ class Task:
 
     def prepare(self, cfg, distiller, data, device, *, speed, run_dir=None, bundle=None, teacher_state=None,
                 monitor_teacher=None):
-        """What must happen between building the method and building its optimizer (class means, fast paths)."""
+        """What must happen between building the method and building its optimizer (class means, fast paths);
+        returns the plan the run trains with (a probe may decide `speed`'s "auto" keys), None for `speed`."""
 
     def hooks(self, cfg, distiller, test_loader, *, data, speed, device, run_dir=None, monitor_teacher=None):
         """(the hooks every run of this task has, in order; the one that evaluates, which knows best and last)."""

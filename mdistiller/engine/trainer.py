@@ -70,6 +70,7 @@ class Trainer:
         self.global_step = 0
         self.lr = update_rule.optimizer.param_groups[0]["lr"]  # until the schedule sets the first step's
         self.counters = {"train_images": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+        self.graphed = None  # a GraphedUpdate once the run replays its update as a CUDA graph
         self.hooks = []
         self.register_hooks(hooks)
 
@@ -91,14 +92,24 @@ class Trainer:
         """One update; returns a Step (losses detached; no device sync)."""
         if self.speed is not None:
             images = self.speed.batch(images)
+        update = self.graphed if self.graphed is not None else self.update
+        losses, stats, out, grad_max = update(images, labels, index, epoch)
+        return Step(losses, stats, out, images, labels, grad_max)
+
+    def update(self, images, labels, index, epoch):
+        """The update itself, what a CUDA graph records (cuda_graph.py): training forward, losses, update rule.
+        Returns (detached losses, statistics, the forward's output, largest |g| per gradient set)."""
         with self.update_rule.forward_context(self.model):
             with self.speed.autocast() if self.speed is not None else contextlib.nullcontext():
                 out = self.model(images, labels, epoch, index)
                 losses = self.update_rule.losses(out.terms)
         grad_max = self.update_rule.apply(losses)
         out.logits = out.logits.detach()
-        return Step(loss_record(out.terms, losses["total"]), self.update_rule.stats(), out, images, labels,
-                    grad_max)
+        return loss_record(out.terms, losses["total"]), self.update_rule.stats(), out, grad_max
+
+    def replay_updates(self, graphed):
+        """Step through `graphed` (a cuda_graph.GraphedUpdate of `self.update`) instead of calling the update."""
+        self.graphed = graphed
 
     def step_with_hooks(self, images, labels, index, epoch, it, iters):
         """Step `it` of `epoch` as the loop takes it: the hooks' before_step, the update, the hooks' after_step."""

@@ -58,18 +58,36 @@ class UpdateRule:
 
     def set_lr(self, lr):
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)  # a kernel on the device, no wait: a captured update reads it there
+            else:
+                group["lr"] = lr
+
+    def use_device_lr(self, device):
+        """Keep the LR in a device tensor that `set_lr` fills, so an update captured in a CUDA graph
+        (cuda_graph.py) reads the current value instead of the one captured. Checkpoints keep a float."""
+        for group in self.optimizer.param_groups:
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
     def params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def state_dict(self):
         """The checkpoint's "optimizer", "scaler" and "trainer" (rule-specific extra state) entries."""
-        return {"optimizer": self.optimizer.state_dict(), "trainer": {},
+        optimizer = self.optimizer.state_dict()
+        for group in optimizer["param_groups"]:  # the same file whether or not the LR lives on the device
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = float(group["lr"])
+        return {"optimizer": optimizer, "trainer": {},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state):
+        devices = [g["lr"].device if torch.is_tensor(g["lr"]) else None for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, device in zip(self.optimizer.param_groups, devices):
+            if device is not None:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -77,19 +95,25 @@ class UpdateRule:
 @UPDATE_RULE_REGISTRY.register("vanilla")
 class SGDRule(UpdateRule):
     """SGD with momentum (optionally Nesterov) on the sum of all loss terms; fp16 through torch's GradScaler. Under
-    DDP the backward averages the gradients over the ranks."""
+    DDP the backward averages the gradients over the ranks.
 
-    def __init__(self, *, params, lr, momentum, weight_decay, nesterov=False, scaler=None):
+    On a GPU torch's fused SGD kernel makes the update one launch, reads a device-tensor LR without a host wait,
+    and skips an fp16 step whose gradients overflowed on the device (GradScaler hands it the flag); it rounds as
+    the multi-tensor kernel does up to float32 reassociation. On the CPU the multi-tensor path stays, so CPU runs
+    are bit-identical to earlier ones."""
+
+    def __init__(self, *, params, lr, momentum, weight_decay, nesterov=False, scaler=None, fused=False):
         self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                         nesterov=nesterov)
+                                         nesterov=nesterov, fused=fused or None)
         self.scaler = scaler
 
     @classmethod
     def from_config(cls, cfg, device, fp16):
         s = cfg.SOLVER
-        scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
+        device = torch.device(device)
+        scaler = torch.amp.GradScaler(device.type) if fp16 else None
         return {"lr": s.LR, "momentum": s.MOMENTUM, "weight_decay": s.WEIGHT_DECAY, "nesterov": s.NESTEROV,
-                "scaler": scaler}
+                "scaler": scaler, "fused": device.type == "cuda"}
 
     def apply(self, losses):
         loss = losses["total"]
