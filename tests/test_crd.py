@@ -436,3 +436,229 @@ def test_neg_replace_draws_iid_like_the_published_imagenet_sampler():
         cfg = load_config(path, validate=False)
         if cfg.DISTILLER.TYPE.rstrip("+") == "CRD":
             assert cfg.CRD.NEG_REPLACE == (cfg.DATASET.TYPE in ("imagenet", "tiny_imagenet")), path
+
+
+# --- the keys sampler (CRD.SAMPLER keys / auto): no host waits, in-place memory ------------------------------
+
+def test_keys_sampler_draws_k_distinct_other_class_samples():
+    """Every row: K distinct dataset indices, none of the anchor's class; the positive from the right pool."""
+    for mode in ("exact", "relax"):
+        torch.manual_seed(0)
+        mem = ContrastMemory(4, UNBALANCED, 8, T, 0.5, mode=mode, sampler="keys")
+        index = torch.arange(12).repeat(300)
+        idx = mem.sample(index)
+        labels = UNBALANCED[index]
+        assert idx.shape == (3600, 9)
+        neg = idx[:, 1:]
+        assert ((neg >= 0) & (neg < 12)).all()
+        assert (UNBALANCED[neg] != labels[:, None]).all()
+        assert (neg.sort(1).values.diff(1) > 0).all()  # distinct within a row
+        if mode == "exact":
+            assert torch.equal(idx[:, 0], index)
+        else:
+            assert torch.equal(UNBALANCED[idx[:, 0]], labels)
+
+
+def test_keys_sampler_makes_every_k_subset_equally_likely():
+    """A pool of 5 other-class samples, K = 2: each of the C(5, 2) = 10 subsets has probability 1/10, as
+    np.random.choice(pool, 2, replace=False) gives. 20,000 draws, chi-square with 9 degrees of freedom against
+    6 sd above its mean (a fixed seed, so the verdict is deterministic); the subsets are counted here from the
+    returned indices, not from anything the sampler computes."""
+    from mdistiller.distillers.crd_negatives import sample_keys
+
+    targets = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0])  # class 0 anchors: pool {0, 2, 3, 5, 6}
+    torch.manual_seed(0)
+    n = 20000
+    idx = sample_keys(targets, torch.zeros(n, dtype=torch.int64), 2)
+    counts = {}
+    for row in idx.tolist():
+        key = tuple(sorted(row))
+        counts[key] = counts.get(key, 0) + 1
+    cells = list(itertools.combinations([0, 2, 3, 5, 6], 2))
+    assert set(counts) == set(cells)
+    dof = len(cells) - 1
+    assert _chi_square(counts, cells) < dof + 6 * math.sqrt(2 * dof)
+    # and a sampler that favoured one candidate by a tenth would fail it: the test has power
+    biased = dict(counts)
+    for c in cells:
+        if 0 in c:
+            biased[c] = round(biased[c] * 1.1)
+    assert _chi_square(biased, cells) > 2 * (dof + 6 * math.sqrt(2 * dof))
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_keys_sampler_uniform_on_unbalanced_classes(k):
+    """The chi-square over all K-subsets of each class's pool, as for the redraw sampler above (pools 8 to 11)."""
+    torch.manual_seed(1)
+    mem = ContrastMemory(4, UNBALANCED, k, T, 0.5, sampler="keys")
+    reps = 6000
+    idx = mem.sample(torch.arange(12).repeat(reps))
+    counts = [{} for _ in range(4)]
+    for row, label in zip(idx[:, 1:].tolist(), UNBALANCED.repeat(reps).tolist()):
+        key = tuple(sorted(row))
+        counts[label][key] = counts[label].get(key, 0) + 1
+    for label in range(4):
+        cells = list(itertools.combinations(sorted(_other_class(UNBALANCED, label)), k))
+        assert set(counts[label]) <= set(cells)
+        dof = len(cells) - 1
+        if dof:
+            assert _chi_square(counts[label], cells) < dof + 6 * math.sqrt(2 * dof), (label, k)
+
+
+def test_neg_replace_draws_match_the_published_definition():
+    """With replacement: negative j of row b is position floor(u * pool) of the other classes' samples (class-
+    sorted), u the next float64 uniform of the global RNG, as the masked sampler has always drawn them."""
+    targets = torch.arange(40) % 4
+    mem = ContrastMemory(8, targets, 50, T, 0.5, replace=True)
+    index = torch.tensor([3, 17, 22, 0])
+    torch.manual_seed(5)
+    got = mem.sample(index)[:, 1:]
+    torch.manual_seed(5)
+    u = torch.rand(4, 50, dtype=torch.float64)
+    order = torch.argsort(targets, stable=True)
+    for b, i in enumerate(index.tolist()):
+        others = [s for s in order.tolist() if targets[s] != targets[i]]  # the pool, in class-sorted order
+        expected = [others[min(int(x * 30), 29)] for x in u[b].tolist()]
+        assert got[b].tolist() == expected
+
+
+def test_sampler_config_validation_and_memory_bound():
+    with pytest.raises(ConfigError, match="CRD.SAMPLER: must be one of redraw, keys, auto, got 'topk'"):
+        load_config(None, ["DISTILLER.TYPE", "CRD", "CRD.SAMPLER", "topk"])
+    # 40 samples x a batch of 2^28 / 40 + 1 rows: over the bound; the error names the ways out
+    huge = str(2 ** 28 // 40 + 1)
+    with pytest.raises(ConfigError, match=r"CRD.SAMPLER.*redraw.*CRD.NEG_REPLACE"):
+        make_crd("CRD.SAMPLER", "keys", "SOLVER.BATCH_SIZE", huge)
+    assert make_crd("CRD.SAMPLER", "keys", "SOLVER.BATCH_SIZE", huge, "CRD.NEG_REPLACE", "true").memory.replace
+    auto = make_crd("CRD.SAMPLER", "auto", "SOLVER.BATCH_SIZE", huge)  # auto never refuses: it stays on redraw
+    assert auto.set_sync_free(True) is False and not auto.memory.uses_keys
+    assert make_crd("CRD.SAMPLER", "keys", "SOLVER.BATCH_SIZE", str(2 ** 28 // 40)).memory.uses_keys
+
+
+def test_auto_follows_the_sync_free_hook():
+    """CRD.SAMPLER auto: the redraw sampler's draws until set_sync_free(True), the keys sampler's while set."""
+    index = torch.tensor([0, 5, 9, 22, 31])
+    crd, redraw, keys = make_crd("CRD.SAMPLER", "auto"), make_crd(), make_crd("CRD.SAMPLER", "keys")
+    assert make_crd().set_sync_free(True) is False  # redraw stays redraw
+    draws = {}
+    for name, model in (("auto", crd), ("redraw", redraw), ("keys", keys)):
+        torch.manual_seed(2)
+        draws[name] = model.memory.sample(index)
+    assert torch.equal(draws["auto"], draws["redraw"]) and not torch.equal(draws["redraw"], draws["keys"])
+    assert crd.set_sync_free(True) is True
+    torch.manual_seed(2)
+    assert torch.equal(crd.memory.sample(index), draws["keys"])
+    assert crd.set_sync_free(False) is False
+    torch.manual_seed(2)
+    assert torch.equal(crd.memory.sample(index), draws["redraw"])
+
+
+def _old_row_scores(memory, anchor, idx):
+    """row_scores before the in-place update: the product with the bank itself."""
+    n, dim = memory.shape
+    if n <= idx.shape[1] * dim:
+        return (anchor @ memory.t()).gather(1, idx)
+    return torch.bmm(memory[idx], anchor.unsqueeze(2)).squeeze(2)
+
+
+@torch.no_grad()
+def _old_update(self, v_s, v_t, index):
+    """The published rule, out of place: rows <- normalize(m * row + (1 - m) * v), the buffer rebound."""
+    for name, new in (("memory_s", v_s), ("memory_t", v_t)):
+        bank = getattr(self, name).clone()
+        bank[index] = F.normalize(bank[index] * self.momentum + new * (1 - self.momentum), dim=1)
+        setattr(self, name, bank)
+
+
+@pytest.mark.parametrize("sampler", ["redraw", "keys"])
+def test_in_place_memory_update_matches_the_out_of_place_definition(sampler, monkeypatch):
+    """Three SGD steps of two identical CRDs, one with the in-place update (buffers keep their storage, as a CUDA
+    graph needs), one with the old out-of-place one: bit-identical losses, gradients and banks."""
+    from mdistiller.distillers import crd_memory
+
+    new, old = make_crd("CRD.SAMPLER", sampler), make_crd("CRD.SAMPLER", sampler)
+    ptrs = (new.memory.memory_s.data_ptr(), new.memory.memory_t.data_ptr())
+    runs = {}
+    for name, crd in (("new", new), ("old", old)):
+        if name == "old":
+            monkeypatch.setattr(crd_memory, "row_scores", _old_row_scores)
+            monkeypatch.setattr(crd.memory, "update", _old_update.__get__(crd.memory))
+        crd.train()
+        params = [p for p in crd.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        torch.manual_seed(11)
+        losses, grads = [], []
+        for step in range(3):
+            images, labels, index = batch(torch.arange(step * 8, step * 8 + 8))
+            opt.zero_grad()
+            terms = crd.forward_train(images, labels, 1, index).terms
+            loss = terms["ce"].value + terms["crd"].value
+            loss.backward()
+            opt.step()
+            losses.append(terms["crd"].value.detach().clone())
+            grads.append([p.grad.clone() for p in params])
+        runs[name] = (losses, grads, crd.memory.memory_s.clone(), crd.memory.memory_t.clone())
+        monkeypatch.undo()
+    (l1, g1, s1, t1), (l2, g2, s2, t2) = runs["new"], runs["old"]
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2))
+    assert all(torch.equal(a, b) for ga, gb in zip(g1, g2) for a, b in zip(ga, gb))
+    assert torch.equal(s1, s2) and torch.equal(t1, t2)
+    assert (new.memory.memory_s.data_ptr(), new.memory.memory_t.data_ptr()) == ptrs  # updated in place
+    assert not torch.equal(s1[:24], make_crd().memory.memory_s[:24])  # the steps did move the touched rows
+
+
+@pytest.mark.parametrize("extra", [("CRD.SAMPLER", "keys"), ("CRD.NEG_REPLACE", "true"),
+                                   ("CRD.SAMPLER", "keys", "CRD.MODE", "relax"), ("CRD.SAMPLER", "redraw")])
+def test_crd_update_waits_on_the_host_zero_times(extra, tmp_path):
+    """The real training step of a built run (bench.variant, as tools/benchmark.py --ops counts it): after the
+    first step (Z's one-off estimate), a CRD update with the keys sampler, or with replacement, makes no host
+    wait; over one period of the loop's hooks the only wait is the finite guard's check, as for KD. The redraw
+    sampler (the default) does wait, which shows the count sees CRD's waits."""
+    from mdistiller.bench.op_count import count_ops
+    from mdistiller.bench.random_teacher import random_teacher_state
+    from mdistiller.bench.synthetic import SyntheticDataset
+    from mdistiller.bench.variant import Variant
+    from mdistiller.engine.finite_guard import CHECK_EVERY
+
+    kd_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "cifar100", "kd", "resnet32x4_resnet8x4.yaml")
+    cfg = load_config(kd_cfg, ["LOG.PREFIX", str(tmp_path), "EXPERIMENT.DEVICE", "cpu", "SOLVER.BATCH_SIZE", "8",
+                               "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8", "SPEED.AMP", "off",
+                               "DISTILLER.TYPE", "CRD", *extra])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        v = Variant("crd", cfg, bundle=SyntheticDataset("cifar100", 64)(cfg),
+                    teacher_state=random_teacher_state("resnet20", "cifar100"))
+        sync_free = extra != ("CRD.SAMPLER", "redraw")
+        assert v.trainer.distiller.memory.step_is_sync_free == sync_free
+        v._step(v.batch)  # the first step estimates Z (one read of its buffer)
+        bank = v.trainer.distiller.memory.memory_t.data_ptr()
+        steps = count_ops(lambda: [v._step(v.batch) for _ in range(3)], 3)
+        if not sync_free:
+            assert steps["syncs"] >= 3 and v.trainer.distiller.memory.memory_t.data_ptr() == bank
+            return
+        assert steps["syncs"] == 0
+        ops = count_ops(lambda: v.loop_steps(CHECK_EVERY), CHECK_EVERY)
+    finally:
+        torch.set_num_threads(threads)
+    assert ops["syncs"] == 1 / CHECK_EVERY and ops["sync_ops"] == {"_local_scalar_dense": 1 / CHECK_EVERY}
+    assert v.trainer.distiller.memory.memory_t.data_ptr() == bank
+
+
+def test_prepare_capture_switches_auto_and_says_why_redraw_cannot_be_captured():
+    """The engine's hook before a CUDA-graph capture (Distiller.prepare_capture asks the memory bank): keys and
+    with-replacement draws are capturable, auto switches to keys, redraw names the sampler and the way out."""
+    for extra, capturable in ((("CRD.SAMPLER", "keys"), True), (("CRD.NEG_REPLACE", "true"), True),
+                              (("CRD.SAMPLER", "auto"), True), (("CRD.SAMPLER", "redraw"), False)):
+        crd = make_crd(*extra)
+        why = crd.memory.prepare_capture()
+        assert (why is None) == capturable, extra
+        assert crd.memory.step_is_sync_free == capturable
+        if not capturable:
+            assert "CRD.SAMPLER redraw" in why and "keys" in why
+    auto = make_crd("CRD.SAMPLER", "auto")
+    auto.memory.prepare_capture()
+    assert auto.memory.uses_keys
+    huge = make_crd("CRD.SAMPLER", "auto", "SOLVER.BATCH_SIZE", str(2 ** 28 // 40 + 1))
+    assert "CRD.NEG_REPLACE" in huge.memory.prepare_capture()

@@ -15,15 +15,44 @@ stays O(rows x K) (O(rows x pool) only in that complement case, where pool < 2K)
 A row's positions come back in no particular order (mostly ascending: the first draw is sorted, redrawn slots
 are not); the NCE loss sums over negatives, so order does not matter. Randomness comes from the global torch RNG
 of pool's device, so a given RNG state always gives the same positions.
+
+The redraw rounds have data-dependent sizes, so on a GPU the host waits for the device several times per draw
+(value reads, nonzero, boolean indexing): no CUDA graph can capture them. `sample_keys` draws the same
+distribution with fixed shapes only: i.i.d. float64 keys over the whole training set per row, the row's own
+class masked out, the K largest kept. It costs O(rows x num_train) memory (KEYS_MAX_ELEMENTS bounds it) and
+consumes the RNG differently, so a run with it draws other negatives than a run with the redraw sampler.
+`iid_positions` (with replacement) has fixed shapes too.
 """
 
 import torch
+
+# Largest rows x num_train the keys sampler may allocate: 2^28 float64 keys are 2 GiB (plus a boolean mask).
+KEYS_MAX_ELEMENTS = 2 ** 28
 
 
 def _uniform_below(high):
     """One uniform integer in [0, high[i]) per entry of high (int64 tensor), from float64 uniforms."""
     u = torch.rand(high.shape, device=high.device, dtype=torch.float64)
     return torch.minimum((u * high).long(), high - 1)
+
+
+def iid_positions(pool, k):
+    """(B, k) i.i.d. uniform positions in [0, pool[b]): no validation and no data-dependent shape, so no host
+    wait (the with-replacement draw of CRD.NEG_REPLACE; pool must be >= 1, which ContrastMemory guarantees)."""
+    return _uniform_below(pool.unsqueeze(1).expand(-1, k))
+
+
+def sample_keys(targets, labels, k):
+    """(B, k) dataset indices: for each labels[b], k distinct samples whose target differs, a uniformly random
+    k-subset of them, without any host wait (fixed shapes throughout, so a CUDA graph can capture it).
+
+    Every sample gets an i.i.d. U(0, 1) float64 key per row, the row's own class gets -1, and topk keeps the k
+    largest: with i.i.d. continuous keys every ordering of the candidates is equally likely, hence so is every
+    k-subset of the top. Needs k <= the smallest other-class pool (ContrastMemory caps K so), else own-class
+    samples would fill the rest. Memory: rows x num_train keys (see KEYS_MAX_ELEMENTS)."""
+    keys = torch.rand(labels.numel(), targets.numel(), device=targets.device, dtype=torch.float64)
+    keys.masked_fill_(targets.unsqueeze(0) == labels.unsqueeze(1), -1.0)
+    return keys.topk(k, dim=1, sorted=False).indices
 
 
 def _sorted_uniform_below(high, counts):
@@ -79,12 +108,14 @@ def sample_positions(pool, k, replace=False):
     out = torch.empty(pool.numel(), k, dtype=torch.int64, device=pool.device)
     if pool.numel() == 0 or k == 0:
         return out
-    replace = torch.ones_like(pool, dtype=torch.bool) if replace else pool < k
-    complement = ~replace & (2 * k > pool)
-    sparse = ~replace & ~complement
-    if replace.any():
-        p = pool[replace].unsqueeze(1).expand(-1, k)
-        out[replace] = _uniform_below(p)
+    if replace:  # the same draws as the masked path below took for an all-True mask, without its host waits
+        return iid_positions(pool, k)
+    short = pool < k  # K exceeds the pool: i.i.d., as CRD falls back to
+    complement = ~short & (2 * k > pool)
+    sparse = ~short & ~complement
+    if short.any():
+        p = pool[short].unsqueeze(1).expand(-1, k)
+        out[short] = _uniform_below(p)
     if sparse.any():
         p = pool[sparse]
         stride = int(p.max())
