@@ -536,10 +536,12 @@ def test_sampler_config_validation_and_memory_bound():
 
 
 def test_auto_follows_the_sync_free_hook():
-    """CRD.SAMPLER auto: the redraw sampler's draws until set_sync_free(True), the keys sampler's while set."""
+    """CRD.SAMPLER auto (the default): the redraw sampler's draws until set_sync_free(True), the keys sampler's
+    while set."""
     index = torch.tensor([0, 5, 9, 22, 31])
-    crd, redraw, keys = make_crd("CRD.SAMPLER", "auto"), make_crd(), make_crd("CRD.SAMPLER", "keys")
-    assert make_crd().set_sync_free(True) is False  # redraw stays redraw
+    crd, keys = make_crd(), make_crd("CRD.SAMPLER", "keys")  # auto: the default
+    redraw = make_crd("CRD.SAMPLER", "redraw")
+    assert make_crd("CRD.SAMPLER", "redraw").set_sync_free(True) is False  # redraw stays redraw
     draws = {}
     for name, model in (("auto", crd), ("redraw", redraw), ("keys", keys)):
         torch.manual_seed(2)

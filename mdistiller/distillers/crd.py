@@ -10,11 +10,12 @@ is what makes 16384 negatives affordable at batch 64.
 loss = CE_WEIGHT * CE + FEAT_WEIGHT * (NCE(student anchor, teacher bank) + NCE(teacher anchor, student bank)).
 The teacher's head is learnable too (the teacher itself stays frozen). Defaults are CRD's CIFAR-100 settings.
 
-CRD.SAMPLER picks how K distinct negatives are drawn (crd_memory.py): "redraw" (default) redraws collisions and
+CRD.SAMPLER picks how K distinct negatives are drawn (crd_memory.py): "redraw" redraws collisions and
 waits on the host a few times a step; "keys" draws the same distribution with fixed shapes, no host wait, so the
 step can be captured in a CUDA graph, at batch x num_train float64 keys of memory; "auto" is "keys" only once
 the step is made ready for a CUDA-graph capture (ContrastMemory.prepare_capture, which the engine reaches
-through Distiller.prepare_capture; or `set_sync_free(True)`), "redraw" otherwise.
+through Distiller.prepare_capture; or `set_sync_free(True)`), "redraw" otherwise. "auto" is the default: a CPU
+run draws exactly what "redraw" draws, a GPU run whose update is replayed as a CUDA graph draws with "keys".
 """
 
 import torch.nn as nn
@@ -41,7 +42,7 @@ _cfg.NEG_REPLACE = False
 # step); "keys" the K largest of i.i.d. random keys (no host wait, batch x num_train keys of memory); "auto" keys
 # where the step must be sync-free (a CUDA-graph capture: prepare_capture / set_sync_free), else redraw. Same
 # distribution, different draws.
-_cfg.SAMPLER = "redraw"
+_cfg.SAMPLER = "auto"
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 0.8
@@ -79,7 +80,7 @@ class CRD(Distiller):
             raise ConfigError(f"config key CRD.SAMPLER: must be one of {', '.join(SAMPLERS)}, got {c.SAMPLER!r}")
 
     def __init__(self, *, student, teacher, train_targets, feat_dim=128, nce_k=16384, nce_t=0.07, nce_momentum=0.5,
-                 mode="exact", neg_replace=False, sampler="redraw", max_rows=None, ce_weight=1.0, feat_weight=0.8):
+                 mode="exact", neg_replace=False, sampler="auto", max_rows=None, ce_weight=1.0, feat_weight=0.8):
         """`train_targets`: the labels of the training set in dataset-index order (the memory bank's rows);
         `max_rows`: the per-process batch, which bounds the keys sampler's memory (None: unchecked)."""
         super().__init__(student=student, teacher=teacher)
