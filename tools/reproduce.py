@@ -4,6 +4,7 @@
     python tools/reproduce.py --table dot-3a --dry-run [--seeds 3]
     python tools/reproduce.py --table dot-3a --seeds 3 [--prefix output/repro]
     python tools/reproduce.py --table dot-3a --seeds 3 --emit-script run.sh [--slurm --time 24:00:00 ...]
+    python tools/reproduce.py --table proxy-fmnist --seeds 3 --runs-per-device 2  # 2 runs at a time
     python tools/reproduce.py --table dot-3a --collect [--prefix output/repro] [--out-md F] [--out-csv F]
 
 Cells map to configs by convention (mdistiller/reproduce/plan.py); runs are told apart by seed and, for sweep
@@ -63,12 +64,15 @@ def do_dry_run(plans, staged, table, prefix):
     return 0
 
 
-def do_run(plans, staged, table, prefix):
-    """In this process, one run after the other in stage order: a teacher that fails stops the study."""
+def do_run(plans, staged, table, prefix, runs_per_device=1, repo_root=None):
+    """In this process, one run after the other in stage order: a teacher that fails stops the study. With
+    runs_per_device > 1, each stage's runs are child processes, that many at a time (_run_packed)."""
     from mdistiller.utils import distributed
     from mdistiller.engine.launch import train_from_config
 
     check_complete(plans, table)
+    if runs_per_device > 1:
+        return _run_packed(staged, runs_per_device, prefix, repo_root)
     for i, s in enumerate(staged, 1):
         done = os.path.exists(os.path.join(s.run_dir, "summary.json"))
         print(f"[{i}/{len(staged)}] {s.run.config} {' '.join(s.run.opts())}" + (" (done, skipped)" if done else ""),
@@ -81,6 +85,47 @@ def do_run(plans, staged, table, prefix):
     return 0
 
 
+def _run_packed(staged, n, prefix, repo_root):
+    """Each stage's unfinished runs as lone `tools/train.py --resume` children (the config each resolves to is the
+    one this process staged: same config path, overrides and prefix), n at a time with the CPU threads divided
+    among them; a stage with a failed run stops the study before the next stage."""
+    from mdistiller.engine import multi_run
+    from mdistiller.engine.task import build_task
+    from mdistiller.utils.env import resolve_device
+
+    multi_run.check_runs_per_device(n)
+    if not staged:
+        return 0
+    threads = multi_run.threads_per_run(n)
+    multi_run.announce(n, threads, resolve_device(staged[0].cfg.EXPERIMENT.DEVICE))
+    stages = sorted({s.stage for s in staged})
+    outcomes = []
+    for k in stages:
+        todo = [s for s in staged if s.stage == k and not os.path.exists(os.path.join(s.run_dir, "summary.json"))]
+        skipped = sum(s.stage == k for s in staged) - len(todo)
+        print(f"stage {k + 1} of {len(stages)}: {len(todo)} run(s) to train, {skipped} done (skipped)", flush=True)
+        jobs = [multi_run.Job(os.path.basename(s.run_dir), tuple(_train_argv(s, prefix, repo_root)), s.run_dir,
+                              build_task(s.cfg).metric, build_task(s.cfg).metric_label) for s in todo]
+        outcomes += multi_run.run_queue(jobs, n, multi_run.child_env(n, threads))
+        message = multi_run.failure_message(outcomes)
+        if message:
+            print(multi_run.table(outcomes))
+            later = "; the later stages were not started" if k != stages[-1] else ""
+            print(f"error: {message}{later}", file=sys.stderr, flush=True)
+            return 1
+    if outcomes:
+        print(multi_run.table(outcomes))
+    return 0
+
+
+def _train_argv(s, prefix, repo_root):
+    """A staged run's lone command: the config and overrides stage_runs resolved it from (stages.resolve), with
+    --resume, started from this directory (a relative prefix means the same place)."""
+    from mdistiller.engine.multi_run import TRAIN_PY
+
+    return [sys.executable, TRAIN_PY, "--cfg", os.path.join(repo_root, s.run.config), "--resume"] + s.run.opts(prefix)
+
+
 def do_emit(args, plans, staged, table, repo_root):
     from mdistiller.reproduce.script import Launcher, SlurmOptions, bash_script, default_python, slurm_script
 
@@ -88,7 +133,7 @@ def do_emit(args, plans, staged, table, repo_root):
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     python = os.path.abspath(args.python) if args.python else default_python(repo_root)
-    launcher = Launcher(python, repo_root, args.nproc)
+    launcher = Launcher(python, repo_root, args.nproc, args.runs_per_device)
     prefix = os.path.abspath(args.prefix)  # the script cds to the repository; the prefix stays what was meant here
     if args.slurm:
         opts = SlurmOptions(args.time or "", args.partition or "", args.cpus_per_task or 0,
@@ -101,8 +146,10 @@ def do_emit(args, plans, staged, table, repo_root):
         f.write(text)
     os.chmod(args.emit_script, 0o755)
     n_stages = len({s.stage for s in staged})
+    packed = f", {args.runs_per_device} at a time per device" if args.runs_per_device > 1 else ""
     how = f"bash {args.emit_script}" + (" (on a login node: it calls sbatch)" if args.slurm else "")
-    print(f"wrote {args.emit_script}: {len(staged)} runs in {n_stages} stage(s), {python}; start it with {how}")
+    print(f"wrote {args.emit_script}: {len(staged)} runs in {n_stages} stage(s){packed}, {python}; start it with "
+          f"{how}")
     return 0
 
 
@@ -118,6 +165,10 @@ def _check_flags(args):
         raise UserError(f"{', '.join(script)}: only with --emit-script PATH")
     if args.ignore_key and not args.collect:
         raise UserError("--ignore-key: only with --collect")
+    if args.runs_per_device < 1:
+        raise UserError(f"--runs-per-device must be >= 1, got {args.runs_per_device}")
+    if args.runs_per_device > 1 and (args.collect or args.dry_run):
+        raise UserError("--runs-per-device: only to train, here or with --emit-script PATH")
 
 
 def main(argv=None):
@@ -136,6 +187,9 @@ def main(argv=None):
                                      "else this one)")
     ap.add_argument("--nproc", type=int, default=1,
                     help="processes (GPUs) per run; >1 starts each run with torchrun (default 1)")
+    ap.add_argument("--runs-per-device", type=int, default=1, metavar="N",
+                    help="N runs at a time on one device, each a lone tools/train.py child with 1/N of the CPU "
+                         "threads: here, in the --emit-script's groups, or per SLURM array task (default 1)")
     ap.add_argument("--time", help="--slurm: #SBATCH --time of every array task (default: the partition's)")
     ap.add_argument("--partition", help="--slurm: #SBATCH --partition (default: the cluster's)")
     ap.add_argument("--cpus-per-task", type=int,
@@ -195,7 +249,7 @@ def main(argv=None):
         return do_dry_run(plans, staged, table, args.prefix)
     if args.emit_script:
         return do_emit(args, plans, staged, table, repo_root)
-    return do_run(plans, staged, table, args.prefix)
+    return do_run(plans, staged, table, args.prefix, args.runs_per_device, repo_root)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ is read, and is then selectable like the package's:
 
     python tools/train.py --import my_fitnet.py --cfg configs/fashion_mnist/kd/resnet20_resnet8.yaml \
         DISTILLER.TYPE MYFITNET
+
+Several seeds, each run exactly as its lone command `--cfg FILE EXPERIMENT.SEED s ...` (same run directory,
+checkpoints and numbers), 2 at a time as child processes sharing this machine's CPU threads or GPU
+(mdistiller/engine/multi_run.py):
+
+    python tools/train.py --seeds 0 1 2 3 4 --runs-per-device 2 --cfg configs/fashion_mnist/kd/resnet20_resnet8.yaml
 """
 
 import argparse
@@ -25,8 +31,10 @@ import _path  # noqa: F401
 from mdistiller.config import load_config
 from mdistiller.utils import distributed
 from mdistiller.engine.launch import train_from_config
+from mdistiller.engine.multi_run import train_seeds
 from mdistiller.engine.task import build_task
 from mdistiller.utils.cli import import_components, parse_args_anywhere, run_cli
+from mdistiller.utils.errors import UserError
 
 
 def main(argv=None):
@@ -36,9 +44,19 @@ def main(argv=None):
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import a module (dotted name) or a .py file first: the components it registers (your "
                              "method, loss term, update rule, dataset) become selectable; repeatable")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="train one run per seed, each as `EXPERIMENT.SEED s` alone would (give it before --cfg)")
+    parser.add_argument("--runs-per-device", type=int, metavar="N",
+                        help="with --seeds: N runs at a time, child processes on one device, CPU threads divided "
+                             "among them (default 1)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = parse_args_anywhere(parser, argv)  # --resume also after the KEY VALUE pairs
     import_components(args.imports)
+    if args.seeds is not None:
+        return train_seeds(args.cfg, args.seeds, args.opts, resume=args.resume, imports=args.imports,
+                           runs_per_device=args.runs_per_device)
+    if args.runs_per_device is not None:
+        raise UserError("--runs-per-device: only with --seeds")
     cfg = load_config(args.cfg, args.opts)
     finished = False
     try:
