@@ -8,10 +8,13 @@
 #   tests  tests/test_cuda.py (the CUDA paths against the float32 CPU path and the published identities) and
 #          tests/test_cuda_graphs.py (replayed updates against eager ones; no host wait in any update)
 #   e2e    Fashion-MNIST end to end on the GPU: a resnet20 teacher, then KD in float32, bf16 and fp16 autocast,
-#          KD+DOT under fp16 loss scaling, DKD and KD++ in bf16; best/last top-1 and minutes per run
+#          KD+DOT under fp16 loss scaling, DKD with the SPEED probe's choice; best/last top-1 and minutes per run,
+#          and what the probe chose in each run
 #   bench  KD resnet32x4 -> resnet8x4 on synthetic CIFAR-100: a full epoch of our loop (data included) against
-#          the torchvision baseline at batch 64 (defaults and float32), 128 and 256, with the step breakdown
+#          the torchvision baseline at batch 64 (defaults and float32), with the step breakdown
 #   graphs the update alone at batch 64, 128 and 256: eager against SPEED.CUDA_GRAPHS, vanilla and DOT
+#   packed 1, 2 and 5 Fashion-MNIST KD runs sharing the GPU (--seeds --runs-per-device; MPS where it runs): the
+#          images/s of each and together; the 5 is a 5-seed, 2-epoch run end to end
 # Files written to OUTDIR: status.txt (each section's exit code and seconds), <section>.txt (its full output),
 # e2e.md (the end-to-end table). Needs Fashion-MNIST where tools/fetch_data.sh looks (data/FashionMNIST/raw/ or
 # Debian's folder) and, where the machine lacks a package of requirements.txt (yacs), its wheel in .whl/.
@@ -42,6 +45,7 @@ if [ "$SMOKE" = 1 ]; then
     E2E=(DATASET.TRAIN_SUBSET 256 DATASET.TEST_SUBSET 256 SOLVER.EPOCHS 1 SOLVER.LR_DECAY_STAGES "[1]")
     BENCH=(--steps 1 --warmup 1 --rounds 1 --epoch-images 32 --baseline-workers 0)
     BATCHES=(8)
+    PACKED=(DATASET.TRAIN_SUBSET 128 DATASET.TEST_SUBSET 128 SOLVER.EPOCHS 1 SOLVER.LR_DECAY_STAGES "[1]")
     GRAPHS_ON=auto  # CUDA graphs are CUDA's: on the CPU auto resolves to off
     export MDISTILLER_TEST_DEVICE=cpu
 else
@@ -49,6 +53,7 @@ else
     E2E=()
     BENCH=(--steps 20 --warmup 5 --rounds 3 --epoch-images 0 --baseline-workers 12)
     BATCHES=(64 128 256)
+    PACKED=(DATASET.TRAIN_SUBSET 20000 SOLVER.EPOCHS 2 SOLVER.LR_DECAY_STAGES "[2]")
     GRAPHS_ON=on
 fi
 
@@ -95,8 +100,7 @@ e2e() {
         "$PYTHON" tools/train.py --cfg $t/dot/kd_resnet20_resnet8.yaml "${common[@]}" EXPERIMENT.TAG dot_fp16 \
             SPEED.AMP fp16
     fi
-    "$PYTHON" tools/train.py --cfg $t/dkd/resnet20_resnet8.yaml "${common[@]}" EXPERIMENT.TAG dkd_bf16 SPEED.AMP bf16
-    "$PYTHON" tools/train.py --cfg $t/kdpp/resnet20_resnet8.yaml "${common[@]}" EXPERIMENT.TAG kdpp_bf16 SPEED.AMP bf16
+    "$PYTHON" tools/train.py --cfg $t/dkd/resnet20_resnet8.yaml "${common[@]}" EXPERIMENT.TAG dkd_auto
     "$PYTHON" - "$prefix" > "$OUTDIR/e2e.md" <<'EOF'
 import json, os, sys
 prefix = sys.argv[1]
@@ -112,12 +116,42 @@ for name in sorted(os.listdir(prefix)):
           f"{s['best_top1']:.2f} | {s['last_top1']:.2f} | {s['train_time_s']:.1f} | {s['images_per_s']:.0f} |")
 print(f"\ndevice: {s['device']}, torch {s['torch_version']}")
 EOF
+    echo "what the SPEED probe chose in each run (train.log):" >> "$OUTDIR/e2e.md"
+    grep -h "SPEED probe\|CUDA_GRAPHS auto" "$prefix"/*/train.log | sed 's/^/    /' >> "$OUTDIR/e2e.md"
     cat "$OUTDIR/e2e.md"
+}
+
+packed() {  # 1, 2 and 5 KD runs sharing the device (tools/train.py --seeds --runs-per-device): aggregate images/s
+    local t=configs/fashion_mnist/kd/resnet20_resnet8.yaml n i seeds start
+    : > "$WORK/packed_wall.txt"
+    for n in 1 2 5; do
+        seeds=(); for ((i = 0; i < n; i++)); do seeds+=("$i"); done
+        start=$(date +%s%N)
+        "$PYTHON" tools/train.py --seeds "${seeds[@]}" --runs-per-device "$n" --cfg $t EXPERIMENT.DEVICE "$DEVICE" \
+            LOG.PREFIX "$WORK/runs" EXPERIMENT.TAG "packed$n" "${PACKED[@]}"
+        echo "packed$n $(( ($(date +%s%N) - start) / 1000000 ))" >> "$WORK/packed_wall.txt"
+    done
+    "$PYTHON" - "$WORK/runs" "$WORK/packed_wall.txt" <<'EOF'
+import glob, json, os, sys
+prefix = sys.argv[1]
+walls = {k: int(v) / 1000 for k, v in (line.split() for line in open(sys.argv[2]).read().splitlines())}
+print("| runs at once | runs finished | images/s of each | their sum | images / wall s (start-up included) |")
+print("|---|---|---|---|---|")
+for n in (1, 2, 5):
+    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(prefix, f"*_packed{n}_seed*", "summary.json")))]
+    if not runs:
+        print(f"| {n} | 0 | | | |")
+        continue
+    images = sum(r["images_per_s"] * r["train_time_s"] for r in runs)
+    each = ", ".join(f"{r['images_per_s']:.0f}" for r in runs)
+    print(f"| {n} | {len(runs)} | {each} | {sum(r['images_per_s'] for r in runs):.0f} | "
+          f"{images / walls[f'packed{n}']:.0f} |")
+EOF
 }
 
 bench() {
     local cfg=configs/cifar100/kd/resnet32x4_resnet8x4.yaml first=1
-    for bs in "${BATCHES[@]}"; do
+    for bs in "${BATCHES[0]}"; do
         echo "### batch $bs"
         if [ "$first" = 1 ]; then  # the defaults and float32 (TF32 convolutions, PyTorch's CUDA default)
             "$PYTHON" tools/benchmark.py --cfg $cfg --synthetic --random-teacher "${BENCH[@]}" --baseline torchvision \
@@ -148,8 +182,8 @@ if [ -n "$SECTION" ]; then
 fi
 : > "$OUTDIR/status.txt"
 # GPU_CHECK_SECTIONS="tests dot" runs only those (e.g. again after a fix)
-SECTIONS="${GPU_CHECK_SECTIONS:-env_info tests e2e bench graphs}"
-declare -A LIMIT=([env_info]=20 [tests]=150 [e2e]=120 [bench]=120 [graphs]=90)
+SECTIONS="${GPU_CHECK_SECTIONS:-env_info tests e2e bench graphs packed}"
+declare -A LIMIT=([env_info]=20 [tests]=120 [e2e]=110 [bench]=70 [graphs]=90 [packed]=70)
 for name in $SECTIONS; do
     section "$name" "${LIMIT[$name]}"
 done
