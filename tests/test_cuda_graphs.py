@@ -33,7 +33,7 @@ def _run(method, rule, graphs, *extra):
                              "2", "SOLVER.LR_DECAY_STAGES", "[2]", "SOLVER.LR", "0.01", "DATASET.ROOT",
                              "/nonexistent", "LOG.PRINT_FREQ", "0", "SPEED.AMP", "off", "SPEED.CHANNELS_LAST",
                              "off", "SPEED.TEACHER_HALF", "off", "SOLVER.UPDATE_RULE", rule, "SPEED.CUDA_GRAPHS",
-                             graphs, *extra])
+                             graphs, "SPEED.PROBE", "False", *extra])
     return build_run(cfg, bundle=DATA(cfg), teacher_state=TEACHER)
 
 
@@ -102,3 +102,12 @@ def test_a_method_that_cannot_be_captured_falls_back_with_its_reason():
     run = _run("CRD", "vanilla", "auto", "CRD.SAMPLER", "redraw")
     assert not run.speed.cuda_graphs and run.trainer.graphed is None
     assert any("CUDA_GRAPHS auto -> off" in note and "CRD" in note for note in run.speed.notes)
+
+
+def test_a_fresh_gpu_run_is_probed_and_records_the_times():
+    cfg = load_config(None, ["DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8",
+                             "EXPERIMENT.DEVICE", "cuda", "SOLVER.BATCH_SIZE", "16", "DATASET.ROOT", "/nonexistent"])
+    run = build_run(cfg, bundle=DATA(cfg), teacher_state=TEACHER)
+    assert run.speed.probe == ()
+    probe = [n for n in run.speed.notes if n.startswith("SPEED probe")]
+    assert len(probe) == 1 and "is fastest per update" in probe[0] and probe[0].count(" ms") >= 2, probe
