@@ -209,51 +209,53 @@ def run(args):
 
 
 def print_report(args, results, peak_rss_mb, baseline, notes):
-    print(f"{'variant':32s} {'ms/step':>9s} {'img/s':>8s} {'ms/step+data':>13s} {'img/s+data':>11s} {'ratio':>6s}")
+    w = max([32] + [len(r["variant"]) for r in results])  # whole labels: "... dot" must not be cut off
+    print(f"{'variant':{w}s} {'ms/step':>9s} {'img/s':>8s} {'ms/step+data':>13s} {'img/s+data':>11s} {'ratio':>6s}")
     for r in results:
         with_data = (f"{r['ms_per_step_with_data']:13.1f} {r['images_per_s_with_data']:11.1f}"
                      if "ms_per_step_with_data" in r else f"{'':13s} {'':11s}")
-        print(f"{r['variant'][:32]:32s} {r['ms_per_step']:9.1f} {r['images_per_s']:8.1f} {with_data} "
+        print(f"{r['variant']:{w}s} {r['ms_per_step']:9.1f} {r['images_per_s']:8.1f} {with_data} "
               f"{r['ratio_to_first']:6.3f}")
     if "breakdown" in results[0]:
         print(f"\nwhere a step goes: ms and % of the phases' sum (median of {args.rounds} rounds of {args.steps} "
               "steps, device synced at each phase boundary)")
-        print(f"{'variant':32s} " + " ".join(f"{p:>14s}" for p in PHASES) + f" {'sum ms':>8s} {'peak MB':>8s}")
+        print(f"{'variant':{w}s} " + " ".join(f"{p:>14s}" for p in PHASES) + f" {'sum ms':>8s} {'peak MB':>8s}")
         for r in results:
             cells = " ".join(f"{r['breakdown'][p]['ms']:8.1f} {r['breakdown'][p]['pct']:4.0f}%" for p in PHASES)
             peak = f"{r['peak_cuda_mb']:8.0f}" if "peak_cuda_mb" in r else f"{'-':>8s}"
-            print(f"{r['variant'][:32]:32s} {cells} {r['breakdown_sum_ms']:8.1f} {peak}")
+            print(f"{r['variant']:{w}s} {cells} {r['breakdown_sum_ms']:8.1f} {peak}")
     if baseline:
         print(f"\nepoch, data included: {baseline['images']} images per epoch, median of {baseline['rounds']} "
               "alternating round(s)")
-        print(f"{'':48s} {'img/s':>9s} {'speedup':>8s}")
+        e = w + 18
+        print(f"{'':{e}s} {'img/s':>9s} {'speedup':>8s}")
         for r in results:
-            print(f"{('mdistiller epoch: ' + r['variant'])[:48]:48s} {r['epoch']['images_per_s']:9.1f} "
+            print(f"{'mdistiller epoch: ' + r['variant']:{e}s} {r['epoch']['images_per_s']:9.1f} "
                   f"{r['speedup_vs_baseline']:8.2f}")
         label = f"{baseline['name']} baseline ({baseline['workers']} workers)"
-        print(f"{label[:48]:48s} {baseline['images_per_s']:9.1f} {1.0:8.2f}")
+        print(f"{label:{e}s} {baseline['images_per_s']:9.1f} {1.0:8.2f}")
     if "ops" in results[0]:
         bare = results[0]["ops"]["bare"]
         print(f"\noperations per update (aten calls dispatched; host waits for the device) against a bare PyTorch "
               f"KD loop of the same models and torch SGD: {bare['aten_ops']:.0f} ops, {bare['syncs']:.0f} syncs")
-        print(f"{'variant':32s} {'aten ops':>9s} {'x bare':>7s} {'syncs':>6s}  where the syncs are")
+        print(f"{'variant':{w}s} {'aten ops':>9s} {'x bare':>7s} {'syncs':>6s}  where the syncs are")
         for r in results:
             o = r["ops"]
             where = ", ".join(f"{k} {v:g}" for k, v in o["sync_ops"].items()) or "-"
-            print(f"{r['variant'][:32]:32s} {o['aten_ops']:9.0f} {o['aten_ops'] / bare['aten_ops']:7.2f} "
+            print(f"{r['variant']:{w}s} {o['aten_ops']:9.0f} {o['aten_ops'] / bare['aten_ops']:7.2f} "
                   f"{o['syncs']:6.2f}  {where}")
     if "roofline" in results[0]:
         rl = results[0]["roofline"]
         print(f"\nroofline: float work of one step (torch.utils.flop_counter; int8 kernels and elementwise ops count "
               f"0) against a 2048^3 float32 matmul at {rl['matmul_gflops']:.1f} GFLOP/s")
         vs = "bound/baseline" if "bound_vs_baseline" in rl else ""
-        print(f"{'variant':32s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'% matmul':>9s} {'bound ms':>9s} "
+        print(f"{'variant':{w}s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'% matmul':>9s} {'bound ms':>9s} "
               f"{'bound img/s':>11s} {vs:>14s}")
         for r in results:
             rl = r["roofline"]
             bound = f"{rl['bound_images_per_s']:11.1f}" if rl["bound_images_per_s"] else f"{'-':>11s}"
             tail = f" {rl['bound_vs_baseline']:14.2f}" if "bound_vs_baseline" in rl else ""
-            print(f"{r['variant'][:32]:32s} {rl['gflop_per_step']:10.1f} {rl['achieved_gflops']:8.1f} "
+            print(f"{r['variant']:{w}s} {rl['gflop_per_step']:10.1f} {rl['achieved_gflops']:8.1f} "
                   f"{rl['pct_of_matmul']:8.0f}% {rl['bound_ms_per_step']:9.1f} {bound}{tail}")
     for note in notes:
         print(f"note: {note}")
