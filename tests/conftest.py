@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SPEED.AMP auto follows the CPU's native bf16 (utils/hardware.py); the suite pins the answer "no" so that no test
 # depends on the CPU kind it runs on (subprocesses inherit it). Tests of the decision itself set it themselves.
@@ -14,3 +16,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kernels: compares numbers across runs, processes or machines (resume, DDP, "
                                        "refactor equivalence, fixtures); tools/run_tests.sh runs these a second time "
                                        "on another CPU kernel set")
+
+
+@pytest.fixture
+def full_float32():
+    """float32 means float32 in the CUDA tests: TF32 convolutions (PyTorch's CUDA default) would round at 1e-3."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

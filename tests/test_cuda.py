@@ -23,12 +23,8 @@ TEACHER = random_teacher_state("resnet20", "fashion_mnist", seed=5)
 
 
 @pytest.fixture(autouse=True)
-def _full_float32():
-    """float32 means float32 here: TF32 convolutions (PyTorch's CUDA default) would round at 1e-3."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _float32(full_float32):  # conftest.py: TF32 off
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _run(device, *extra, method="KD", run_dir=None):

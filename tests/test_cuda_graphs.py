@@ -20,11 +20,8 @@ METHODS = [("KD", "vanilla", ()), ("DKD", "vanilla", ()), ("CRD", "vanilla", ("C
 
 
 @pytest.fixture(autouse=True)
-def _full_float32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _float32(full_float32):  # conftest.py: TF32 off
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _run(method, rule, graphs, *extra):
