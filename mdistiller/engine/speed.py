@@ -157,7 +157,8 @@ def resolve_speed(cfg, device, recorded=None):
         teacher_dtype = _DTYPES[name]
     graphs = _cuda_graphs(s.CUDA_GRAPHS, device, recorded, notes)
     probe = ()
-    if cuda and s.PROBE and not recorded:  # a resumed run keeps what it recorded: probed once
+    # a resumed run keeps what it recorded (probed once); a compiled run is not probed (a compile per candidate)
+    if cuda and s.PROBE and not recorded and not s.COMPILE:
         probe = tuple(k for k in ("AMP", "CHANNELS_LAST", "CUDA_GRAPHS", "TEACHER_HALF") if s[k] == "auto"
                       and (k != "CUDA_GRAPHS" or graphs) and (k != "AMP" or _cuda_bf16(device)))
         if not set(probe) & {"AMP", "CHANNELS_LAST", "CUDA_GRAPHS"}:
