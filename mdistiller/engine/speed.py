@@ -157,8 +157,9 @@ def resolve_speed(cfg, device, recorded=None):
         teacher_dtype = _DTYPES[name]
     graphs = _cuda_graphs(s.CUDA_GRAPHS, device, recorded, notes)
     probe = ()
-    # a resumed run keeps what it recorded (probed once); a compiled run is not probed (a compile per candidate)
-    if cuda and s.PROBE and not recorded and not s.COMPILE:
+    # a resumed run keeps what it recorded (probed once); a compiled run is not probed (a compile per candidate),
+    # nor a multi-process one (each rank would time, and might choose, for itself)
+    if cuda and s.PROBE and not recorded and not s.COMPILE and distributed.world_size() == 1:
         probe = tuple(k for k in ("AMP", "CHANNELS_LAST", "CUDA_GRAPHS", "TEACHER_HALF") if s[k] == "auto"
                       and (k != "CUDA_GRAPHS" or graphs) and (k != "AMP" or _cuda_bf16(device)))
         if not set(probe) & {"AMP", "CHANNELS_LAST", "CUDA_GRAPHS"}:
