@@ -90,7 +90,7 @@ def test_resume_after_the_key_value_pairs_and_before_them(tmp_path):
 @pytest.mark.parametrize("tail, message", [
     (["SOLVER.EPOCHS"], "command-line overrides must be KEY VALUE pairs; 'SOLVER.EPOCHS' has no value"),
     (["SOLVER.EPOCHS", "--resume"], "'SOLVER.EPOCHS' has no value"),  # the flag is not taken as the value
-    (["SOLVER.EPOCHS", "2", "--resum"], "unknown option --resum (the options are --help, --cfg, --resume, --import)"),
+    (["SOLVER.EPOCHS", "2", "--resum"], "unknown option --resum (the options are --help, --cfg, --resume, --import, --seeds, --runs-per-device)"),
     (["SOLVER.EPOCHS", "2", "--cfg", "other.yaml"], "--cfg takes a value: put it before the KEY VALUE pairs"),
 ])
 def test_command_line_mistakes_after_the_pairs_are_one_line(tail, message, capsys):
