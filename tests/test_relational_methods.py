@@ -149,8 +149,12 @@ def test_pkt_term_on_pooled_features_and_gradients():
     out = d.train_forward(x, y, epoch=1)
     s, t = out.student_features["pooled_feat"], out.teacher_features["pooled_feat"]
     assert out.terms["pkt"].kind == DISTILL and out.terms["ce"].kind == TASK
+    # The wiring: the term is 30000 x pkt_loss of the pooled features (pkt_loss itself is checked against the plain
+    # float64 formula above). The float32 value sits within float32 cancellation of that formula: a KL of
+    # near-identical distributions loses digits, by a CPU-kind-dependent 0.2% here, so that bound is loose.
+    assert torch.equal(out.terms["pkt"].value, 30000 * pkt_loss(s, t))
     expected = 30000 * plain_pkt(s.double().tolist(), t.double().tolist())
-    assert out.terms["pkt"].value.item() == pytest.approx(expected, rel=1e-3)
+    assert out.terms["pkt"].value.item() == pytest.approx(expected, rel=2e-2)
     got = nonzero_grads(d, "pkt")
     assert any(n.startswith("student.conv1.") for n in got) and any(n.startswith("student.layer3.") for n in got)
     assert not any(n.startswith(("student.fc.", "teacher.")) for n in got)
