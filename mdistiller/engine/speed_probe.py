@@ -66,7 +66,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_update(plan, distiller, build_rule, batch, device, budget_s, lr, backend=None):
+def time_update(plan, distiller, build_rule, batch, device, budget_s, lr):
     """Seconds per update of `plan` on a copy of `distiller`: its warm-up (and capture) untimed, then up to
     TIMED_STEPS updates within `budget_s`. `build_rule(params, fp16)`: the run's update rule for the copy."""
     method = copy.deepcopy(distiller)
@@ -80,7 +80,7 @@ def time_update(plan, distiller, build_rule, batch, device, budget_s, lr, backen
     warm = 1
     if plan.cuda_graphs:
         rule.use_device_lr(device)
-        graphed = GraphedUpdate(trainer.update, device, backend=backend, label="the probe's update")
+        graphed = GraphedUpdate(trainer.update, device, label="the probe's update")
         trainer.replay_updates(graphed)
         warm = graphed.warmup + 2  # warm-up, the capture, one replay
     method.train()
