@@ -27,8 +27,23 @@ CONFIGS_ROOT = os.path.join(REPO_ROOT, "configs")
 METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "reviewkd", "DIST": "dist",
                "KD++": "kdpp", "DKD++": "dkdpp", "ReviewKD++": "reviewkdpp", "DIST++": "distpp", "CRD++": "crdpp",
                "FitNet": "fitnet", "RKD": "rkd", "PKT": "pkt", "OFD": "ofd", "SRRL": "srrl", "VID": "vid",
-               "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd"}
+               "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd", "FGFI": "fgfi",
+               # DKD appendix table A.3: DKD with the NCKD weight 0 (DKD.BETA 0), CE and TCKD weights 1
+               "TCKD only": "tckd",
+               # KD++ table 4 / 4a (loss forms): KD plus one direction and / or norm term, and the parts of KD++
+               "KD + cosine direction": "kdpp_cos", "KD + InfoNCE direction": "kdpp_infonce",
+               "KD + L2 norm": "kdpp_l2", "KD + SIFN norm": "kdpp_sifn", "KD + cosine + L2": "kdpp_cos_l2",
+               "KD + cosine + SIFN": "kdpp_cos_sifn", "KD + InfoNCE + L2": "kdpp_infonce_l2",
+               "KD + InfoNCE + SIFN": "kdpp_infonce_sifn", "CE + DINO": "kdpp_ce_dino", "KL + DINO": "kdpp_kl_dino",
+               "CE + KL + DINO (KD++)": "kdpp",
+               # KD++ table 5 (class centres): the teacher's classifier weights instead of its class-mean features
+               "KD + L2 of teacher classifier weights": "kdpp_l2_clsweight",
+               "KD++ (teacher classifier weights as centres)": "kdpp_clsweight",
+               "KD++ (teacher class-mean features)": "kdpp"}
+# Methods of published cells that have no distiller yet: their cells are reported, never looked for on disk.
 NOT_IMPLEMENTED = {"FT", "AB", "FSP", "CC", "MLKD"}
+# Methods whose temperature is DKD.T (a note "temperature=T"); every other method's is KD.TEMPERATURE.
+DKD_TEMPERATURE = ("DKD", "TCKD only")
 
 
 @dataclass(frozen=True)
@@ -42,11 +57,11 @@ class Layout:
     not_implemented: frozenset = frozenset()  # methods not implemented for this dataset, beyond NOT_IMPLEMENTED
 
 
-# KD++ table 3: detection teachers on the 1x schedule, students alone on the pairs' schedule (configs/coco/); TASK
-# detection has no FitNet (hint-layer regression) and no FGFI (imitation masks).
+# KD++ table 3: detection teachers on the 1x schedule, students alone on the pairs' schedule (configs/coco/); every
+# method of the table, FitNet (hint-layer regression) and FGFI (imitation masks) included, has detection configs
+# (configs/coco/<method dir>/<teacher>_<student>.yaml).
 LAYOUTS = {"coco2017_val": Layout("coco", {"ResNet101": "resnet101", "ResNet50": "resnet50", "ResNet18": "resnet18",
-                                           "MobileNetV2": "mobilenet_v2"}, "teacher", "baseline",
-                                  frozenset({"FitNet", "FGFI"}))}
+                                           "MobileNetV2": "mobilenet_v2"}, "teacher", "baseline")}
 
 
 def _one(key):
@@ -63,7 +78,8 @@ NOTE_KEYS = {
     "delta": _one("SOLVER.DOT.DELTA"),
     "momentum": _one("SOLVER.MOMENTUM"),
     "beta": _one("DKD.BETA"),
-    "temperature": lambda m, v: [("DKD.T" if m.startswith("DKD") else "KD.TEMPERATURE", v)],
+    "temperature": lambda m, v: [("DKD.T" if m.startswith(DKD_TEMPERATURE) else "KD.TEMPERATURE", v)],
+    "m": _one("DINO.NORM_MARGIN"),  # KD++ appendix B.4 (table B1): the margin on the teacher's norm
     "epochs": _one("SOLVER.EPOCHS"),
     "alpha(task weight)": _task_weight,
 }
