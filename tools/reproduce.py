@@ -60,8 +60,23 @@ def do_dry_run(plans, staged, table, prefix):
     n_stages = len({s.stage for s in staged})
     print(f"# {len(staged)} runs for {sum(p.runnable for p in plans)} cells of table {table}; LOG.PREFIX {prefix}"
           + (f"; {n_stages} stages (teachers first)" if n_stages > 1 else ""))
+    print_missing_inputs(staged)
     check_complete(plans, table)
     return 0
+
+
+def print_missing_inputs(staged):
+    """The data and weights the runs read that are not on this machine, each with the command that fetches it
+    (mdistiller/reproduce/needs.py); '#' lines, so the run lines above stay the only others."""
+    from mdistiller.reproduce.needs import missing_inputs
+
+    missing = missing_inputs(staged)
+    if not missing:
+        print("# inputs: every dataset and weights file the runs read is in place")
+        return
+    print(f"# to fetch before training: {len(missing)} missing input(s)")
+    for need, n in missing:
+        print(f"# missing {need.kind} {need.what}: {need.path} ({n} run{'s' if n > 1 else ''}); fetch: {need.fetch}")
 
 
 def do_run(plans, staged, table, prefix, runs_per_device=1, repo_root=None):
@@ -175,7 +190,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="the known table ids, their cells and how many have configs")
     ap.add_argument("--table", help="table id, e.g. dot-3a")
-    ap.add_argument("--dry-run", action="store_true", help="print the planned runs; non-zero if a config is missing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the planned runs and the missing data and weights with the commands that fetch "
+                         "them (reads configs only: needs neither); non-zero if a config is missing")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per cell (default 1)")
     ap.add_argument("--prefix", default=os.path.join("output", "repro"), help="LOG.PREFIX of the runs (default output/repro)")
     ap.add_argument("--emit-script", metavar="PATH",

@@ -14,7 +14,7 @@ from ..config import load_config
 from ..detection.terms import method_terms
 from ..distillers import DISTILLER_REGISTRY
 from ..engine.launch import run_dir_for
-from ..models.teacher_ckpt import default_teacher_ckpt
+from ..models.teacher_ckpt import default_teacher_ckpt, library_pretrained_teacher
 from ..utils.errors import UserError
 
 
@@ -33,10 +33,12 @@ def resolve(run, prefix, repo_root):
 
 
 def teacher_checkpoint(cfg):
-    """The teacher checkpoint `cfg` loads, or None when it loads none. Never downloads (unlike teacher_ckpt_path)."""
+    """The teacher checkpoint `cfg` loads, or None when it loads none or loads its library's pretrained weights
+    (a timm:/torchvision: teacher, never a planned run). Reads the config only: never looks for or downloads a
+    file (unlike teacher_ckpt_path), so a plan is made without data or weights (needs.py lists what is missing)."""
     if cfg.TASK == "detection":  # a detection teacher is always DISTILLER.TEACHER_CKPT (or "torchvision")
         return cfg.DISTILLER.TEACHER_CKPT if method_terms(cfg.DISTILLER.TYPE) else None
-    if not DISTILLER_REGISTRY.loads_teacher(cfg):
+    if not DISTILLER_REGISTRY.loads_teacher(cfg) or library_pretrained_teacher(cfg):
         return None
     return cfg.DISTILLER.TEACHER_CKPT or default_teacher_ckpt(cfg)
 
