@@ -20,6 +20,8 @@ import shlex
 from dataclasses import dataclass
 
 from ..data import fashion_mnist
+from ..detection.models import _imagenet_weights
+from ..detection.task import TORCHVISION_TEACHER
 from ..distillers import DISTILLER_REGISTRY
 from ..models import is_library_model
 from ..models.external.pretrained import (fetch_command, split_library_name, timm_weights_file,
@@ -154,8 +156,6 @@ def _library_need(kind, name, key):
 
 
 def _detection_teacher(cfg, planned):
-    from ..detection.task import TORCHVISION_TEACHER
-
     ckpt = teacher_checkpoint(cfg)
     if ckpt == TORCHVISION_TEACHER:
         from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
@@ -195,8 +195,6 @@ def student_needs(cfg):
     if cfg.TASK == "detection":
         needs = []
         if cfg.DETECTION.STUDENT_PRETRAINED:
-            from ..detection.models import _imagenet_weights
-
             needs += _hub_need("backbone weights", f"{cfg.DISTILLER.STUDENT} (ImageNet)",
                                _imagenet_weights(cfg.DISTILLER.STUDENT).url)
         means = cfg.DETECTION.DINO.CLASS_MEANS_FILE
