@@ -64,8 +64,9 @@ class Distiller(nn.Module):
         return None
 
     def add_term(self, name, term):
-        """Add a loss term to every step: `term(step_output, images, labels, teacher) -> LossTerm` (a module, so its
-        parameters train and its state is checkpointed with the method's)."""
+        """Add a loss term to every step: `term(step_output, images, labels, teacher) -> LossTerm`, or a dict
+        {name: LossTerm} for a term made of several logged parts (a module, so its parameters train and its state
+        is checkpointed with the method's)."""
         if not hasattr(self, "added_terms"):
             self.added_terms = nn.ModuleDict()  # registered after the method's own modules: their order is kept
         self.added_terms[name] = term
@@ -85,9 +86,12 @@ class Distiller(nn.Module):
         if added:
             out.terms = dict(out.terms)
             for name, term in added.items():
-                if name in out.terms:
-                    raise RuntimeError(f"{type(self).__name__} already returns a loss term named '{name}'")
-                out.terms[name] = term(out, images, labels, self.teacher)
+                result = term(out, images, labels, self.teacher)
+                # a term returns one LossTerm, logged under its name, or several {name: LossTerm}
+                for key, value in (result.items() if isinstance(result, dict) else ((name, result),)):
+                    if key in out.terms:
+                        raise RuntimeError(f"{type(self).__name__} already returns a loss term named '{key}'")
+                    out.terms[key] = value
         if self.loss_ramp is not None:
             out.terms = self.loss_ramp(out.terms, epoch)
         return out

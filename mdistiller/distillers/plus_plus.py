@@ -8,6 +8,11 @@ X's own forward from its StepOutput, so X needs no edit and nothing runs twice. 
 the term before the first step (`set_class_means`: the builder's cached teacher pass, engine/class_means.py) and live
 in buffers, so checkpoints carry them. Projector,
 Linear re-initialisation and the equations in full: docs/methods.md, "The ++ variants".
+
+The paper's ablations are switches of this term (docs/methods.md, "KD++ ablations"): DINO.FORM replaces the dino
+loss by the baselines of section 3.2 or their sums (cosine or InfoNCE direction, eq. 1-2; L2 to the teacher feature
+or SIFN norm growth, eq. 3-4; L2 to the class centre, table 5), each logged under its own name, and DINO.CENTRES
+takes the teacher's classifier weights as the class centres instead of its class-mean features (table 5).
 """
 
 import warnings
@@ -38,11 +43,24 @@ _cfg.LINEAR_INIT = "default"
 _cfg.CLASS_MEANS_AUGMENT = True
 _cfg.CLASS_MEANS_DECIMALS = 4  # -1 = no rounding
 _cfg.NORM_MARGIN = 0.0  # m of appendix B.4: the teacher norm in the max is scaled by (1 + m)
+# The loss, as "+"-joined parts, each a logged term weighted by DINO.WEIGHT (or FORM_WEIGHTS): dino (eq. 7, KD++),
+# cosine (eq. 1), infonce (eq. 2), l2 (eq. 3: |f_s - f_t|^2), sifn (eq. 4: the norm grown by SIFN_STEP per step, as
+# AFN's code: (|f_s| - sg(|f_s|) - r)^2), l2_centre (|f_s - c_y|^2: with CENTRES classifier_weights table 5's "L2
+# of cls weights"). Every part reads the projected student feature. The paper's table 4 rows: docs/methods.md.
+_cfg.FORM = "dino"
+_cfg.FORM_WEIGHTS = []  # one weight per part of FORM; empty = DINO.WEIGHT for every part
+_cfg.SIFN_STEP = 1.0  # r of eq. 4 (AFN's delta r)
+# The class centres c_k: class_means (the teacher's class-mean features, the paper) or classifier_weights (the rows of
+# the teacher's classifier, table 5's "w/ weights").
+_cfg.CENTRES = "class_means"
 # False: the plain batch mean of the authors' code (all their datasets are balanced or nearly so); True: eq. 7's
 # per-class average as the paper writes it (sample weights N / (C |I_k|)), equal to it on a balanced training set.
 _cfg.CLASS_BALANCED = False
 
 PROJECTORS = ("bn_dropout_linear", "linear_bn", "linear")
+FORM_PARTS = ("dino", "cosine", "infonce", "l2", "sifn", "l2_centre")
+CENTRED_PARTS = ("dino", "cosine", "infonce", "l2_centre")  # the parts that read the class centres
+CENTRES = ("class_means", "classifier_weights")
 LINEAR_INITS = ("default", "zero_bias", "normal")
 PROJECTOR_DROPOUT = 0.5
 
@@ -57,6 +75,43 @@ def dino_loss(feat_student, feat_teacher, class_means, labels, weight=None, norm
     if weight is not None:
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+def _weighted_mean(per_sample, weight):
+    return (per_sample * weight).mean() if weight is not None else per_sample.mean()
+
+
+def cosine_direction_loss(feat_student, centres, labels, weight=None):
+    """eq. 1: mean_i w_i (1 - cos(f_s,i, c_{y_i}))."""
+    return _weighted_mean(1.0 - F.cosine_similarity(feat_student, centres[labels], dim=1), weight)
+
+
+def infonce_direction_loss(feat_student, centres, labels, weight=None):
+    """eq. 2: mean_i w_i (-log softmax_j cos(f_s,i, c_j) at j = y_i); a centre of norm 0 has cosine 0."""
+    cos = F.normalize(feat_student, dim=1) @ F.normalize(centres, dim=1).t()
+    return _weighted_mean(F.cross_entropy(cos, labels, reduction="none"), weight)
+
+
+def l2_loss(feat_student, target, weight=None):
+    """eq. 3 (target f_t) or table 5's L2 to the class centre: mean_i w_i |f_s,i - target_i|^2."""
+    return _weighted_mean((feat_student - target).pow(2).sum(1), weight)
+
+
+def sifn_loss(feat_student, step, weight=None):
+    """eq. 4 as AFN's code (Xu et al. 2019) computes it: mean_i w_i (|f_s,i| - (sg(|f_s,i|) + r))^2, so each
+    step pulls every norm towards r more than its present value (the value is r^2; the gradient is what acts)."""
+    norm = feat_student.norm(dim=1)
+    return _weighted_mean((norm - (norm.detach() + step)).pow(2), weight)
+
+
+def classifier_weight(model, feat_dim, num_classes):
+    """The rows of `model`'s classifier (its last Linear from feat_dim to num_classes): table 5's centres."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == feat_dim
+             and m.out_features == num_classes]
+    if not found:
+        raise ConfigError(f"config key DINO.CENTRES classifier_weights: the teacher has no Linear layer from its "
+                          f"feature size {feat_dim} to the {num_classes} classes; use DINO.CENTRES class_means")
+    return found[-1].weight.detach()
 
 
 def class_weights(counts):
@@ -108,29 +163,47 @@ class DinoTerm(nn.Module):
     """DINO.WEIGHT * dino, a distillation term added to any teacher-based method; see the module docstring."""
 
     def __init__(self, *, student_dim, teacher_dim, num_classes, weight=2.0, projector="bn_dropout_linear",
-                 norm_margin=0.0, class_balanced=False):
+                 norm_margin=0.0, class_balanced=False, form="dino", form_weights=(), sifn_step=1.0):
         super().__init__()
         self.weight, self.norm_margin, self.class_balanced = weight, norm_margin, class_balanced
+        self.parts = tuple(form.split("+"))
+        self.part_weights = tuple(form_weights) or (weight,) * len(self.parts)
+        self.sifn_step = sifn_step
         self.projector = build_projector(student_dim, teacher_dim, projector)
+        # the class centres (the teacher's class means, or its classifier rows: set_class_means / set_centres)
         self.register_buffer("class_means", torch.zeros(num_classes, teacher_dim))
         self.register_buffer("class_weights", torch.ones(num_classes))
-        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("ready", torch.tensor(not self.uses_centres))
         self._ready_checked = False
+
+    @property
+    def uses_centres(self):
+        return any(p in CENTRED_PARTS for p in self.parts)
 
     @classmethod
     def from_config(cls, cfg):
         """The keyword arguments DINO gives (the sizes come from the models: `build`)."""
         d = cfg.DINO
         return {"weight": d.WEIGHT, "projector": d.PROJECTOR, "norm_margin": d.NORM_MARGIN,
-                "class_balanced": d.CLASS_BALANCED}
+                "class_balanced": d.CLASS_BALANCED, "form": d.FORM, "form_weights": tuple(d.FORM_WEIGHTS),
+                "sifn_step": d.SIFN_STEP}
+
+    @staticmethod
+    def needs_class_means(cfg):
+        """Whether the run needs the teacher's pass over the training set for its class means."""
+        d = cfg.DINO
+        return d.CENTRES == "class_means" and any(p in CENTRED_PARTS for p in d.FORM.split("+"))
 
     @classmethod
     def build(cls, cfg, student, teacher, num_classes):
         """The term for this student/teacher pair; re-initialises the student's Linear layers as DINO.LINEAR_INIT
-        says (the authors' student wrapper does it when it adds the projector)."""
+        says (the authors' student wrapper does it when it adds the projector). With DINO.CENTRES
+        classifier_weights the centres are the teacher's classifier rows, installed here."""
         term = cls(student_dim=student.feat_dim, teacher_dim=teacher.feat_dim, num_classes=num_classes,
                    **cls.from_config(cfg))
         init_linears((student, term.projector), cfg.DINO.LINEAR_INIT)
+        if cfg.DINO.CENTRES == "classifier_weights":
+            term.set_centres(classifier_weight(teacher, teacher.feat_dim, num_classes))
         return term
 
     @staticmethod
@@ -150,6 +223,22 @@ class DinoTerm(nn.Module):
         if d.NORM_MARGIN <= -1:
             raise ConfigError(f"config key DINO.NORM_MARGIN: must be > -1 (teacher norm x (1 + m)), got "
                               f"{d.NORM_MARGIN}")
+        parts = d.FORM.split("+")
+        bad = [p for p in parts if p not in FORM_PARTS]
+        if bad or len(set(parts)) != len(parts):
+            raise ConfigError(f"config key DINO.FORM: parts joined by '+', each once, from {', '.join(FORM_PARTS)}; "
+                              f"got '{d.FORM}'")
+        if d.FORM_WEIGHTS and (len(d.FORM_WEIGHTS) != len(parts) or min(d.FORM_WEIGHTS) < 0):
+            raise ConfigError(f"config key DINO.FORM_WEIGHTS: one weight >= 0 per part of DINO.FORM '{d.FORM}' "
+                              f"({len(parts)}), or [] for DINO.WEIGHT each; got {list(d.FORM_WEIGHTS)}")
+        if d.CENTRES not in CENTRES:
+            raise ConfigError(f"config key DINO.CENTRES: must be one of {', '.join(CENTRES)}, got '{d.CENTRES}'")
+        if d.CLASS_BALANCED and not DinoTerm.needs_class_means(cfg):
+            raise ConfigError("config key DINO.CLASS_BALANCED: the class counts it weights by come with the teacher "
+                              "class means, which this DINO.FORM / DINO.CENTRES does not compute; set "
+                              "DINO.CLASS_BALANCED False")
+        if d.SIFN_STEP < 0:
+            raise ConfigError(f"config key DINO.SIFN_STEP: must be >= 0, got {d.SIFN_STEP}")
 
     def set_class_means(self, means, counts):
         """Install teacher class means (C, D) and per-class image counts (C,)."""
@@ -158,6 +247,14 @@ class DinoTerm(nn.Module):
                              f"({tuple(self.class_means.shape)}: classes x teacher feature size)")
         self.class_means.copy_(means)
         self.class_weights.copy_(class_weights(counts.to(self.class_weights.device)))
+        self.ready.fill_(True)
+
+    def set_centres(self, centres):
+        """Install class centres (C, D) that are not class means (the teacher's classifier rows)."""
+        if tuple(centres.shape) != tuple(self.class_means.shape):
+            raise ValueError(f"class centres of shape {tuple(centres.shape)} do not fit this term "
+                             f"({tuple(self.class_means.shape)}: classes x teacher feature size)")
+        self.class_means.copy_(centres)
         self.ready.fill_(True)
 
     def forward(self, out, images, labels, teacher):
@@ -175,6 +272,23 @@ class DinoTerm(nn.Module):
                               "the term is constant until they are")
         feat_s = self.projector(out.student_features["pooled_feat"])
         weight = self.class_weights[labels] if self.class_balanced else None
-        loss = dino_loss(feat_s, out.teacher_features["pooled_feat"], self.class_means, labels, weight,
-                         self.norm_margin)
-        return distill_loss(self.weight * loss)
+        if self.parts == ("dino",):
+            loss = dino_loss(feat_s, out.teacher_features["pooled_feat"], self.class_means, labels, weight,
+                             self.norm_margin)
+            return distill_loss(self.weight * loss)
+        return {part: distill_loss(w * self._part(part, feat_s, out, labels, weight))
+                for part, w in zip(self.parts, self.part_weights)}
+
+    def _part(self, part, feat_s, out, labels, weight):
+        feat_t, centres = out.teacher_features["pooled_feat"].detach(), self.class_means
+        if part == "dino":
+            return dino_loss(feat_s, feat_t, centres, labels, weight, self.norm_margin)
+        if part == "cosine":
+            return cosine_direction_loss(feat_s, centres, labels, weight)
+        if part == "infonce":
+            return infonce_direction_loss(feat_s, centres, labels, weight)
+        if part == "l2":
+            return l2_loss(feat_s, feat_t, weight)
+        if part == "sifn":
+            return sifn_loss(feat_s, self.sifn_step, weight)
+        return l2_loss(feat_s, centres[labels], weight)  # l2_centre

@@ -112,7 +112,7 @@ class ClassificationTask(Task):
         "auto" fast paths on a GPU (speed_probe.py), then the fast paths. Not under agree(): they may run
         collectives themselves. Returns the plan the run trains with."""
         added = getattr(distiller, "added_terms", {})
-        if "dino" in added:
+        if "dino" in added and DinoTerm.needs_class_means(cfg):
             set_class_means(cfg, added["dino"], distiller.teacher.model, data, device, bundle=bundle,
                             cache=teacher_state is None)
         if speed.probe:
