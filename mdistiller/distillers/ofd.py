@@ -23,8 +23,20 @@ features (the published code pairs the first margins with the last stages, which
 has more stages than the student: no published config does); a BN with gamma == 0 (constant output beta) gets
 margin min(beta, 0) instead of a division by zero. ShuffleNet teachers have no BN before their last ReLU
 (published: not supported); they are refused.
+
+The teacher's mode, OFD.TEACHER_MODE. mdistiller's OFD overrides `train(mode)` so that every child, the teacher
+included, follows the distiller's mode: while distilling, the teacher runs in training mode, under torch.no_grad.
+Its BatchNorms normalise each batch with that batch's own statistics (so the pre-ReLU features, and the targets,
+depend on the batch: per GPU under their nn.DataParallel, per process under our DDP) and update their running
+statistics as they go; its parameters never train. "train" is that, and is what the configs reproducing
+mdistiller's OFD numbers set; "eval" (the key's default, and what every other method does) runs the teacher with its
+stored statistics. The margins are computed once, at construction, from the BN affine weights and biases, which
+training mode does not touch, so they are the same either way. In "train" the teacher's moving statistics are part of
+the checkpoint (`learnable_state_dict`), so a resumed run continues them exactly. SPEED.TEACHER_INT8 (BatchNorm
+folded into the int8 convolutions) cannot run a teacher in training mode and is refused with it.
 """
 
+import logging
 import math
 
 import torch
@@ -37,7 +49,14 @@ from .base import Distiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
+logger = logging.getLogger("mdistiller")
+
+TEACHER_MODES = ("eval", "train")
+
 _cfg = CN()
+# "train": the teacher follows the distiller's train()/eval() as in mdistiller's OFD.py (BatchNorm on batch statistics,
+# running statistics updated; configs/<dataset>/ofd/ for CIFAR-100 and ImageNet set it); "eval": stored statistics
+_cfg.TEACHER_MODE = "eval"
 _cfg.CONNECTOR = CN()
 _cfg.CONNECTOR.KERNEL_SIZE = 1
 _cfg.LOSS = CN()
@@ -92,9 +111,11 @@ def deepest(items, n):
 class OFD(Distiller):
     ramped_terms = ("ofd",)
 
-    def __init__(self, *, student, teacher, kernel_size=1, ce_weight=1.0, feat_weight=0.001):
+    def __init__(self, *, student, teacher, kernel_size=1, ce_weight=1.0, feat_weight=0.001, teacher_mode="eval"):
         super().__init__(student=student, teacher=teacher)
-        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+        if teacher_mode not in TEACHER_MODES:
+            raise ConfigError(f"config key OFD.TEACHER_MODE: one of {', '.join(TEACHER_MODES)}, got {teacher_mode!r}")
+        self.ce_weight, self.feat_weight, self.teacher_mode = ce_weight, feat_weight, teacher_mode
         s_channels, t_channels = student.stage_channels()[1:], self.teacher.stage_channels()[1:]
         try:
             bns = list(self.teacher.model.bn_before_relu())
@@ -110,12 +131,16 @@ class OFD(Distiller):
         for i, bn in enumerate(deepest(bns, n)):
             # Fixed by the teacher; not checkpointed (rebuilt from it), moved with the distiller.
             self.register_buffer(f"margin_{i}", bn_margin(bn), persistent=False)
+        if teacher_mode == "train":
+            self.teacher.follow_train_mode()
+            logger.info("OFD.TEACHER_MODE train: the teacher runs in training mode while distilling (BatchNorm on "
+                        "batch statistics, running statistics updated and checkpointed), as mdistiller's OFD does")
 
     @classmethod
     def from_config(cls, cfg, data):
         c = cfg.OFD
         return {"kernel_size": c.CONNECTOR.KERNEL_SIZE, "ce_weight": c.LOSS.CE_WEIGHT,
-                "feat_weight": c.LOSS.FEAT_WEIGHT}
+                "feat_weight": c.LOSS.FEAT_WEIGHT, "teacher_mode": c.TEACHER_MODE}
 
     @classmethod
     def validate_config(cls, cfg):
@@ -124,6 +149,20 @@ class OFD(Distiller):
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ConfigError(f"config key OFD.CONNECTOR.KERNEL_SIZE: must be an odd integer >= 1 (the connector "
                               f"keeps the spatial size), got {k!r}")
+        if c.TEACHER_MODE not in TEACHER_MODES:
+            raise ConfigError(f"config key OFD.TEACHER_MODE: one of {', '.join(TEACHER_MODES)} (train: mdistiller's "
+                              f"teacher in training mode), got {c.TEACHER_MODE!r}")
+        if c.TEACHER_MODE == "train" and cfg.SPEED.TEACHER_INT8:
+            raise ConfigError("config key SPEED.TEACHER_INT8: the int8 teacher has its BatchNorm folded into its "
+                              "convolutions and cannot run in training mode, which OFD.TEACHER_MODE train asks for; "
+                              "set SPEED.TEACHER_INT8 False or OFD.TEACHER_MODE eval")
+
+    def learnable_state_dict(self):
+        """The method's state; with the teacher in training mode also the teacher's moving BatchNorm statistics."""
+        state = super().learnable_state_dict()
+        if self.teacher_mode == "train":
+            state.update({f"teacher.{k}": v for k, v in self.teacher.buffer_state().items()})
+        return state
 
     def margins(self):
         return [getattr(self, f"margin_{i}") for i in range(self.num_stages)]

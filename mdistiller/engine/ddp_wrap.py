@@ -9,6 +9,9 @@ What DDP sees: the student and the distiller's extra modules (connectors, heads,
 BatchNorm statistics. It is told to ignore the teacher (frozen, identical on every rank, never broadcast) and
 the distillers' own state buffers (CRD's memory banks, KD++ class means), which the methods keep identical on
 all ranks themselves; broadcasting a CRD memory of num_train x 128 floats every step would be pure waste.
+A teacher that follows the training mode (OFD.TEACHER_MODE train) moves its BatchNorm statistics with each rank's
+batch: those are broadcast from rank 0 like the student's, so every rank holds rank 0's, as nn.DataParallel keeps
+its first GPU's (what mdistiller's OFD ran under), and a resumed run continues them on every rank.
 """
 
 import torch.nn as nn
@@ -31,6 +34,8 @@ class TrainForward(nn.Module):
 def _ignored_state(wrapper):
     """Fully qualified names of the parameters and buffers DDP must leave alone (see the module docstring)."""
     names = []
+    teacher = getattr(wrapper.distiller, "teacher", None)
+    teacher_bn_moves = bool(getattr(teacher, "follows_train", False))
     for mod_name, module in wrapper.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         in_teacher = mod_name == "distiller.teacher" or mod_name.startswith("distiller.teacher.")
@@ -38,7 +43,8 @@ def _ignored_state(wrapper):
             if in_teacher:
                 names.append(prefix + name)
         for name, _ in module.named_buffers(recurse=False):
-            if in_teacher or not isinstance(module, _BatchNorm):
+            moving_bn = isinstance(module, _BatchNorm) and (not in_teacher or teacher_bn_moves)
+            if not moving_bn:
                 names.append(prefix + name)
     return names
 

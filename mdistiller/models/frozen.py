@@ -1,7 +1,11 @@
 """FrozenTeacher: everything about running a teacher, so that a method only calls `self.teacher(images)`.
 
 The teacher never trains: its parameters are frozen, it stays in eval mode whatever `train()` is called with,
-and no autograd graph is kept of its forward. How it runs is the run's speed plan's business (engine/speed.py):
+and no autograd graph is kept of its forward. One exception, asked for by a method: `follow_train_mode()` lets
+`train()` put the teacher's modules in training mode as it does the student's (mdistiller's OFD does this), so its
+BatchNorm normalises with the batch's statistics and updates its running statistics in place, exactly as torch's
+BatchNorm does in training mode under no_grad (or inference_mode: the buffers stay ordinary tensors); its parameters
+stay frozen and no graph is kept. `buffer_state()` is then what a checkpoint must carry to resume it. How it runs is the run's speed plan's business (engine/speed.py):
 under torch.inference_mode instead of no_grad, with weights and input in half precision, as an int8 graph, or
 compiled. Whatever the plan, the caller gets ordinary tensors a loss may use: half-precision outputs cast back
 to float32, and inference tensors copied outside inference mode (autograd refuses to save an inference tensor
@@ -23,6 +27,7 @@ class FrozenTeacher(nn.Module):
         model.eval()
         self.inference_mode = False
         self.dtype = None  # None: float32
+        self.follows_train = False  # True: train(True) puts the teacher in training mode (follow_train_mode)
 
     @property
     def feat_dim(self):
@@ -32,8 +37,20 @@ class FrozenTeacher(nn.Module):
         return self.model.stage_channels()
 
     def train(self, mode=True):
-        """Always eval: the teacher's BatchNorm statistics and dropout are fixed."""
-        return super().train(False)
+        """Eval, the teacher's BatchNorm statistics and dropout fixed; unless it follows the training mode."""
+        return super().train(bool(mode) and self.follows_train)
+
+    def follow_train_mode(self, on=True):
+        """From the next `train(mode)` call on, the teacher's modules are set to `mode` (still frozen, still without a
+        graph); until then it stays as it is (eval)."""
+        self.follows_train = bool(on)
+        return self
+
+    def buffer_state(self):
+        """The teacher's buffers (BatchNorm running statistics, counters) as state_dict entries, without its
+        parameters: what moves when it runs in training mode."""
+        params = {name for name, _ in self.named_parameters()}
+        return {k: v for k, v in self.state_dict().items() if k not in params}
 
     def run_in(self, inference_mode, dtype=None):
         """Run under torch.inference_mode (or no_grad) and with weights and input in `dtype` (None: float32)."""
