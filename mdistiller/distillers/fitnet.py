@@ -10,11 +10,22 @@ The regressor r is the published one: conv -> BatchNorm -> ReLU, the conv chosen
   - student twice the teacher's size: 3x3 conv, stride 2, padding 1;
   - student half the teacher's size: 4x4 transposed conv, stride 2, padding 1;
   - student at least as large: a conv with kernel (1 + Hs - Ht, 1 + Ws - Wt), i.e. 1x1 for equal sizes.
-Any other pair of sizes is refused. The sizes come from one forward of a zero image of the dataset's size
-(mdistiller probes a random image of FITNET.INPUT_SIZE; we take the size from the data so the two cannot
-disagree, and probe in eval mode so the student's BatchNorm statistics are left untouched). Built without data
-(a method made outside a run, as tests do), the probe uses 32x32, mdistiller's FITNET.INPUT_SIZE default.
+Any other pair of sizes is refused. The sizes come from one probe forward of an image of the dataset's size (built
+without data, as tests do, 32x32: mdistiller's FITNET.INPUT_SIZE default and CIFAR's size). FITNET.PROBE says how:
+  - "published": mdistiller's `get_feat_shapes` (distillers/_common.py) exactly: one torch.randn(1, 3, H, W) image
+    drawn from the global generator on the CPU, through the student and then the teacher, both in *training* mode
+    (nothing has called eval() on either when their FitNet is built), under torch.no_grad. Each BatchNorm of both
+    networks therefore normalises that noise image with its own statistics and moves its running statistics one
+    momentum step (0.1) towards them, num_batches_tracked 1. The student's moved statistics are soon overwritten by
+    training; the teacher's are not: the teacher then distils in eval mode with these once-moved statistics for the
+    whole run. mdistiller's draw is unseeded; ours comes from the run's seeded generator (the same noise on resume),
+    and the draw shifts the generator for the regressor's initialisation that follows, as in mdistiller;
+  - "clean" (the key's default): one zero image in eval mode, so no BatchNorm statistic and no random draw is
+    touched (the same regressor).
+The configs reproducing mdistiller's FitNet numbers (configs/cifar100/fitnet/) set "published".
 """
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -26,8 +37,15 @@ from .base import Distiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
+logger = logging.getLogger("mdistiller")
+
+PROBES = ("clean", "published")
+
 _cfg = CN()
 _cfg.HINT_LAYER = 2  # index into features["feats"] (0 is the stem)
+# How the regressor is sized: "published" = mdistiller's probe (a random image through the student and the teacher
+# in training mode: both models' BatchNorm running statistics move once); "clean" = a zero image in eval mode
+_cfg.PROBE = "clean"
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 100.0
@@ -69,6 +87,38 @@ def stage_shape(model, index, image_size):
     return tuple(feats["feats"][index].shape[1:])
 
 
+def published_probe(student, teacher, image_size):
+    """mdistiller's get_feat_shapes: ([(C, H, W)] of the student's features["feats"], the same of the teacher's) from
+    one torch.randn(1, 3, image_size, image_size) image of the global generator, run through `student` and then
+    `teacher` (plain models) in training mode under torch.no_grad, so both models' BatchNorm running statistics move
+    as torch's training-mode BatchNorm moves them. Each model is returned to the mode it was in."""
+    data = torch.randn(1, 3, image_size, image_size)  # CPU float32, as mdistiller draws it
+    shapes = []
+    for model in (student, teacher):
+        was_training = model.training
+        model.train()
+        try:
+            param = next(model.parameters())
+            with torch.no_grad():
+                _, feats = model(data.to(device=param.device, dtype=param.dtype))
+        finally:
+            model.train(was_training)
+        shapes.append([tuple(f.shape[1:]) for f in feats["feats"]])
+    return shapes[0], shapes[1]
+
+
+def check_probe(section, probe):
+    if probe not in PROBES:
+        raise ConfigError(f"config key {section}.PROBE: one of {', '.join(PROBES)} (published: mdistiller's probe "
+                          f"forward in training mode), got {probe!r}")
+
+
+def log_published_probe(section):
+    logger.info("%s.PROBE published: probed with one random image through the student and the teacher in training "
+                "mode, as mdistiller's get_feat_shapes does (both models' BatchNorm running statistics moved once)",
+                section)
+
+
 def hint_loss(student_map, teacher_map):
     """Mean squared error over every element (batch, channel and position)."""
     return F.mse_loss(student_map, teacher_map)
@@ -78,28 +128,37 @@ def hint_loss(student_map, teacher_map):
 class FitNet(Distiller):
     ramped_terms = ("fitnet",)
 
-    def __init__(self, *, student, teacher, image_size=32, hint_layer=2, ce_weight=1.0, feat_weight=100.0):
+    def __init__(self, *, student, teacher, image_size=32, hint_layer=2, ce_weight=1.0, feat_weight=100.0,
+                 probe="clean"):
         super().__init__(student=student, teacher=teacher)
+        check_probe("FITNET", probe)
         n_s, n_t = len(student.stage_channels()), len(self.teacher.stage_channels())
         if not 0 <= hint_layer < min(n_s, n_t):
             raise ConfigError(f"config key FITNET.HINT_LAYER: {hint_layer} is not a stage of both networks "
                               f"(student has {n_s} feature maps, teacher {n_t}); use 0..{min(n_s, n_t) - 1}")
         self.hint_layer, self.ce_weight, self.feat_weight = hint_layer, ce_weight, feat_weight
-        self.regressor = HintRegressor(stage_shape(student, hint_layer, image_size),
-                                       stage_shape(self.teacher.model, hint_layer, image_size))
+        if probe == "published":
+            shapes_s, shapes_t = published_probe(student, self.teacher.model, image_size)
+            log_published_probe("FITNET")
+            s_shape, t_shape = shapes_s[hint_layer], shapes_t[hint_layer]
+        else:
+            s_shape = stage_shape(student, hint_layer, image_size)
+            t_shape = stage_shape(self.teacher.model, hint_layer, image_size)
+        self.regressor = HintRegressor(s_shape, t_shape)
 
     @classmethod
     def from_config(cls, cfg, data):
         c = cfg.FITNET
         image_size = data.image_size if data is not None else 32
         return {"image_size": image_size, "hint_layer": c.HINT_LAYER, "ce_weight": c.LOSS.CE_WEIGHT,
-                "feat_weight": c.LOSS.FEAT_WEIGHT}
+                "feat_weight": c.LOSS.FEAT_WEIGHT, "probe": c.PROBE}
 
     @classmethod
     def validate_config(cls, cfg):
         c = cfg.FITNET
         if c.HINT_LAYER < 0:
             raise ConfigError(f"config key FITNET.HINT_LAYER: must be >= 0 (0 is the stem), got {c.HINT_LAYER}")
+        check_probe("FITNET", c.PROBE)
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

@@ -20,6 +20,14 @@ stays at its initial value for the whole run. The paper, the authors' code and R
 CRD-table VID numbers) learn it, and so do we (VID.LEARN_VARIANCE True); False keeps it fixed (a parameter
 without gradient), which is mdistiller's behaviour. Channel counts come from `stage_channels()` instead of a probe
 forward (mdistiller's INPUT_SIZE key is therefore not needed).
+
+The probe's side effect, VID.PROBE: mdistiller sizes VID's regressors with `get_feat_shapes`, one random image
+through the student and the teacher in training mode under no_grad, which moves both models' BatchNorm running
+statistics once (the teacher then distils in eval mode with them for the whole run). "published" runs that very
+probe (fitnet.published_probe: a torch.randn(1, 3, H, W) image of the run's seeded generator, H = W the dataset's
+image size, mdistiller's VID.INPUT_SIZE (32, 32) on CIFAR) before the regressors are built; its shapes are not needed.
+"clean" (the key's default) runs no probe. The configs reproducing mdistiller's VID numbers (configs/cifar100/vid/)
+set "published".
 """
 
 import math
@@ -31,6 +39,7 @@ from yacs.config import CfgNode as CN
 from ..utils.errors import ConfigError
 from .at import matching_size, paired_stages
 from .base import Distiller
+from .fitnet import check_probe, log_published_probe, published_probe
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -38,6 +47,9 @@ _cfg = CN()
 _cfg.EPS = 1e-5
 _cfg.INIT_PRED_VAR = 5.0
 _cfg.LEARN_VARIANCE = True  # False: the variance stays at INIT_PRED_VAR, as in mdistiller's code
+# "published": mdistiller's probe forward (a random image through the student and the teacher in training mode: both
+# models' BatchNorm running statistics move once) before the regressors are built; "clean": no probe
+_cfg.PROBE = "clean"
 _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 1.0
@@ -67,8 +79,12 @@ class VID(Distiller):
     ramped_terms = ("vid",)
 
     def __init__(self, *, student, teacher, eps=1e-5, init_pred_var=5.0, learn_variance=True, ce_weight=1.0,
-                 feat_weight=1.0):
+                 feat_weight=1.0, probe="clean", image_size=32):
         super().__init__(student=student, teacher=teacher)
+        check_probe("VID", probe)
+        if probe == "published":
+            published_probe(student, self.teacher.model, image_size)
+            log_published_probe("VID")
         self.eps, self.ce_weight, self.feat_weight = eps, ce_weight, feat_weight
         pairs = list(zip(student.stage_channels()[1:], self.teacher.stage_channels()[1:]))
         self.regressors = nn.ModuleList([vid_regressor(s, t) for s, t in pairs])
@@ -81,7 +97,8 @@ class VID(Distiller):
     def from_config(cls, cfg, data):
         c = cfg.VID
         return {"eps": c.EPS, "init_pred_var": c.INIT_PRED_VAR, "learn_variance": c.LEARN_VARIANCE,
-                "ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT}
+                "ce_weight": c.LOSS.CE_WEIGHT, "feat_weight": c.LOSS.FEAT_WEIGHT, "probe": c.PROBE,
+                "image_size": data.image_size if data is not None else 32}
 
     @classmethod
     def validate_config(cls, cfg):
@@ -91,6 +108,7 @@ class VID(Distiller):
         if c.INIT_PRED_VAR <= c.EPS:
             raise ConfigError(f"config key VID.INIT_PRED_VAR: must be > VID.EPS ({c.EPS}) so that the initial "
                               f"variance is reachable, got {c.INIT_PRED_VAR} (5.0 is the published setting)")
+        check_probe("VID", c.PROBE)
 
     def vid_loss(self, feats_student, feats_teacher):
         """Sum over the stage pairs (stem dropped, shallowest first) of the Gaussian NLL of the teacher stage."""
