@@ -1,6 +1,8 @@
 """KD++'s ablations (paper tables 4 and 5) as switches of the dino term: DINO.FORM's parts against plain float64
 implementations of eq. 1-4 and table 5's L2 written here, DINO.CENTRES against the teacher's classifier rows, the
-configuration errors, and every Fashion-MNIST ablation config trained through the CLI, logging its named terms."""
+configuration errors, and every Fashion-MNIST ablation config trained through the CLI, logging its named terms.
+Also DKD appendix table A.3's "TCKD only" (configs/cifar100/tckd/): the config's loss against the binary KL by hand,
+and the same switch (DKD.BETA 0) through the CLI."""
 
 import glob
 import json
@@ -12,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from mdistiller.config import load_config
+from mdistiller.distillers import DISTILLER_REGISTRY
 from mdistiller.distillers.losses import DISTILL, StepOutput
 from mdistiller.distillers.plus_plus import DinoTerm, classifier_weight
 from mdistiller.models import build_model
@@ -158,11 +161,46 @@ ABLATION_TERMS = {
     "kdpp_l2_clsweight": {"ce", "kd", "l2_centre"},
 }
 ZERO_TERM = {"kdpp_ce_dino": "kd", "kdpp_kl_dino": "ce"}  # the term the variant leaves out (weight 0)
+# DKD appendix table A.3's switch on the Fashion-MNIST DKD config: (config folder, overrides, terms)
+OTHER_VARIANTS = {"tckd": ("dkd", ["DKD.BETA", "0.0", "DKD.T", "1.0", "DKD.WARMUP", "0"], {"ce", "dkd"})}
 
 
 def test_every_ablation_config_is_listed():
     found = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(FM_CONFIGS, "kdpp_*", "*.yaml"))}
     assert found == set(ABLATION_TERMS)
+
+
+class _Fixed(nn.Module):
+    """A model whose logits are fixed rows (the distiller's contract: (logits, features))."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return self.logits, {"pooled_feat": self.logits}
+
+
+def test_tckd_only_config_is_ce_plus_the_binary_kl_at_its_temperature():
+    cfg = load_config(os.path.join(ROOT, "configs", "cifar100", "tckd", "wrn_40_2_wrn_16_2.yaml"),
+                      ["DKD.T", "2.0"], validate=False)
+    g = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 3, 1])
+    method = DISTILLER_REGISTRY.get("DKD")
+    dkd = method(student=_Fixed(zs), teacher=_Fixed(zt), **method.from_config(cfg, None))
+    epoch = cfg.DKD.WARMUP  # the ramp at 1: the term itself
+    out = dkd.forward_train(None, labels, epoch)
+    T, expect_tckd, expect_ce = 2.0, 0.0, 0.0
+    for s_row, t_row, y in zip(zs.tolist(), zt.tolist(), labels.tolist()):
+        ps = [math.exp(v / T) for v in s_row]
+        pt = [math.exp(v / T) for v in t_row]
+        bs, bt = ps[y] / sum(ps), pt[y] / sum(pt)  # the target's probability; the rest is 1 - it
+        expect_tckd += bt * math.log(bt / bs) + (1 - bt) * math.log((1 - bt) / (1 - bs))
+        expect_ce += -s_row[y] + math.log(sum(math.exp(v) for v in s_row))
+    n = len(labels)
+    assert out.terms["dkd"].value.item() == pytest.approx(T * T * expect_tckd / n, rel=1e-10)  # alpha 1, NCKD 0
+    assert out.terms["ce"].value.item() == pytest.approx(expect_ce / n, rel=1e-10)  # CE weight 1
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +211,21 @@ def teacher_ckpt(tmp_path_factory):
     return os.path.join(prefix, "teacher", "student_best.pth")
 
 
-@pytest.mark.parametrize("variant", sorted(ABLATION_TERMS))
+@pytest.mark.parametrize("variant", sorted(ABLATION_TERMS) + sorted(OTHER_VARIANTS))
 def test_ablation_trains_two_epochs_through_the_cli_and_logs_its_terms(variant, teacher_ckpt, tmp_path):
     small = list(SMALL)
     small[small.index("SOLVER.EPOCHS") + 1] = "2"
-    _train_main()(["--cfg", os.path.join(FM_CONFIGS, variant, "resnet20_resnet8.yaml"), "LOG.PREFIX",
+    folder, overrides, _ = OTHER_VARIANTS.get(variant, (variant, [], None))
+    _train_main()(["--cfg", os.path.join(FM_CONFIGS, folder, "resnet20_resnet8.yaml"), "LOG.PREFIX",
                    str(tmp_path), "EXPERIMENT.NAME", "run", "DISTILLER.TEACHER_CKPT", teacher_ckpt, *small,
-                   "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET", "32"])
+                   "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET", "32", *overrides])
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         terms = {k[len("loss/"):]: v for k, v in record.items()
                  if k.startswith("loss/") and k not in ("loss/task_total", "loss/distill_total")}
-        assert set(terms) == ABLATION_TERMS[variant]
+        assert set(terms) == set(ABLATION_TERMS.get(variant) or OTHER_VARIANTS[variant][2])
         for name, value in terms.items():
             assert math.isfinite(value)
             assert (value == 0) == (ZERO_TERM.get(variant) == name), (name, value)
