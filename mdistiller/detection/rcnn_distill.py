@@ -10,11 +10,13 @@ proposals. The loss terms reuse the classification losses unchanged (kd_loss, dk
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import List
 
 import torch
 import torch.nn as nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ..distillers.dkd import dkd_loss
@@ -29,7 +31,9 @@ DETECTOR_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_r
 class DetectionStep:
     """One training forward: the student's standard losses and, on its sampled proposals (all images concatenated
     in order), the assigned labels and both models' box-head features and class logits; also both models' FPN
-    outputs (levels "0".."3", "pool"; the teacher's without gradient) for ReviewKD on the features."""
+    outputs (levels "0".."3", "pool"; the teacher's without gradient) for ReviewKD, FitNet and FGFI on the features;
+    the ground-truth boxes as the student's transform left them, and the student RPN's anchors (`student_anchors()`,
+    computed on first use: only FGFI's imitation mask needs them)."""
 
     losses: dict
     proposals: List[torch.Tensor]
@@ -41,6 +45,29 @@ class DetectionStep:
     image_sizes: list = field(default_factory=list)
     student_fpn: dict = field(default_factory=dict)
     teacher_fpn: dict = field(default_factory=dict)
+    gt_boxes: list = field(default_factory=list)  # per image (N_i, 4) xyxy, in the batch tensor's pixel coordinates
+    anchor_source: object = field(default=None, repr=False)  # () -> student_anchors()'s list
+    _anchors: list = field(default=None, init=False, repr=False)
+
+    def student_anchors(self):
+        """The student RPN's anchors, one (H * W * A, 4) tensor per FPN level in student_fpn's order, row-major over
+        the level's (y, x) positions with the A anchors of a position consecutive; the same for every image of the
+        batch (torchvision's anchors depend only on the padded batch's size)."""
+        if self._anchors is None:
+            if self.anchor_source is None:
+                raise ValueError("this DetectionStep carries no anchors: produce it with RCNNDistillGlue.forward")
+            self._anchors = self.anchor_source()
+        return self._anchors
+
+
+def level_anchors(anchor_generator, image_list, feature_maps):
+    """The anchors torchvision's RPN uses on `feature_maps` (its AnchorGenerator, called as the RPN calls it), split
+    per level: [(H_l * W_l * A_l, 4)]. One image's: every image of a batch has the same."""
+    first = ImageList(image_list.tensors[:1], image_list.image_sizes[:1])
+    anchors = anchor_generator(first, feature_maps)[0]
+    counts = [m.shape[-2] * m.shape[-1] * a
+              for m, a in zip(feature_maps, anchor_generator.num_anchors_per_location())]
+    return list(anchors.split(counts))
 
 
 def _num_classes(model):
@@ -137,7 +164,8 @@ class RCNNDistillGlue(nn.Module):
             teacher_features, teacher_logits = self.teacher_box_outputs(image_list, proposals, teacher_fpn)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **rpn_losses}
         return DetectionStep(losses, proposals, labels, box_features, logits, teacher_features, teacher_logits,
-                             list(image_list.image_sizes), features, teacher_fpn)
+                             list(image_list.image_sizes), features, teacher_fpn, [t["boxes"] for t in targets],
+                             partial(level_anchors, s.rpn.anchor_generator, image_list, list(features.values())))
 
     @torch.no_grad()
     def teacher_fpn(self, image_list):

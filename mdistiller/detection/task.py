@@ -225,6 +225,10 @@ def validate_detection(cfg):
     for role in ("STUDENT", "TEACHER") if terms else ("STUDENT",):
         _check(cfg.DISTILLER[role] in BACKBONES, f"DISTILLER.{role}",
                f"detection backbones are {', '.join(BACKBONES)}; got '{cfg.DISTILLER[role]}'")
+    for name in terms:  # each of the method's terms checks its own settings, if it has any to check
+        check = getattr(DETECTION_TERM_REGISTRY.get(name), "validate_config", None)
+        if check is not None:
+            check(cfg)
     _check(d.ITERS_PER_EPOCH > 0, "DETECTION.ITERS_PER_EPOCH", f"must be > 0, got {d.ITERS_PER_EPOCH}")
     _check(d.EVAL_PERIOD > 0, "DETECTION.EVAL_PERIOD", f"must be > 0 epochs, got {d.EVAL_PERIOD}")
     _check(list(d.STEPS) == sorted(d.STEPS) and all(x > 0 for x in d.STEPS), "DETECTION.STEPS",
