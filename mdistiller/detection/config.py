@@ -46,5 +46,16 @@ _D.DINO.CLASS_MEANS_FILE = ""
 _D.DINO.CLASS_MEANS_ITERS = 30000
 _D.REVIEWKD = CN()  # ReviewKD's HCL on the five FPN levels
 _D.REVIEWKD.WEIGHT = 1.0
+# FitNet on the five FPN levels (imitation.py): a learned 1x1 conv per level on the student's map, MSE to the
+# teacher's map, summed over the levels. Weight 1.0: HEAD's FPN FitNet (LutingWang/HEAD configs/kd/fitnet*.py); the
+# code behind ReviewKD's / KD++'s detection FitNet row is not published.
+_D.FITNET = CN()
+_D.FITNET.WEIGHT = 1.0
+# FGFI (Wang et al., CVPR 2019) on the five FPN levels: a learned 3x3 conv per level, squared error summed over the
+# imitation mask's locations and channels / (2 x the mask's locations). Defaults are the original code's
+# (twangnh/Distilling-Object-Detectors trainval_net_sup.py: --ilw 0.01; anchor_target_layer.py: IoU > 0.5 x max).
+_D.FGFI = CN()
+_D.FGFI.WEIGHT = 0.01
+_D.FGFI.PSI = 0.5  # an anchor imitates where its IoU with a ground-truth box > PSI x that box's best anchor IoU
 
 DETECTION_CFG = _D
