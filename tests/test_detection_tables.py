@@ -128,12 +128,12 @@ def test_published_numbers_of_table_3():
     assert cells[("ResNet101", "ResNet50", "KD++")].published == 39.86
 
 
-def test_list_shows_kdpp3_with_fitnet_and_fgfi_not_implemented():
+def test_list_shows_every_kdpp3_row_runnable():
     r = reproduce("--list")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in r.stdout.splitlines()[1:]}
-    # 3 pairs x 9 rows; FitNet and FGFI (3 x 2) are not implemented for detection; the rest have configs
-    assert rows["kdpp-3"] == [27, 21, 6, 0]
+    # 3 pairs x 9 rows, FitNet and FGFI (configs/coco/fitnet, fgfi) included: every row has its config
+    assert rows["kdpp-3"] == [27, 27, 0, 0]
 
 
 def _run_lines(out):
@@ -150,8 +150,8 @@ def test_dry_run_orders_teachers_before_students():
     # the two teachers once each (a fixed run directory holds one seed), every student run after both
     assert [configs[i] for i in teachers] == [f"configs/coco/teacher/{m}.yaml" for m in ("resnet101", "resnet50")]
     assert max(teachers) < min(students)
-    # 2 teachers + 2 seeds x (3 baselines + 15 distilled students)
-    assert len(lines) == 2 + 2 * 18 and "# 38 runs for 21 cells of table kdpp-3" in r.stdout
+    # 2 teachers + 2 seeds x (3 baselines + 21 distilled students)
+    assert len(lines) == 2 + 2 * 24 and "# 50 runs for 27 cells of table kdpp-3" in r.stdout
     assert "2 stages (teachers first)" in r.stdout
     for line in lines:
         if "/resnet101_" in line:
@@ -160,8 +160,9 @@ def test_dry_run_orders_teachers_before_students():
             assert line.endswith("after: coco_teacher_resnet50")
         else:
             assert "after:" not in line
-    assert "# ResNet101->ResNet18 FitNet: not implemented" in r.stdout
-    assert "# ResNet50->MobileNetV2 FGFI: not implemented" in r.stdout
+    assert "not implemented" not in r.stdout
+    assert any(line.startswith("configs/coco/fitnet/resnet101_resnet18.yaml") for line in lines)
+    assert any(line.startswith("configs/coco/fgfi/resnet50_mobilenet_v2.yaml") for line in lines)
 
 
 def test_students_read_the_teacher_trained_under_the_studys_prefix(tmp_path):
@@ -223,7 +224,7 @@ def test_collect_puts_our_ap_beside_the_published_one(tmp_path):
         assert (t["n"], t["last_mean"], t["paper"], t["diff"]) == ("1", "40.10", "42.04", "-1.94")
     assert rows[("ResNet101", "ResNet18", "teacher")]["teacher_used"] == str(
         prefix / "coco_teacher_resnet101" / "student_best.pth")
-    assert rows[("ResNet101", "ResNet18", "FitNet")]["status"] == "not implemented"
+    assert rows[("ResNet101", "ResNet18", "FitNet")]["status"] == "missing runs"
     assert rows[("ResNet50", "MobileNetV2", "KD")]["status"] == "missing runs"
     # the Markdown table: ours beside the paper's AP, AP50 and AP75
     assert "| ours AP50 | paper AP50 | ours AP75 | paper AP75 |" in r.stdout
