@@ -23,6 +23,12 @@ _D.WARMUP_FACTOR = 0.001
 _D.STUDENT_PRETRAINED = True  # ImageNet backbone weights from the torch hub cache (never downloaded by a run)
 _D.TRAINABLE_LAYERS = -1  # -1: Detectron2's defaults (ResNet FREEZE_AT 2 = 3 stages trained; MobileNetV2 all)
 _D.TEACHER_FLIP_CHANNELS = False  # the teacher was trained on BGR input (a converted Detectron2-zoo model)
+# The box head's RoIAlign: True is Detectron2's ROIAlignV2 (aligned=True: the sampling grid shifted by -0.5 pixel),
+# which its FPN configs use and the published detection numbers were trained with; False is torchvision's
+# MultiScaleRoIAlign as it ships (aligned=False). The teacher has its own key: it must pool as it was trained
+# (configs/coco/teacher/ runs: their ROI_ALIGN_ALIGNED; torchvision's COCO weights: False). models.py
+_D.ROI_ALIGN_ALIGNED = False
+_D.TEACHER_ROI_ALIGN_ALIGNED = False
 _D.RPN_PRE_NMS_TOPK_TRAIN = 2000
 _D.RPN_POST_NMS_TOPK_TRAIN = 1000
 _D.RPN_PRE_NMS_TOPK_TEST = 1000

@@ -5,6 +5,14 @@ build (its mobilenet extractor finds the pyramid stages only in MobileNetV3), so
 stride-4/8/16/32 stages of `mobilenet_v2().features`. BatchNorm in the backbone is frozen (FrozenBatchNorm2d), as
 torchvision and Detectron2 do for detection.
 
+RoI pooling: torchvision's MultiScaleRoIAlign (7x7, sampling ratio 2) samples the feature map at continuous
+coordinates box * scale (`aligned=False`, the legacy RoIAlign of Mask R-CNN's first code); Detectron2's ROIAlignV2,
+which its FPN configs use by default (POOLER_TYPE "ROIAlignV2") and which therefore produced the published detection
+numbers, shifts them by half a pixel, box * scale - 0.5 (`aligned=True`), so that a pixel's value sits at its
+centre. torchvision's pooler has no `aligned` argument; `AlignedMultiScaleRoIAlign` is it with one
+(`build_faster_rcnn(..., roi_align_aligned=True)`, config keys DETECTION.ROI_ALIGN_ALIGNED and
+DETECTION.TEACHER_ROI_ALIGN_ALIGNED). Detectron2's sampling ratio 0 (adaptive) is not taken over: ours stays 2.
+
 Label convention (one for the whole project): torchvision's, **background is class 0**, the 80 COCO categories
 are 1..80 in increasing COCO category id. Detectron2 (and the KD++ repository's class-mean files, keys "0".."80")
 put the 80 categories at 0..79 and background at 80: see `detectron2_to_torchvision_labels` and
@@ -19,8 +27,9 @@ import torch.nn as nn
 from torchvision.models import mobilenet_v2
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from ..utils.errors import ConfigError
 
@@ -33,6 +42,39 @@ BACKBONES = RESNETS + ("mobilenet_v2",)
 _MV2_STAGE_ENDS = {"3": "0", "6": "1", "13": "2", "17": "3"}
 _MV2_CHANNELS = [24, 32, 96, 320]
 FPN_CHANNELS = 256
+BOX_POOL_LEVELS = ["0", "1", "2", "3"]  # torchvision's FasterRCNN default box pooler: 7x7, sampling ratio 2
+BOX_POOL_SIZE = 7
+BOX_POOL_SAMPLING_RATIO = 2
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign with RoIAlign's `aligned` flag: True is Detectron2's ROIAlignV2 (the box's
+    sampling grid shifted by -0.5 pixel), False pools exactly as torchvision's class does. The same FPN level
+    assignment (canonical box 224 at level 4), scales inferred from the first batch, and output."""
+
+    def __init__(self, featmap_names, output_size, sampling_ratio, *, aligned=False, **kwargs):
+        super().__init__(featmap_names, output_size, sampling_ratio, **kwargs)
+        self.aligned = bool(aligned)
+
+    def forward(self, x, boxes, image_shapes):
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
+        levels = self.map_levels(boxes)
+        first = features[0]
+        result = first.new_zeros((len(rois), first.shape[1]) + tuple(self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, self.aligned)
+            result[index] = pooled.to(result.dtype)
+        return result
+
+    def __repr__(self):
+        return f"{super().__repr__()[:-1]}, aligned={self.aligned})"
 
 
 def _imagenet_weights(backbone):
@@ -59,12 +101,14 @@ def mobilenet_v2_fpn_backbone(weights=None, trainable_layers=19):
 
 
 def build_faster_rcnn(backbone, num_classes=NUM_CLASSES, pretrained_backbone=False, trainable_layers=None,
-                      **faster_rcnn_kwargs):
+                      roi_align_aligned=False, **faster_rcnn_kwargs):
     """torchvision FasterRCNN with an FPN on `backbone` (one of BACKBONES).
 
     pretrained_backbone loads torchvision's ImageNet weights (hub cache; offline it must already be there).
     trainable_layers: ResNet stages trained from the top (default 3, Detectron2's FREEZE_AT 2); MobileNetV2
-    `features` children (default all). Extra keyword arguments go to FasterRCNN (min_size, max_size, sampler sizes).
+    `features` children (default all). roi_align_aligned: the box head pools with RoIAlign aligned=True
+    (Detectron2's ROIAlignV2) instead of torchvision's aligned=False. Extra keyword arguments go to FasterRCNN
+    (min_size, max_size, sampler sizes).
     """
     if backbone not in BACKBONES:
         raise ConfigError(f"detection backbone '{backbone}' is not supported: use one of {', '.join(BACKBONES)}")
@@ -78,6 +122,9 @@ def build_faster_rcnn(backbone, num_classes=NUM_CLASSES, pretrained_backbone=Fal
         if not 0 <= layers <= 5:
             raise ConfigError(f"ResNet trainable_layers must be in 0..5 (stages from the top), got {layers}")
         body = resnet_fpn_backbone(backbone_name=backbone, weights=weights, trainable_layers=layers)
+    if roi_align_aligned:
+        faster_rcnn_kwargs["box_roi_pool"] = AlignedMultiScaleRoIAlign(BOX_POOL_LEVELS, BOX_POOL_SIZE,
+                                                                       BOX_POOL_SAMPLING_RATIO, aligned=True)
     return FasterRCNN(body, num_classes=num_classes, **faster_rcnn_kwargs)
 
 

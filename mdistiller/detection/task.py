@@ -74,7 +74,7 @@ def build_student(cfg):
         _hub_file(_imagenet_weights(cfg.DISTILLER.STUDENT), "DETECTION.STUDENT_PRETRAINED")
     return build_faster_rcnn(cfg.DISTILLER.STUDENT, pretrained_backbone=d.STUDENT_PRETRAINED,
                              trainable_layers=None if d.TRAINABLE_LAYERS < 0 else d.TRAINABLE_LAYERS,
-                             **_model_kwargs(d))
+                             roi_align_aligned=d.ROI_ALIGN_ALIGNED, **_model_kwargs(d))
 
 
 def teacher_file(cfg):
@@ -97,7 +97,8 @@ def teacher_file(cfg):
 
 def build_teacher(cfg, category_ids, state=None):
     """The teacher detector with its weights (`state` instead of its file when given); frozen by the distiller."""
-    model = build_faster_rcnn(cfg.DISTILLER.TEACHER, **_model_kwargs(cfg.DETECTION))
+    model = build_faster_rcnn(cfg.DISTILLER.TEACHER, roi_align_aligned=cfg.DETECTION.TEACHER_ROI_ALIGN_ALIGNED,
+                              **_model_kwargs(cfg.DETECTION))
     if state is None and cfg.DISTILLER.TEACHER_CKPT != TORCHVISION_TEACHER:
         return load_weights(model, teacher_file(cfg), f"{cfg.DISTILLER.TEACHER} (Faster R-CNN, 81 classes)",
                             hint=f"use a checkpoint of configs/coco/teacher/{cfg.DISTILLER.TEACHER}.yaml")
@@ -202,6 +203,11 @@ def build_distiller(cfg, data, device, teacher_state=None):
     for name in names:
         term = DETECTION_TERM_REGISTRY.get(name)
         terms[name] = term(**term.from_config(cfg))
+    d = cfg.DETECTION
+    pooled = [who for who, on in (("student", d.ROI_ALIGN_ALIGNED),
+                                  ("teacher", teacher is not None and d.TEACHER_ROI_ALIGN_ALIGNED)) if on]
+    if pooled:
+        logger.info("RoIAlign aligned=True (Detectron2's ROIAlignV2): %s", " and ".join(pooled))
     distiller = DetectionDistiller(student=student, teacher=teacher, terms=terms,
                                    teacher_flip_channels=cfg.DETECTION.TEACHER_FLIP_CHANNELS)
     return distiller.to(device), None
@@ -229,6 +235,9 @@ def validate_detection(cfg):
         check = getattr(DETECTION_TERM_REGISTRY.get(name), "validate_config", None)
         if check is not None:
             check(cfg)
+    _check(not (terms and cfg.DISTILLER.TEACHER_CKPT == TORCHVISION_TEACHER and d.TEACHER_ROI_ALIGN_ALIGNED),
+           "DETECTION.TEACHER_ROI_ALIGN_ALIGNED", "torchvision's COCO weights (DISTILLER.TEACHER_CKPT torchvision) "
+           "were trained with RoIAlign aligned=False and must pool so: set it False")
     _check(d.ITERS_PER_EPOCH > 0, "DETECTION.ITERS_PER_EPOCH", f"must be > 0, got {d.ITERS_PER_EPOCH}")
     _check(d.EVAL_PERIOD > 0, "DETECTION.EVAL_PERIOD", f"must be > 0 epochs, got {d.EVAL_PERIOD}")
     _check(list(d.STEPS) == sorted(d.STEPS) and all(x > 0 for x in d.STEPS), "DETECTION.STEPS",
