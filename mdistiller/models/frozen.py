@@ -6,10 +6,11 @@ and no autograd graph is kept of its forward. One exception, asked for by a meth
 BatchNorm normalises with the batch's statistics and updates its running statistics in place, exactly as torch's
 BatchNorm does in training mode under no_grad (or inference_mode: the buffers stay ordinary tensors); its parameters
 stay frozen and no graph is kept. `buffer_state()` is then what a checkpoint must carry to resume it.
-How it runs is the run's speed plan's business (engine/speed.py): under torch.inference_mode instead of no_grad, with weights and input in half precision, as an int8 graph, or
-compiled. Whatever the plan, the caller gets ordinary tensors a loss may use: half-precision outputs cast back
-to float32, and inference tensors copied outside inference mode (autograd refuses to save an inference tensor
-for backward, which an MSE or a Linear on teacher features would do).
+How it runs is the run's speed plan's business (engine/speed.py): under torch.inference_mode instead of no_grad,
+with weights and input in half precision, as an int8 graph, or compiled. Whatever the plan, the caller gets
+ordinary tensors a loss may use: half-precision outputs cast back to float32, and inference tensors copied outside
+inference mode (autograd refuses to save an inference tensor for backward, which an MSE or a Linear on teacher
+features would do).
 """
 
 from collections.abc import Mapping
