@@ -1,9 +1,10 @@
 """tools/reproduce.py: every cell of every table plans to an existing config (methods not implemented yet are listed
 here one by one), a missing config fails naming the cell; --dry-run of every table needs no data and no weights and
-names each missing dataset and weights file with the command that fetches it; --emit-script orders teachers
-before the students that read them (bash stages, SLURM array jobs chained by afterok; parsed, and executed with a fake interpreter and a fake sbatch) and calls the project's own
-interpreter; --collect averages only finished runs of one config (hand-computed means and sample std), refuses
-cells whose runs disagree and flags runs that are not the planned config."""
+names each missing dataset and weights file with the command that fetches it; --emit-script orders teachers before
+the students that read them (bash stages, SLURM array jobs chained by afterok; parsed, and executed with a fake
+interpreter and a fake sbatch) and calls the project's own interpreter; --collect averages only finished runs of one
+config (hand-computed means and sample std), refuses cells whose runs disagree and flags runs that are not the
+planned config."""
 
 import contextlib
 import csv
