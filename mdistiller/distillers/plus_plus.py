@@ -242,15 +242,11 @@ class DinoTerm(nn.Module):
 
     def set_class_means(self, means, counts):
         """Install teacher class means (C, D) and per-class image counts (C,)."""
-        if tuple(means.shape) != tuple(self.class_means.shape):
-            raise ValueError(f"class means of shape {tuple(means.shape)} do not fit this term "
-                             f"({tuple(self.class_means.shape)}: classes x teacher feature size)")
-        self.class_means.copy_(means)
+        self.set_centres(means)
         self.class_weights.copy_(class_weights(counts.to(self.class_weights.device)))
-        self.ready.fill_(True)
 
     def set_centres(self, centres):
-        """Install class centres (C, D) that are not class means (the teacher's classifier rows)."""
+        """Install class centres (C, D): the class means, or the teacher's classifier rows."""
         if tuple(centres.shape) != tuple(self.class_means.shape):
             raise ValueError(f"class centres of shape {tuple(centres.shape)} do not fit this term "
                              f"({tuple(self.class_means.shape)}: classes x teacher feature size)")
@@ -272,10 +268,8 @@ class DinoTerm(nn.Module):
                               "the term is constant until they are")
         feat_s = self.projector(out.student_features["pooled_feat"])
         weight = self.class_weights[labels] if self.class_balanced else None
-        if self.parts == ("dino",):
-            loss = dino_loss(feat_s, out.teacher_features["pooled_feat"], self.class_means, labels, weight,
-                             self.norm_margin)
-            return distill_loss(self.weight * loss)
+        if self.parts == ("dino",):  # KD++ itself: one term, logged as "dino"
+            return distill_loss(self.weight * self._part("dino", feat_s, out, labels, weight))
         return {part: distill_loss(w * self._part(part, feat_s, out, labels, weight))
                 for part, w in zip(self.parts, self.part_weights)}
 
