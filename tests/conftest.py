@@ -27,3 +27,11 @@ def full_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="session")
+def small_teacher_ckpt(tmp_path_factory):
+    """One resnet20 teacher, trained once per session for the tests that distil from a real (if weak) checkpoint."""
+    from cli_runs import train_small_teacher
+
+    return train_small_teacher(tmp_path_factory.mktemp("small_teacher"))

@@ -19,7 +19,7 @@ from mdistiller.distillers.losses import DISTILL, StepOutput
 from mdistiller.distillers.plus_plus import DinoTerm, classifier_weight
 from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
-from test_train_every_method import FM_CONFIGS, SMALL, _train_main
+from cli_runs import FM_CONFIGS, SMALL, train_main as _train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,21 +203,14 @@ def test_tckd_only_config_is_ce_plus_the_binary_kl_at_its_temperature():
     assert out.terms["ce"].value.item() == pytest.approx(expect_ce / n, rel=1e-10)  # CE weight 1
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("teacher")
-    _train_main()(["--cfg", os.path.join(FM_CONFIGS, "vanilla", "resnet20.yaml"), "LOG.PREFIX", str(prefix),
-                   "EXPERIMENT.NAME", "teacher", *SMALL])
-    return os.path.join(prefix, "teacher", "student_best.pth")
-
-
 @pytest.mark.parametrize("variant", sorted(ABLATION_TERMS) + sorted(OTHER_VARIANTS))
-def test_ablation_trains_two_epochs_through_the_cli_and_logs_its_terms(variant, teacher_ckpt, tmp_path):
+def test_ablation_trains_two_epochs_through_the_cli_and_logs_its_terms(variant, small_teacher_ckpt,
+                                                                        tmp_path):
     small = list(SMALL)
     small[small.index("SOLVER.EPOCHS") + 1] = "2"
     folder, overrides, _ = OTHER_VARIANTS.get(variant, (variant, [], None))
     _train_main()(["--cfg", os.path.join(FM_CONFIGS, folder, "resnet20_resnet8.yaml"), "LOG.PREFIX",
-                   str(tmp_path), "EXPERIMENT.NAME", "run", "DISTILLER.TEACHER_CKPT", teacher_ckpt, *small,
+                   str(tmp_path), "EXPERIMENT.NAME", "run", "DISTILLER.TEACHER_CKPT", small_teacher_ckpt, *small,
                    "DATASET.TRAIN_SUBSET", "96", "DATASET.TEST_SUBSET", "32", *overrides])
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

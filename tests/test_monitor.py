@@ -10,7 +10,7 @@ import torch
 
 from mdistiller.bench.random_teacher import write_random_teacher
 
-from test_train_every_method import FM_CONFIGS, KD_CFG, SMALL, _train_main
+from cli_runs import FM_CONFIGS, KD_CFG, SMALL, train_main as _train_main
 
 
 @pytest.fixture(scope="module")

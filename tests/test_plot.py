@@ -18,7 +18,7 @@ from mdistiller.bench.random_teacher import write_random_teacher
 from mdistiller.analysis.logit_corr import correlation_difference, logit_correlation
 from mdistiller.utils.errors import UserError
 
-from test_train_every_method import FM_CONFIGS, KD_CFG, ROOT, SMALL, _train_main
+from cli_runs import FM_CONFIGS, KD_CFG, ROOT, SMALL, train_main as _train_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -22,7 +22,7 @@ from mdistiller.utils.cli import run_cli
 from mdistiller.utils.errors import CheckpointError, DataError, UserError
 
 import data_fixtures as fx
-from test_train_every_method import KD_CFG, ROOT, SMALL, _train_main
+from cli_runs import KD_CFG, ROOT, SMALL, train_main as _train_main
 
 
 def _tool_main(name):

@@ -11,15 +11,14 @@ with weight zero, fails here.
 """
 
 import glob
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import yaml
 
+from cli_runs import FM_CONFIGS, KD_CFG, SMALL, train_main
 from mdistiller.distillers import DISTILLER_REGISTRY
 
 # Each method's distillation terms, by the names its runs log (`loss/<name>`), written out here rather than read
@@ -44,25 +43,6 @@ def test_every_registered_method_has_its_terms_written_out():
     assert {m[:-2] if m.endswith("++") else m for m in ours} == set(OWN_TERMS)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FM_CONFIGS = os.path.join(ROOT, "configs", "fashion_mnist")
-KD_CFG = os.path.join(FM_CONFIGS, "kd", "resnet20_resnet8.yaml")
-SMALL = ["EXPERIMENT.DEVICE", "cpu", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[1]",
-         "DATASET.TRAIN_SUBSET", "320", "DATASET.TEST_SUBSET", "160", "SOLVER.BATCH_SIZE", "32",
-         "LOG.TENSORBOARD_FREQ", "0"]
-
-
-def _train_main():
-    """tools/train.py's own main(), loaded from the file (in-process: the CLI code path without a 5 s start)."""
-    tools = os.path.join(ROOT, "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)  # train.py imports its sibling _path.py, as when run as a script
-    spec = importlib.util.spec_from_file_location("train_tool", os.path.join(ROOT, "tools", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _config_for(method):
     """The Fashion-MNIST config whose DISTILLER.TYPE is `method` (None if there is none)."""
     for path in sorted(glob.glob(os.path.join(FM_CONFIGS, "*", "*.yaml"))):
@@ -75,22 +55,14 @@ def _config_for(method):
     return None
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("teacher")
-    _train_main()(["--cfg", os.path.join(FM_CONFIGS, "vanilla", "resnet20.yaml"), "LOG.PREFIX", str(prefix),
-                   "EXPERIMENT.NAME", "teacher", *SMALL])
-    return os.path.join(prefix, "teacher", "student_best.pth")
-
-
 @pytest.mark.parametrize("trainer", ["vanilla", "dot"])
 @pytest.mark.parametrize("method", DISTILLER_REGISTRY.names())
-def test_train_tool_runs_one_epoch(method, trainer, teacher_ckpt, tmp_path):
+def test_train_tool_runs_one_epoch(method, trainer, small_teacher_ckpt, tmp_path):
     cfg_path = _config_for(method)
     overrides = ([] if cfg_path else ["DISTILLER.TYPE", method]) + ["SOLVER.UPDATE_RULE", trainer]
     cfg_path = cfg_path or KD_CFG
-    _train_main()(["--cfg", cfg_path, "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "run",
-                   "DISTILLER.TEACHER_CKPT", teacher_ckpt, *SMALL, *overrides])
+    train_main()(["--cfg", cfg_path, "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "run",
+                   "DISTILLER.TEACHER_CKPT", small_teacher_ckpt, *SMALL, *overrides])
     run = tmp_path / "run"
     with open(run / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

@@ -17,7 +17,7 @@ import pytest
 from mdistiller.config import load_config
 from mdistiller.utils.errors import ConfigError
 
-from test_train_every_method import FM_CONFIGS, SMALL
+from cli_runs import FM_CONFIGS, SMALL
 
 STUDENT_CFG = os.path.join(FM_CONFIGS, "vanilla", "resnet8.yaml")
 
