@@ -33,5 +33,5 @@ setup(
     # wandb: the optional Weights & Biases logger (LOG.WANDB True), beside TensorBoard
     # imagenet: scipy reads the ILSVRC2012 devkit's meta.mat (tools/prepare_imagenet_val.py; not needed with
     # Kaggle's LOC_val_solution.csv or a "filename wnid" file)
-    extras_require={"test": ["pytest>=7"], "wandb": ["wandb>=0.16"], "imagenet": ["scipy>=1.7"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"], "wandb": ["wandb>=0.16"], "imagenet": ["scipy>=1.7"]},
 )

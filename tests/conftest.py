@@ -9,6 +9,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["MDISTILLER_CPU_BF16"] = "0"
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Under pytest-xdist (tools/run_tests.sh) the workers share the cores: each takes its share of intra-op threads, and
+# the runs it starts in subprocesses inherit the same count, instead of every worker spinning a thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_configure(config):

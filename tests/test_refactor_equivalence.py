@@ -62,7 +62,6 @@ def _old_from_fixtures(new_tree, tmp_path):
                       for name in drv.ALL_RUNS}
 
 
-@pytest.mark.kernels
 @pytest.mark.slow
 def test_runs_are_bit_identical_to_the_code_before_the_restructuring(tmp_path):
     data_root = os.path.join(drv.ROOT, "data")

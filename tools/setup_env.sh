@@ -27,7 +27,7 @@ if [ "${1:-}" = "--test" ]; then
     # recorded so it is not repeated.
     test_stamp=.venv/.mdistiller-test-extras
     if [ "$(cat "$test_stamp" 2>/dev/null)" != "$want" ]; then
-        echo "[setup] installing the test extras (pytest, wandb, scipy)"
+        echo "[setup] installing the test extras (pytest, pytest-xdist, wandb, scipy)"
         if ! .venv/bin/python -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 \
                 -e ".[test,wandb,imagenet]" >.venv/.mdistiller-test-extras.log 2>&1; then
             echo "[setup] warning: could not install wandb and scipy (log: .venv/.mdistiller-test-extras.log);" \
