@@ -140,7 +140,7 @@ def test_unknown_table_is_one_line_through_the_cli():
 
 
 
-# The cells of the published tables whose method is not implemented yet (NOT_IMPLEMENTED: FT, AB, FSP, CC, MLKD, a
+# The cells of the published tables whose method is not implemented yet (NOT_IMPLEMENTED: FT, AB, MLKD, a
 # later issue), as (table, teacher, student, method). No table has one today; a cell added to the CSVs for such a
 # method is listed here, so that the set of cells that cannot run is always written down.
 KNOWN_NOT_IMPLEMENTED = set()

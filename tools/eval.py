@@ -26,10 +26,10 @@ from mdistiller.data import build_dataloaders
 from mdistiller.engine import evaluate
 from mdistiller.engine.speed import recorded_plan, resolve_speed
 from mdistiller.models import build_model
-from mdistiller.utils.checkpoint import load_weights
+from mdistiller.utils.checkpoint import load_file, load_weights
 from mdistiller.utils.cli import run_cli
 from mdistiller.utils.env import resolve_device, seed_everything
-from mdistiller.utils.errors import UserError
+from mdistiller.utils.errors import CheckpointError, UserError
 
 
 def main(argv=None):
@@ -70,7 +70,11 @@ def main(argv=None):
     seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
     _, test_loader, meta = build_dataloaders(cfg, device, only_test=True)
     model = build_model(args.model, num_classes=meta.num_classes, image_size=meta.image_size)
-    load_weights(model, args.ckpt, args.model)
+    saved = load_file(args.ckpt)
+    if isinstance(saved, dict) and "method_state" in saved:
+        model = method_model(saved, args, model, meta)
+    else:
+        load_weights(model, args.ckpt, args.model)
     model.to(device)
     speed = None
     if args.run_config:
@@ -89,6 +93,31 @@ def main(argv=None):
               f"argmax agreement {100 * i8['argmax_agreement']:.2f}%  logits rel. L2 {i8['logits_rel_l2']:.4f}")
     if args.json:
         print(json.dumps(out))
+
+
+def method_model(saved, args, student, meta):
+    """The trained method of a student file whose predictions need the method's own modules (SimKD): the run's
+    method built on `student` and an untrained teacher of the run's architecture (the file holds every weight its
+    evaluation reads), loaded with the file's method_state."""
+    from mdistiller.distillers import DISTILLER_REGISTRY
+
+    if not args.run_config or args.int8:
+        raise UserError(f"{args.ckpt} is the student of a {saved.get('method')} run, whose predictions go through the "
+                        "method's own modules: evaluate it with --run-config <its run>/config.yaml"
+                        f"{' (and without --int8)' if args.int8 else ''}")
+    run_cfg = load_config(args.run_config, validate=False)
+    if run_cfg.DISTILLER.STUDENT != args.model:
+        raise UserError(f"{args.ckpt} holds a {run_cfg.DISTILLER.STUDENT} student of a {saved.get('method')} run; "
+                        f"-m {args.model} cannot evaluate it (leave -m out)")
+    method, _ = DISTILLER_REGISTRY.resolve(run_cfg.DISTILLER.TYPE, "DISTILLER.TYPE")
+    teacher = build_model(run_cfg.DISTILLER.TEACHER, num_classes=meta.num_classes, image_size=meta.image_size)
+    distiller = method.build(run_cfg, student, teacher, meta)
+    try:
+        distiller.load_learnable_state_dict(saved["method_state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{args.ckpt} does not fit the {run_cfg.DISTILLER.TYPE} method of "
+                              f"{args.run_config}: {e}") from None
+    return distiller
 
 
 def evaluate_int8(model, cfg, device, test_loader, speed):

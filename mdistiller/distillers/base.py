@@ -25,6 +25,9 @@ class Distiller(nn.Module):
     ramped_terms = ()
     #: "SECTION.KEY" -> term: the method's own ramp of a term, which must not be combined with LOSS_RAMP's
     own_ramp_keys = {}
+    #: whether `forward` is the student alone, so that its student_*.pth is the whole trained model; False where the
+    #: predictions also go through the method's own modules (SimKD: its projector and the teacher's classifier)
+    evaluates_student_alone = True
 
     def __init__(self, *, student, teacher=None):
         """`teacher`: a FrozenTeacher, or a model (frozen here), or None. Subclasses take their hyper-parameters as
@@ -99,6 +102,16 @@ class Distiller(nn.Module):
     def forward(self, images):
         """Evaluation uses the student alone."""
         return self.student(images)[0]
+
+    def evaluation_modules(self):
+        """The modules `forward` runs: their buffers (BatchNorm statistics) are rank 0's on every rank before a
+        distributed evaluation."""
+        return [self.student]
+
+    def inference_state(self):
+        """What `forward` needs, for the student files of a method that does not evaluate the student alone: the
+        learnable state without the added terms (which only train)."""
+        return {k: v for k, v in self.learnable_state_dict().items() if not k.startswith("added_terms.")}
 
     def learnable_parameters(self):
         """Student and extra-module parameters: everything the optimizer updates."""

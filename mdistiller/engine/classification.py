@@ -6,6 +6,7 @@ ramp, the teacher class means of "X++" and the fast paths before the optimizer, 
 import logging
 
 import torch
+import torch.nn as nn
 
 from ..config.registry import TASK_REGISTRY
 from ..data import build_dataloaders
@@ -84,7 +85,8 @@ def set_class_means(cfg, term, teacher, data, device, bundle=None, cache=True):
 def standard_hooks(cfg, run_dir, distiller, test_loader, speed, device, monitor_teacher=None):
     """The hooks of every classification run, in the order they must run: LR schedule, loss monitor, training
     accuracy, finite guard, evaluation (fills the epoch's record), the epoch's log line."""
-    evaluation = EvalHook(model=distiller, student=distiller.student, loader=test_loader, speed=speed)
+    evaluated = nn.ModuleList(distiller.evaluation_modules())  # a view: owns nothing, holds the same modules
+    evaluation = EvalHook(model=distiller, student=evaluated, loader=test_loader, speed=speed)
     return [LRScheduleHook(schedule=LRSchedule(**LRSchedule.from_config(cfg))),
             MonitorHook(teacher=monitor_teacher, speed=speed, **MonitorHook.from_config(cfg)),
             TrainAccuracyHook(device=device),

@@ -76,7 +76,8 @@ class EvalHook(EvaluationHook):
     metric = "top1"  # the record's test_<metric> is what best.pth is chosen by
 
     def __init__(self, *, model, student, loader, speed=None):
-        """`model(images)` gives the logits (the distiller's evaluation forward); `student` owns the buffers."""
+        """`model(images)` gives the logits (the distiller's evaluation forward); `student` owns the buffers (the
+        student, and the method's modules where its evaluation runs them too)."""
         self.model, self.student, self.loader, self.speed = model, student, loader, speed
         self.best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
         self.last = {"top1": None, "top5": None}

@@ -190,17 +190,20 @@ class CheckpointHook(HookBase):
     """latest.pth (to resume), best.pth, student_{best,last}.pth and every `freq` epochs ckpt_epoch_<N>.pth.
 
     The student files use the published format `{"model": state_dict}`, so any of them can serve directly as a
-    DISTILLER.TEACHER_CKPT or be read by tools/eval.py. latest.pth is written last, so a resume never points
-    past files that are missing."""
+    DISTILLER.TEACHER_CKPT or be read by tools/eval.py. A method whose predictions also need its own modules
+    (`evaluates_student_alone` False: SimKD) adds "method" (its DISTILLER.TYPE) and "method_state" (what its
+    evaluation reads), which tools/eval.py evaluates and a teacher's loader refuses. latest.pth is written last, so a
+    resume never points past files that are missing."""
 
-    def __init__(self, *, run_dir, freq, evaluation, config_text):
+    def __init__(self, *, run_dir, freq, evaluation, config_text, method=""):
         """`evaluation`: the task's evaluation hook, which knows the best epoch; `config_text`: the run's config,
-        kept in every training checkpoint."""
+        kept in every training checkpoint; `method`: its DISTILLER.TYPE."""
         self.run_dir, self.freq, self.evaluation, self.config_text = run_dir, freq, evaluation, config_text
+        self.method = method
 
     @classmethod
     def from_config(cls, cfg):
-        return {"freq": cfg.LOG.SAVE_CHECKPOINT_FREQ, "config_text": cfg.dump()}
+        return {"freq": cfg.LOG.SAVE_CHECKPOINT_FREQ, "config_text": cfg.dump(), "method": cfg.DISTILLER.TYPE}
 
     def _path(self, name):
         return os.path.join(self.run_dir, name)
@@ -210,6 +213,8 @@ class CheckpointHook(HookBase):
         state = {**t.state_dict(), "config": self.config_text}
         metric = f"test_{self.evaluation.metric}"  # the task's metric, what best.pth is chosen by
         student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, metric: record.get(metric)}
+        if not getattr(t.distiller, "evaluates_student_alone", True):  # (detection's distiller has no such method)
+            student.update(method=self.method, method_state=t.distiller.inference_state())
         atomic_save(student, self._path("student_last.pth"))
         if self.evaluation.best["epoch"] == t.epoch:
             atomic_save(state, self._path("best.pth"))

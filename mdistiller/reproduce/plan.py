@@ -28,6 +28,8 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "KD++": "kdpp", "DKD++": "dkdpp", "ReviewKD++": "reviewkdpp", "DIST++": "distpp", "CRD++": "crdpp",
                "FitNet": "fitnet", "RKD": "rkd", "PKT": "pkt", "OFD": "ofd", "SRRL": "srrl", "VID": "vid",
                "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd", "FGFI": "fgfi",
+               "FSP": "fsp", "CC": "cc", "ICKD": "ickd", "ICKD (w/o KL)": "ickd_wokl", "SimKD": "simkd",
+               "CAT-KD": "catkd",
                # DKD appendix table A.3: DKD with the NCKD weight 0 (DKD.BETA 0), CE and TCKD weights 1
                "TCKD only": "tckd",
                # KD++ table 4 / 4a (loss forms): KD plus one direction and / or norm term, and the parts of KD++
@@ -41,7 +43,7 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "KD++ (teacher classifier weights as centres)": "kdpp_clsweight",
                "KD++ (teacher class-mean features)": "kdpp"}
 # Methods of published cells that have no distiller yet: their cells are reported, never looked for on disk.
-NOT_IMPLEMENTED = {"FT", "AB", "FSP", "CC", "MLKD"}
+NOT_IMPLEMENTED = {"FT", "AB", "MLKD"}
 # Methods whose temperature is DKD.T (a note "temperature=T"); every other method's is KD.TEMPERATURE.
 DKD_TEMPERATURE = ("DKD", "TCKD only")
 
@@ -81,6 +83,7 @@ NOTE_KEYS = {
     "temperature": lambda m, v: [("DKD.T" if m.startswith(DKD_TEMPERATURE) else "KD.TEMPERATURE", v)],
     "m": _one("DINO.NORM_MARGIN"),  # KD++ appendix B.4 (table B1): the margin on the teacher's norm
     "epochs": _one("SOLVER.EPOCHS"),
+    "factor": _one("SIMKD.FACTOR"),  # SimKD README: the projector's bottleneck factor
     "alpha(task weight)": _task_weight,
 }
 # Notes that describe the published number rather than the run.

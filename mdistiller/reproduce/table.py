@@ -15,7 +15,8 @@ METRICS = {"top1": (), "AP": ("AP50", "AP75")}
 # Paper short names by the start of the CSV's `source` column; the DOT appendix shares the paper's id space
 # (its tables are numbered 6-8, after the paper's 1-5).
 PAPER_IDS = (("DOT paper", "dot"), ("DOT appendix", "dot"), ("KD++ paper", "kdpp"), ("DKD appendix", "dkd"),
-             ("mdistiller README", "mdistiller"), ("mdistiller proxy", "proxy"))
+             ("mdistiller README", "mdistiller"), ("mdistiller proxy", "proxy"), ("CRD paper", "crd"),
+             ("ICKD README", "ickd"), ("SimKD README", "simkd"))
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,13 @@ def extract_state_dict(obj, path):
 
 def load_weights(model, path, model_name, hint=""):
     """Load `path` into `model` strictly; any mismatch is one line naming the file, the model and the fix."""
-    state = extract_state_dict(load_file(path, "checkpoint", hint), path)
+    obj = load_file(path, "checkpoint", hint)
+    if isinstance(obj, dict) and "method_state" in obj:
+        raise CheckpointError(
+            f"checkpoint {path} is the student of a {obj.get('method')} run, whose predictions go through the "
+            f"method's own modules (method_state), not the student's classifier: it is not a model's weights (it "
+            f"cannot be a teacher); evaluate it with tools/eval.py -c {path} --run-config <its run>/config.yaml")
+    state = extract_state_dict(obj, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
