@@ -18,6 +18,8 @@ _RENAMED_STATE = (("class_means", "terms.dino.class_means"), ("review.", "terms.
 
 
 class DetectionDistiller(RCNNDistillGlue):
+    evaluates_student_alone = True  # the student detector is the whole trained model (Distiller's contract)
+
     def __init__(self, *, student, teacher=None, terms=None, teacher_flip_channels=False):
         """`terms`: {name: term module} (terms.py) added to the detector's losses; all of them need the teacher.
         They are summed in their registration order."""

@@ -44,7 +44,8 @@ from ..utils.errors import ConfigError
 from .base import Distiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
-from .simkd import TAPS, classifier_linear, pooled_tap, probe_features
+from .classifier_head import classifier_linear
+from .simkd import TAPS, pooled_tap, probe_features
 
 HEAD_INITS = ("he_normal", "default", "model")
 

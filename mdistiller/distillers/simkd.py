@@ -34,6 +34,7 @@ from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
 from .base import Distiller
+from .classifier_head import classifier_linear
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -43,27 +44,11 @@ _cfg.LOSS = CN()
 _cfg.LOSS.CE_WEIGHT = 0.0  # -c 0 in every published SimKD run; > 0: CE on the student's own logits
 _cfg.LOSS.FEAT_WEIGHT = 1.0  # -b 1
 
-_HEAD_NAMES = ("fc", "linear", "classifier")
-
 # the taps a model's pooled map may be, by name: how to read each from the model's features
 TAPS = {
     "feats": lambda f: f["feats"][-1],
     "relu_preact": lambda f: F.relu(f["preact_feats"][-1]),
 }
-
-
-def classifier_linear(model, method="SIMKD", role="TEACHER"):
-    """The model's classifier: the one nn.Linear under its fc / linear / classifier attribute, on feat_dim."""
-    for name in _HEAD_NAMES:
-        head = getattr(model, name, None)
-        if head is None:
-            continue
-        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-        if len(linears) == 1 and linears[0].in_features == model.feat_dim:
-            return linears[0]
-    raise ConfigError(f"config key DISTILLER.{role}: {method} uses the {role.lower()}'s classifier, but "
-                      f"{type(model).__name__} has no single nn.Linear on feat_dim={model.feat_dim} under "
-                      f"{'/'.join(_HEAD_NAMES)}; use a zoo model")
 
 
 def probe_features(model, image_size):
@@ -142,13 +127,13 @@ class SimKD(Distiller):
         self.projector = simkd_projector(map_s.shape[1], t_channels, factor)
         # map sizes at the dataset's image size: evaluation aligns without running the teacher
         self.probe_size_s, self.probe_size_t = tuple(map_s.shape[-2:]), tuple(map_t.shape[-2:])
-        fc = classifier_linear(self.teacher.model)
+        fc = classifier_linear(self.teacher.model, "SIMKD")
         self.register_buffer("classifier_weight", fc.weight.detach().float().clone())
         bias = torch.zeros(fc.out_features) if fc.bias is None else fc.bias.detach().float().clone()
         self.register_buffer("classifier_bias", bias)
         if ce_weight == 0:
             try:
-                own = classifier_linear(student, role="STUDENT")
+                own = classifier_linear(student, "SIMKD", "STUDENT")
             except ConfigError:
                 own = None
             if own is not None:

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from ..utils.errors import ConfigError
 from .base import Distiller
+from .classifier_head import classifier_linear
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -44,22 +44,9 @@ _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FM_WEIGHT = 1.0
 _cfg.LOSS.SR_WEIGHT = 1.0
 
-_HEAD_NAMES = ("fc", "linear", "classifier")
-
-
 def teacher_linear(model):
-    """The model's classifier: the one nn.Linear under its fc / linear / classifier attribute, which maps
-    "pooled_feat" to the logits (a Dropout in front of it is the identity in eval mode)."""
-    for name in _HEAD_NAMES:
-        head = getattr(model, name, None)
-        if head is None:
-            continue
-        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-        if len(linears) == 1 and linears[0].in_features == model.feat_dim:
-            return linears[0]
-    raise ConfigError(f"config key DISTILLER.TEACHER: SRRL applies the teacher's classifier, but "
-                      f"{type(model).__name__} has no single nn.Linear on feat_dim={model.feat_dim} under "
-                      f"{'/'.join(_HEAD_NAMES)}; use a zoo teacher")
+    """The teacher's classifier, which SRRL applies to the student's connected feature."""
+    return classifier_linear(model, "SRRL")
 
 
 def connector(s_channels, t_channels):

@@ -213,7 +213,7 @@ class CheckpointHook(HookBase):
         state = {**t.state_dict(), "config": self.config_text}
         metric = f"test_{self.evaluation.metric}"  # the task's metric, what best.pth is chosen by
         student = {"model": t.distiller.student.state_dict(), "epoch": t.epoch, metric: record.get(metric)}
-        if not getattr(t.distiller, "evaluates_student_alone", True):  # (detection's distiller has no such method)
+        if not t.distiller.evaluates_student_alone:
             student.update(method=self.method, method_state=t.distiller.inference_state())
         atomic_save(student, self._path("student_last.pth"))
         if self.evaluation.best["epoch"] == t.epoch:
