@@ -13,7 +13,7 @@ import yaml
 from mdistiller.config import load_config
 from mdistiller.engine import HookBase
 from mdistiller.engine.launch import train_from_config
-from mdistiller.engine.lr_schedule import learning_rate
+from mdistiller.engine.lr_schedule import LRSchedule, StagedLR, learning_rate
 from mdistiller.utils.checkpoint import atomic_save, load_weights
 from mdistiller.utils.errors import UserError
 
@@ -88,6 +88,16 @@ def test_learning_rate_schedule():
     assert learning_rate(S, 1, 0, 10) == pytest.approx(0.05 / 20)
     assert learning_rate(S, 2, 4, 10) == pytest.approx(0.05 * 15 / 20)
     assert learning_rate(S, 3, 0, 10) == pytest.approx(0.05)
+
+
+def test_a_method_stage_sets_its_own_learning_rate():
+    """StagedLR: the method's stage_lr where it gives one (an initialisation stage's constant LR), the run's
+    schedule elsewhere."""
+    schedule = LRSchedule(lr=0.05, decay_stages=[180, 210], decay_rate=0.1)
+    staged = StagedLR(schedule, lambda epoch: 0.01 if epoch <= 30 else None)
+    assert [staged(e, 3, 10) for e in (1, 30)] == [0.01, 0.01]
+    assert staged(31, 0, 10) == schedule(31, 0, 10) == 0.05
+    assert staged(181, 0, 10) == schedule(181, 0, 10)
 
 
 def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):

@@ -99,6 +99,12 @@ class Distiller(nn.Module):
             out.terms = self.loss_ramp(out.terms, epoch)
         return out
 
+    def stage_lr(self, epoch):
+        """The learning rate of every step of the 1-based `epoch` where the method's own stage sets it (an
+        initialisation stage that its published code runs at a constant LR of its own), or None: the run's
+        schedule (engine/lr_schedule.StagedLR)."""
+        return None
+
     def forward(self, images):
         """Evaluation uses the student alone."""
         return self.student(images)[0]

@@ -21,7 +21,7 @@ from ..utils import distributed
 from ..utils.errors import CheckpointError
 from .class_means import class_means_for_run
 from .classification_hooks import EpochLogHook, EvalHook, MonitorHook, TrainAccuracyHook
-from .lr_schedule import LRSchedule
+from .lr_schedule import LRSchedule, StagedLR
 from .speed import apply_speed, resolve_speed
 from .speed_probe import probe_run_speed
 from .task import Task
@@ -87,7 +87,8 @@ def standard_hooks(cfg, run_dir, distiller, test_loader, speed, device, monitor_
     accuracy, finite guard, evaluation (fills the epoch's record), the epoch's log line."""
     evaluated = nn.ModuleList(distiller.evaluation_modules())  # a view: owns nothing, holds the same modules
     evaluation = EvalHook(model=distiller, student=evaluated, loader=test_loader, speed=speed)
-    return [LRScheduleHook(schedule=LRSchedule(**LRSchedule.from_config(cfg))),
+    schedule = StagedLR(LRSchedule(**LRSchedule.from_config(cfg)), distiller.stage_lr)
+    return [LRScheduleHook(schedule=schedule),
             MonitorHook(teacher=monitor_teacher, speed=speed, **MonitorHook.from_config(cfg)),
             TrainAccuracyHook(device=device),
             FiniteGuardHook(device=device, run_dir=run_dir, **FiniteGuardHook.from_config(cfg, speed.needs_scaler)),

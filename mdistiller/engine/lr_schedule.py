@@ -27,6 +27,18 @@ class LRSchedule:
         return lr
 
 
+class StagedLR:
+    """`schedule`, except in the epochs for which `stage_lr(epoch)` gives a learning rate of its own (a method's
+    initialisation stage, Distiller.stage_lr): still a pure function of the position in training."""
+
+    def __init__(self, schedule, stage_lr):
+        self.schedule, self.stage_lr = schedule, stage_lr
+
+    def __call__(self, epoch, iteration, iters_per_epoch):
+        lr = self.stage_lr(epoch)
+        return self.schedule(epoch, iteration, iters_per_epoch) if lr is None else lr
+
+
 def learning_rate(solver, epoch, iteration, iters_per_epoch):
     """The LR the SOLVER section `solver` gives `iteration` of `epoch` (LRSchedule)."""
     return LRSchedule(lr=solver.LR, decay_stages=solver.LR_DECAY_STAGES, decay_rate=solver.LR_DECAY_RATE,
