@@ -3,6 +3,7 @@ the KD term at the learnable temperature against a plain-Python computation, whe
 Every expected value comes from formulas written here (plain Python, or plain torch where a gradient is needed),
 never from the library's own losses."""
 
+import json
 import math
 import os
 
@@ -15,6 +16,7 @@ from mdistiller.data.bundle import DatasetMeta
 from mdistiller.distillers.ctkd import CTKD, GlobalTemperature, cosine_lambda, gradient_reversal
 from mdistiller.engine.classification import build_distiller
 from mdistiller.utils.errors import ConfigError
+from cli_runs import FM_CONFIGS, SMALL, train_main
 from plain_formulas import plain_kd, softmax
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -181,3 +183,88 @@ def test_configs_hold_the_authors_defaults(path):
     assert (c.CE_WEIGHT, c.KD_WEIGHT) == (0.1, 0.9)
     assert (c.TEMP.MIN, c.TEMP.RANGE, c.TEMP.INIT) == (1.0, 20.0, 1.0)
     assert (c.LAMBDA.MIN, c.LAMBDA.MAX, c.LAMBDA.EPOCHS) == (0.0, 1.0, 10)
+
+
+# --- the instance-wise temperature (CTKD.INSTANCE_WISE) -----------------------------------------------------------
+def plain_instance_kd(s, t, temperatures):
+    """The authors' README: mean over the batch of KL_Loss(s_i, t_i, T_i) = T^2 sum_c q (log q - log_softmax(s/T)),
+    q = softmax(t/T) + 1e-7 (issue #13), in plain Python."""
+    total = 0.0
+    for s_row, t_row, temp in zip(s, t, temperatures):
+        q = [p + 1e-7 for p in softmax([v / temp for v in t_row])]
+        log_ps = [math.log(p) for p in softmax([v / temp for v in s_row])]
+        total += temp * temp * sum(qc * (math.log(qc) - lc) for qc, lc in zip(q, log_ps))
+    return total / len(s)
+
+
+def plain_instance_temperatures(module, t, s):
+    """MIN + RANGE * sigmoid(W2 relu(W1 [t, s] + b1) + b2) per sample, from the module's weights, in plain Python."""
+    w1, b1 = module.mlp[0].weight.tolist(), module.mlp[0].bias.tolist()
+    w2, b2 = module.mlp[2].weight.tolist()[0], module.mlp[2].bias.item()
+    out = []
+    for t_row, s_row in zip(t, s):
+        x = list(t_row) + list(s_row)
+        hidden = [max(0.0, sum(w * v for w, v in zip(row, x)) + b) for row, b in zip(w1, b1)]
+        out.append(1.0 + 20.0 * sigmoid(sum(w * h for w, h in zip(w2, hidden)) + b2))
+    return out
+
+
+def test_instance_kd_term_is_the_authors_per_sample_loss():
+    d = build("CTKD.INSTANCE_WISE", "True", "CTKD.INSTANCE_HIDDEN", "16")
+    x, y = batch()
+    with torch.no_grad():
+        out = d.forward_train(x, y, epoch=3)
+    s, t = out.logits.tolist(), out.teacher_logits.tolist()
+    temperatures = plain_instance_temperatures(d.temperature, t, s)
+    assert len(set(round(v, 9) for v in temperatures)) == len(temperatures)  # one per sample, all different
+    assert all(1.0 < v < 21.0 for v in temperatures)
+    expected = 0.9 * plain_instance_kd(s, t, temperatures)
+    assert out.terms["kd"].value.item() == pytest.approx(expected, rel=1e-9)
+    # with all temperatures equal it is the batch KD up to the authors' 1e-7 on the teacher's probabilities
+    assert plain_instance_kd(s, t, [4.0] * 4) == pytest.approx(plain_kd(s, t, 4.0), abs=1e-3)
+
+
+def test_instance_temperature_trains_through_the_grl_and_reads_detached_logits():
+    d = build("CTKD.INSTANCE_WISE", "True", "CTKD.INSTANCE_HIDDEN", "16")
+    x, y = batch()
+    epoch = 5  # lambda 0.5
+    out = d.forward_train(x, y, epoch=epoch)
+    out.terms["kd"].value.backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    grads = {n: p.grad.clone() for n, p in d.temperature.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    student_grads = [p.grad.clone() for p in d.student.parameters()]
+    # the same loss outside the GRL: the MLP's gradient is -lambda times it
+    d.zero_grad(set_to_none=True)
+    logits, logits_t = d.student(x)[0], d.teacher(x)[0]
+    inputs = torch.cat([logits_t, logits.detach()], dim=1)
+    temperatures = (1.0 + 20.0 * torch.sigmoid(d.temperature.mlp(inputs))).squeeze(1)
+    log_ps = torch.log_softmax(logits / temperatures[:, None], dim=1)
+    q = torch.softmax(logits_t / temperatures[:, None], dim=1) + 1e-7
+    (0.9 * ((q * (q.log() - log_ps)).sum(1) * temperatures**2).mean()).backward()
+    for name, p in d.temperature.named_parameters():
+        torch.testing.assert_close(grads[name], -0.5 * p.grad, rtol=1e-9, atol=1e-15)
+    # the student's gradient is the KD's at these temperatures: none flows back through the temperature's input
+    for before, p in zip(student_grads, d.student.parameters()):
+        torch.testing.assert_close(before, p.grad, rtol=1e-9, atol=1e-15)
+
+
+def test_instance_hidden_must_be_positive():
+    with pytest.raises(ConfigError, match=r"CTKD\.INSTANCE_HIDDEN"):
+        load_config(None, ["DISTILLER.TYPE", "CTKD", "CTKD.INSTANCE_WISE", "True", "CTKD.INSTANCE_HIDDEN", "0"])
+
+
+@pytest.mark.parametrize("rule", ["vanilla", "dot"])
+def test_instance_wise_run_trains_two_epochs(rule, small_teacher_ckpt, tmp_path):
+    """The Fashion-MNIST instance-wise config through the CLI (SGD and DOT): both terms logged and finite, and the
+    temperature MLP in the checkpoint (the optimizer trains it)."""
+    train_main()(["--cfg", os.path.join(FM_CONFIGS, "ctkd_instance", "resnet20_resnet8.yaml"), "LOG.PREFIX",
+                  str(tmp_path), "EXPERIMENT.NAME", "run", "DISTILLER.TEACHER_CKPT", small_teacher_ckpt, *SMALL,
+                  "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[2]", "SOLVER.UPDATE_RULE", rule])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss/kd"]) and r["loss/kd"] > 0 and math.isfinite(r["loss/ce"]) for r in records)
+    state = torch.load(tmp_path / "run" / "latest.pth", map_location="cpu", weights_only=False)
+    keys = [k for k in state["distiller"] if k.startswith("temperature.mlp.")]
+    assert sorted(keys) == ["temperature.mlp.0.bias", "temperature.mlp.0.weight", "temperature.mlp.2.bias",
+                            "temperature.mlp.2.weight"]

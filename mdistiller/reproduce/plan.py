@@ -29,7 +29,7 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "FitNet": "fitnet", "RKD": "rkd", "PKT": "pkt", "OFD": "ofd", "SRRL": "srrl", "VID": "vid",
                "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd", "FGFI": "fgfi",
                "FSP": "fsp", "CC": "cc", "ICKD": "ickd", "ICKD (w/o KL)": "ickd_wokl", "SimKD": "simkd",
-               "CAT-KD": "catkd",
+               "CAT-KD": "catkd", "CTKD (instance-wise)": "ctkd_instance",
                # DKD appendix table A.3: DKD with the NCKD weight 0 (DKD.BETA 0), CE and TCKD weights 1
                "TCKD only": "tckd",
                # KD++ table 4 / 4a (loss forms): KD plus one direction and / or norm term, and the parts of KD++
@@ -89,7 +89,8 @@ NOTE_KEYS = {
 # Notes that describe the published number rather than the run.
 INFORMATIVE_NOTES = {"train task loss", "mean of 5 trials", "teacher R101 itself", "teacher R50 itself",
                      "student R18 without distillation", "student R50 without distillation",
-                     "student MV2 without distillation", "AP75 as printed (below AP; likely a typo)"}
+                     "student MV2 without distillation", "AP75 as printed (below AP; likely a typo)",
+                     "global temperature"}
 
 OK, MISSING, NOT_IMPL, UNMAPPED = "ok", "missing config", "not implemented", "unmapped"
 
