@@ -26,6 +26,7 @@ from .speed import apply_speed, resolve_speed
 from .speed_probe import probe_run_speed
 from .task import Task
 from .train_hooks import FiniteGuardHook, LRScheduleHook, SpeedPlanHook
+from .wkd_cost import prepare_wkd_cost
 
 logger = logging.getLogger("mdistiller")
 
@@ -118,6 +119,7 @@ class ClassificationTask(Task):
         if "dino" in added and DinoTerm.needs_class_means(cfg):
             set_class_means(cfg, added["dino"], distiller.teacher.model, data, device, bundle=bundle,
                             cache=teacher_state is None)
+        prepare_wkd_cost(cfg, distiller, data, device, bundle=bundle, cache=teacher_state is None)
         if speed.probe:
             speed = probe_run_speed(cfg, speed, distiller, data, device)
         apply_speed(speed, distiller, [monitor_teacher] if monitor_teacher is not None else [],

@@ -30,6 +30,7 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "NST": "nst", "SP": "sp", "KDSVD": "kdsvd", "CTKD": "ctkd", "FGFI": "fgfi",
                "FSP": "fsp", "CC": "cc", "ICKD": "ickd", "ICKD (w/o KL)": "ickd_wokl", "SimKD": "simkd",
                "CAT-KD": "catkd", "CTKD (instance-wise)": "ctkd_instance",
+               "WKD-L": "wkdl", "WKD-F": "wkdf",
                # DKD appendix table A.3: DKD with the NCKD weight 0 (DKD.BETA 0), CE and TCKD weights 1
                "TCKD only": "tckd",
                # KD++ table 4 / 4a (loss forms): KD plus one direction and / or norm term, and the parts of KD++

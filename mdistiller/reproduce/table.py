@@ -16,7 +16,8 @@ METRICS = {"top1": (), "AP": ("AP50", "AP75")}
 # (its tables are numbered 6-8, after the paper's 1-5).
 PAPER_IDS = (("DOT paper", "dot"), ("DOT appendix", "dot"), ("KD++ paper", "kdpp"), ("DKD appendix", "dkd"),
              ("mdistiller README", "mdistiller"), ("mdistiller proxy", "proxy"), ("CRD paper", "crd"),
-             ("ICKD README", "ickd"), ("SimKD README", "simkd"), ("CTKD README", "ctkd"))
+             ("ICKD README", "ickd"), ("SimKD README", "simkd"), ("CTKD README", "ctkd"),
+             ("WKD README", "wkd"))
 
 
 @dataclass(frozen=True)
