@@ -13,6 +13,7 @@ import torch
 
 from mdistiller.config import load_config
 from mdistiller.data.bundle import DatasetMeta
+from mdistiller.data.views import view_recipe
 from mdistiller.distillers import DISTILLER_REGISTRY, total_loss
 from mdistiller.engine.classification import build_distiller
 from mdistiller.models import build_model, num_classes_for
@@ -44,7 +45,9 @@ def test_config_builds_and_takes_a_step(path):
     distiller.train()
     optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=0.01, momentum=0.9)
     size = INPUT[dataset]
-    images, labels, index = torch.randn(batch, 3, size, size), targets[:batch], torch.arange(batch)
+    views = view_recipe(distiller.train_views)  # a method fed several views per image: B x V x C x H x W
+    shape = (batch,) + ((views.num_views,) if views else ()) + (3, size, size)
+    images, labels, index = torch.randn(*shape), targets[:batch], torch.arange(batch)
     # epoch 2, through the trainers' entry point: a LOSS_RAMP is applied (factor 1/20 or 1/5, not 0) and the terms
     # it names must exist
     out = distiller.train_forward(images, labels, 2, index)

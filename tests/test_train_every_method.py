@@ -27,7 +27,7 @@ OWN_TERMS = {
     "NONE": (), "KD": ("kd",), "DKD": ("dkd",), "CTKD": ("kd",), "DIST": ("dist",), "CRD": ("crd",),
     "REVIEWKD": ("reviewkd",), "AT": ("at",), "FITNET": ("fitnet",), "KDSVD": ("kdsvd",), "NST": ("nst",),
     "OFD": ("ofd",), "PKT": ("pkt",), "RKD": ("rkd",), "SP": ("sp",), "SRRL": ("fm", "sr"), "VID": ("vid",),
-    "WKDL": ("wkd_target", "wkd_logit"), "WKDF": ("wkd_feat",),
+    "WKDL": ("wkd_target", "wkd_logit"), "WKDF": ("wkd_feat",), "MLKD": ("kd", "cc", "bc"),
     "FSP": ("fsp",), "CC": ("cc",), "ICKD": ("kd", "ickd"), "SIMKD": ("simkd",), "CATKD": ("cat",),
 }
 # Methods whose published loss has no cross-entropy (SimKD: `-c 0`, the feature loss alone).

@@ -8,6 +8,7 @@ from .folder_loader import FolderLoader
 from .memory_loader import InMemoryLoader
 from .registry import DATASET_REGISTRY
 from .subset import balanced_subset
+from .views import view_recipe
 
 
 def _subset(split, k, num_classes, key, what):
@@ -16,19 +17,22 @@ def _subset(split, k, num_classes, key, what):
     return split
 
 
-def _loader(split, bundle, device, batch_size, train, cfg, rank, world_size):
+def _loader(split, bundle, device, batch_size, train, cfg, rank, world_size, views=None):
     if isinstance(split, TensorSplit):
         return InMemoryLoader(split, bundle.mean, bundle.std, device, batch_size, train,
-                              cfg.EXPERIMENT.SEED, rank, world_size)
+                              cfg.EXPERIMENT.SEED, rank, world_size, views)
     return FolderLoader(split, device, batch_size, train, cfg.DATASET.NUM_WORKERS, cfg.EXPERIMENT.SEED,
-                        rank, world_size)
+                        rank, world_size, views)
 
 
-def build_dataloaders(cfg, device, rank=0, world_size=1, only_test=False, bundle=None):
+def build_dataloaders(cfg, device, rank=0, world_size=1, only_test=False, bundle=None, train_views=None):
     """Loaders for this rank and the dataset's meta; the batch contract is in schedule.py.
 
     only_test=True (evaluation tools) skips the training split: train loader None, num_train 0. `bundle`: a
-    DatasetBundle to load instead of DATASET.TYPE's (in-memory data of benchmarks and tests)."""
+    DatasetBundle to load instead of DATASET.TYPE's (in-memory data of benchmarks and tests). `train_views`: the
+    method's `Distiller.train_views` (a views.py recipe name, passed by the engine; this layer does not import
+    distillers): the training loader then yields B x V x C x H x W images."""
+    views = view_recipe(train_views)
     device = torch.device(device)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -44,7 +48,7 @@ def build_dataloaders(cfg, device, rank=0, world_size=1, only_test=False, bundle
     train_loader, num_train, train_targets = None, 0, torch.empty(0, dtype=torch.int64)
     if not only_test:
         train = _subset(bundle.train(), cfg.DATASET.TRAIN_SUBSET, c, "DATASET.TRAIN_SUBSET", f"{name} train")
-        train_loader = _loader(train, bundle, device, cfg.SOLVER.BATCH_SIZE, True, cfg, rank, world_size)
+        train_loader = _loader(train, bundle, device, cfg.SOLVER.BATCH_SIZE, True, cfg, rank, world_size, views)
         if len(train_loader) == 0:
             raise DataError(f"{name}: {len(train)} training images make no batch of at least 2 per process "
                             f"(SOLVER.BATCH_SIZE={cfg.SOLVER.BATCH_SIZE}, {world_size} processes)")

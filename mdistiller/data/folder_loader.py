@@ -6,11 +6,15 @@ over from epoch to epoch, so epoch 5 of a resumed run would see different crops 
 epoch 0. Per-sample seeds also make augmentation independent of NUM_WORKERS and of the number of ranks.
 """
 
+import copy
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.errors import DataError
 from .schedule import eval_slices, train_slices
 from .seeding import epoch_generator, epoch_seed, mix_seed
+from .views import ViewTransform
 
 
 class IndexedDataset(Dataset):
@@ -18,11 +22,18 @@ class IndexedDataset(Dataset):
 
     A key may be `(index, epoch_seed)`: the transform then draws its random numbers from a seed derived from
     both, inside `fork_rng` so that the global RNG of the process is left as it was (matters with 0 workers,
-    where this runs in the training process)."""
+    where this runs in the training process). `views`: a views.ViewRecipe: the image is its V x C x H x W views,
+    made from the dataset's own training transform."""
 
-    def __init__(self, split):
+    def __init__(self, split, views=None):
         self.dataset = split.dataset
         self.indices = split.indices
+        if views is not None:
+            if not hasattr(self.dataset, "transform"):
+                raise DataError(f"train views '{views.name}' need a dataset with a `transform` attribute (an "
+                                f"ImageFolder); got {type(self.dataset).__name__}")
+            self.dataset = copy.copy(self.dataset)  # shallow: the file list is shared, only the transform changes
+            self.dataset.transform = ViewTransform(views, split.dataset.transform)
 
     def __len__(self):
         return len(self.dataset) if self.indices is None else int(self.indices.numel())
@@ -71,13 +82,13 @@ class PlannedBatches:
 class FolderLoader:
     """Yields (images, labels, index) on `device`, like `InMemoryLoader`, from a torch DataLoader."""
 
-    def __init__(self, split, device, batch_size, train, num_workers, seed=0, rank=0, world_size=1):
+    def __init__(self, split, device, batch_size, train, num_workers, seed=0, rank=0, world_size=1, views=None):
         self.device = torch.device(device)
         self.seed = seed
         self.batches = PlannedBatches(len(split), batch_size, train, seed, rank, world_size)
         cuda = self.device.type == "cuda"
         self.loader = DataLoader(
-            IndexedDataset(split), batch_sampler=self.batches, num_workers=num_workers, pin_memory=cuda,
+            IndexedDataset(split, views), batch_sampler=self.batches, num_workers=num_workers, pin_memory=cuda,
             persistent_workers=num_workers > 0, generator=epoch_generator(seed, 0))
         self.non_blocking = cuda
 

@@ -28,6 +28,9 @@ class Distiller(nn.Module):
     #: whether `forward` is the student alone, so that its student_*.pth is the whole trained model; False where the
     #: predictions also go through the method's own modules (SimKD: its projector and the teacher's classifier)
     evaluates_student_alone = True
+    #: a view recipe of data/views.py ("weak_strong", "rotations4") where the published code feeds each image as several
+    #: augmented copies: the training loader then yields images B x V x C x H x W; None: plain B x C x H x W batches
+    train_views = None
 
     def __init__(self, *, student, teacher=None):
         """`teacher`: a FrozenTeacher, or a model (frozen here), or None. Subclasses take their hyper-parameters as

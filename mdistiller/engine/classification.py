@@ -105,7 +105,9 @@ class ClassificationTask(Task):
         return resolve_speed(cfg, device, recorded_speed)
 
     def build_data(self, cfg, device, bundle=None):
-        return build_dataloaders(cfg, device, distributed.rank(), distributed.world_size(), bundle=bundle)
+        views = DISTILLER_REGISTRY.get(cfg.DISTILLER.TYPE, "DISTILLER.TYPE").train_views  # "X++": X's views
+        return build_dataloaders(cfg, device, distributed.rank(), distributed.world_size(), bundle=bundle,
+                                 train_views=views)
 
     def build_distiller(self, cfg, data, device, teacher_state=None):
         return build_distiller(cfg, data, device, teacher_state)

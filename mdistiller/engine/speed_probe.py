@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..data.views import view_recipe
 from ..utils import distributed
 from ..utils.env import rng_state, set_rng_state
 from .cuda_graph import GraphedUpdate
@@ -147,7 +148,9 @@ def probe_run_speed(cfg, plan, distiller, data, device):
     rows = max(1, cfg.SOLVER.BATCH_SIZE // distributed.world_size())
     g = torch.Generator().manual_seed(0)
     size = data.image_size
-    batch = (torch.randn(rows, 3, size, size, generator=g).to(device),
+    views = view_recipe(getattr(distiller, "train_views", None))  # a method fed several views: B x V x C x H x W
+    shape = (rows,) + ((views.num_views,) if views else ()) + (3, size, size)
+    batch = (torch.randn(*shape, generator=g).to(device),
              torch.randint(0, data.num_classes, (rows,), generator=g).to(device),
              torch.randint(0, max(1, data.num_train), (rows,), generator=g).to(device))
     rule_cls = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE")
