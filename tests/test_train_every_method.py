@@ -28,13 +28,16 @@ OWN_TERMS = {
     "REVIEWKD": ("reviewkd",), "AT": ("at",), "FITNET": ("fitnet",), "KDSVD": ("kdsvd",), "NST": ("nst",),
     "OFD": ("ofd",), "PKT": ("pkt",), "RKD": ("rkd",), "SP": ("sp",), "SRRL": ("fm", "sr"), "VID": ("vid",),
     "WKDL": ("wkd_target", "wkd_logit"), "WKDF": ("wkd_feat",), "MLKD": ("kd", "cc", "bc"),
+    "SSKD": ("kd", "tf", "ss"),
     "FSP": ("fsp",), "CC": ("cc",), "ICKD": ("kd", "ickd"), "SIMKD": ("simkd",), "CATKD": ("cat",),
 }
 # Methods whose published loss has no cross-entropy (SimKD: `-c 0`, the feature loss alone).
 NO_CE = {"SIMKD"}
 # Overrides that give a one-epoch run every term: FSP's published recipe is an FSP-only stage, then the CE alone
 # (tests/test_fsp_cc_ickd.py runs both stages), so here its one-stage variant, FSP beside the CE at weight 1.
-ONE_EPOCH = {"FSP": ["FSP.INIT_EPOCHS", "0", "FSP.LOSS.FEAT_WEIGHT", "1"]}
+ONE_EPOCH = {"FSP": ["FSP.INIT_EPOCHS", "0", "FSP.LOSS.FEAT_WEIGHT", "1"],
+             # SSKD: its teacher SS-head stage is one term on the teacher's head (tests/test_sskd.py runs both stages)
+             "SSKD": ["SSKD.INIT_EPOCHS", "0"]}
 
 
 def expected_terms(method):

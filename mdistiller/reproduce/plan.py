@@ -31,6 +31,7 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "FSP": "fsp", "CC": "cc", "ICKD": "ickd", "ICKD (w/o KL)": "ickd_wokl", "SimKD": "simkd",
                "CAT-KD": "catkd", "CTKD (instance-wise)": "ctkd_instance",
                "WKD-L": "wkdl", "WKD-F": "wkdf", "MLKD": "mlkd",
+               "SSKD": "sskd",
                # DKD appendix table A.3: DKD with the NCKD weight 0 (DKD.BETA 0), CE and TCKD weights 1
                "TCKD only": "tckd",
                # KD++ table 4 / 4a (loss forms): KD plus one direction and / or norm term, and the parts of KD++
@@ -91,7 +92,7 @@ NOTE_KEYS = {
 INFORMATIVE_NOTES = {"train task loss", "mean of 5 trials", "teacher R101 itself", "teacher R50 itself",
                      "student R18 without distillation", "student R50 without distillation",
                      "student MV2 without distillation", "AP75 as printed (below AP; likely a typo)",
-                     "global temperature"}
+                     "global temperature", "own teachers"}
 
 OK, MISSING, NOT_IMPL, UNMAPPED = "ok", "missing config", "not implemented", "unmapped"
 

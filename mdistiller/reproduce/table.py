@@ -17,7 +17,8 @@ METRICS = {"top1": (), "AP": ("AP50", "AP75")}
 PAPER_IDS = (("DOT paper", "dot"), ("DOT appendix", "dot"), ("KD++ paper", "kdpp"), ("DKD appendix", "dkd"),
              ("mdistiller README", "mdistiller"), ("mdistiller proxy", "proxy"), ("CRD paper", "crd"),
              ("ICKD README", "ickd"), ("SimKD README", "simkd"), ("CTKD README", "ctkd"),
-             ("WKD README", "wkd"), ("LS-KD README", "lskd"))
+             ("WKD README", "wkd"), ("LS-KD README", "lskd"),
+             ("SSKD README", "sskd"))
 
 
 @dataclass(frozen=True)
