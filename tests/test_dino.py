@@ -354,7 +354,7 @@ def test_plus_plus_refuses_a_method_without_features_or_with_its_own_dino():
         own.train_forward(images, labels, 1)
 
 
-ONE_STAGE = {"SSKD": ["SSKD.INIT_EPOCHS", "0"]}
+ONE_STAGE = {"SSKD": ["SSKD.INIT_EPOCHS", "0"], "FT": ["FT.INIT_EPOCHS", "0"]}
 
 
 @pytest.mark.parametrize("name", [n for n in DISTILLER_REGISTRY.names() if n.endswith("++")])
@@ -364,7 +364,8 @@ def test_every_registered_plus_plus_takes_a_step_with_one_forward(name):
     meta = toy_meta()
     teacher_state = random_teacher_state("resnet20", "cifar100")
     built = []
-    # SSKD's first epochs train the teacher's SS head alone (the student gets no gradient): its distillation stage
+    # SSKD's and FT's first epochs train their own module alone (the teacher's SS head, the paraphraser; the student
+    # gets no gradient): their distillation stage
     extra = ONE_STAGE.get(name[:-2], [])
     for method in (name, name[:-2]):
         cfg = load_config(None, ["DATASET.TYPE", "cifar100", "DISTILLER.TYPE", method, "DISTILLER.TEACHER",

@@ -28,7 +28,7 @@ OWN_TERMS = {
     "REVIEWKD": ("reviewkd",), "AT": ("at",), "FITNET": ("fitnet",), "KDSVD": ("kdsvd",), "NST": ("nst",),
     "OFD": ("ofd",), "PKT": ("pkt",), "RKD": ("rkd",), "SP": ("sp",), "SRRL": ("fm", "sr"), "VID": ("vid",),
     "WKDL": ("wkd_target", "wkd_logit"), "WKDF": ("wkd_feat",), "MLKD": ("kd", "cc", "bc"),
-    "SSKD": ("kd", "tf", "ss"),
+    "SSKD": ("kd", "tf", "ss"), "FT": ("ft",), "AB": ("ab",),
     "FSP": ("fsp",), "CC": ("cc",), "ICKD": ("kd", "ickd"), "SIMKD": ("simkd",), "CATKD": ("cat",),
 }
 # Methods whose published loss has no cross-entropy (SimKD: `-c 0`, the feature loss alone).
@@ -37,7 +37,10 @@ NO_CE = {"SIMKD"}
 # (tests/test_fsp_cc_ickd.py runs both stages), so here its one-stage variant, FSP beside the CE at weight 1.
 ONE_EPOCH = {"FSP": ["FSP.INIT_EPOCHS", "0", "FSP.LOSS.FEAT_WEIGHT", "1"],
              # SSKD: its teacher SS-head stage is one term on the teacher's head (tests/test_sskd.py runs both stages)
-             "SSKD": ["SSKD.INIT_EPOCHS", "0"]}
+             "SSKD": ["SSKD.INIT_EPOCHS", "0"],
+             # FT and AB: their published recipes start with an init stage of another term (tests/test_ft_ab.py runs
+             # both stages), so here FT without it and AB beside the CE at weight 1
+             "FT": ["FT.INIT_EPOCHS", "0"], "AB": ["AB.INIT_EPOCHS", "0", "AB.LOSS.FEAT_WEIGHT", "1"]}
 
 
 def expected_terms(method):

@@ -8,7 +8,8 @@ from .term_registry import TERM_REGISTRY
 
 # The methods (DISTILLER.TYPE) and the added loss terms, each registering itself.
 from . import (at, catkd, cc, crd, ctkd, dist, dkd, fitnet, fsp, ickd, kd, kdsvd, nst, ofd,  # noqa: E402,F401
-               pkt, plus_plus, reviewkd, rkd, simkd, sp, srrl, student_only, vid, wkd, wkd_feature, mlkd, sskd)
+               pkt, plus_plus, reviewkd, rkd, simkd, sp, srrl, student_only, vid, ab, ft,
+               wkd, wkd_feature, sskd, mlkd)
 
 __all__ = ["DISTILLER_REGISTRY", "TERM_REGISTRY",
            "Distiller", "LossTerm", "StepOutput", "TASK", "DISTILL", "ce_term", "kd_loss",

@@ -31,7 +31,7 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "FSP": "fsp", "CC": "cc", "ICKD": "ickd", "ICKD (w/o KL)": "ickd_wokl", "SimKD": "simkd",
                "CAT-KD": "catkd", "CTKD (instance-wise)": "ctkd_instance",
                "WKD-L": "wkdl", "WKD-F": "wkdf", "MLKD": "mlkd",
-               "SSKD": "sskd",
+               "SSKD": "sskd", "FT": "ft", "AB": "ab",
                # DKD appendix table A.3: DKD with the NCKD weight 0 (DKD.BETA 0), CE and TCKD weights 1
                "TCKD only": "tckd",
                # KD++ table 4 / 4a (loss forms): KD plus one direction and / or norm term, and the parts of KD++
@@ -45,7 +45,7 @@ METHOD_DIRS = {"KD": "kd", "AT": "at", "CRD": "crd", "DKD": "dkd", "ReviewKD": "
                "KD++ (teacher classifier weights as centres)": "kdpp_clsweight",
                "KD++ (teacher class-mean features)": "kdpp"}
 # Methods of published cells that have no distiller yet: their cells are reported, never looked for on disk.
-NOT_IMPLEMENTED = {"FT", "AB"}
+NOT_IMPLEMENTED = set()
 # Methods whose temperature is DKD.T (a note "temperature=T"); every other method's is KD.TEMPERATURE.
 DKD_TEMPERATURE = ("DKD", "TCKD only")
 
