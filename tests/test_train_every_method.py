@@ -40,7 +40,10 @@ ONE_EPOCH = {"FSP": ["FSP.INIT_EPOCHS", "0", "FSP.LOSS.FEAT_WEIGHT", "1"],
              "SSKD": ["SSKD.INIT_EPOCHS", "0"],
              # FT and AB: their published recipes start with an init stage of another term (tests/test_ft_ab.py runs
              # both stages), so here FT without it and AB beside the CE at weight 1
-             "FT": ["FT.INIT_EPOCHS", "0"], "AB": ["AB.INIT_EPOCHS", "0", "AB.LOSS.FEAT_WEIGHT", "1"]}
+             "FT": ["FT.INIT_EPOCHS", "0"], "AB": ["AB.INIT_EPOCHS", "0", "AB.LOSS.FEAT_WEIGHT", "1"],
+             # WKD's weights decay to 0 at the last epoch after COSINE_DECAY_EPOCH (the section default 0): a
+             # one-epoch run (X++ on the KD config with the section's defaults) keeps them whole up to epoch 1
+             "WKDL": ["WKDL.COSINE_DECAY_EPOCH", "1"], "WKDF": ["WKDF.COSINE_DECAY_EPOCH", "1"]}
 
 
 def expected_terms(method):
