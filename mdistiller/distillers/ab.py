@@ -50,6 +50,7 @@ from ..models.cifar.vgg import VGG
 from ..models.cifar.wrn import WideResNet
 from ..utils.errors import ConfigError
 from .base import Distiller
+from .fitnet import size_matching_conv
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -115,13 +116,8 @@ class ConvReg(nn.Module):
     def __init__(self, s_shape, t_shape):
         super().__init__()
         (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
-        if s_h == 2 * t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif 2 * s_h == t_h:
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h and s_w >= t_w:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
+        self.conv = size_matching_conv(s_shape, t_shape)
+        if self.conv is None:
             raise ConfigError(f"config keys DISTILLER.STUDENT / DISTILLER.TEACHER: no AB connector maps the "
                               f"student's {s_h}x{s_w} map onto the teacher's {t_h}x{t_w} (the teacher's may be at most "
                               f"twice, and otherwise no larger than, the student's, as in the published ConvReg); "

@@ -51,19 +51,28 @@ _cfg.LOSS.CE_WEIGHT = 1.0
 _cfg.LOSS.FEAT_WEIGHT = 100.0
 
 
+def size_matching_conv(s_shape, t_shape):
+    """The conv of mdistiller's / RepDistiller's ConvReg mapping a (C, H, W) student map onto the teacher's: stride 2
+    where the teacher's is half the size, a transposed conv where it is twice, else a kernel that shrinks the student's
+    to the teacher's size; None where none fits (a teacher map larger, but not twice, the student's)."""
+    (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
+    if s_h == 2 * t_h:
+        return nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+    if 2 * s_h == t_h:
+        return nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+    if s_h >= t_h and s_w >= t_w:
+        return nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+    return None
+
+
 class HintRegressor(nn.Module):
     """conv (chosen from the two spatial sizes) -> BN -> ReLU, mapping the student's map onto the teacher's."""
 
     def __init__(self, s_shape, t_shape):
         super().__init__()
         (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
-        if s_h == 2 * t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif 2 * s_h == t_h:
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h and s_w >= t_w:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
+        self.conv = size_matching_conv(s_shape, t_shape)
+        if self.conv is None:
             raise ConfigError(
                 f"config key FITNET.HINT_LAYER: no regressor maps the student's {s_h}x{s_w} map onto the "
                 f"teacher's {t_h}x{t_w} (the teacher's may be at most twice, and otherwise no larger than, the "
