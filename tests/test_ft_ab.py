@@ -16,27 +16,11 @@ from mdistiller.distillers import DISTILL, DISTILLER_REGISTRY, TASK, total_loss
 from mdistiller.distillers.ab import ConvReg, ab_loss, connector
 from mdistiller.distillers.ft import ft_loss
 from mdistiller.engine.lr_schedule import LRSchedule, StagedLR
-from mdistiller.models import build_model
 from mdistiller.utils.errors import ConfigError
+from test_fsp_cc_ickd import batch, make, rand  # the same model and input builders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_STAGES = ["SOLVER.EPOCHS", "5", "SOLVER.LR_DECAY_STAGES", "[4]"]
-
-
-def make(method, *overrides, student="resnet8", teacher="resnet20"):
-    torch.manual_seed(0)
-    cfg = load_config(None, ["DISTILLER.TYPE", method, *overrides])
-    return DISTILLER_REGISTRY.get(method).build(
-        cfg, build_model(student, "cifar100"), build_model(teacher, "cifar100"), None)
-
-
-def batch(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 100, (n,), generator=g)
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def grads_of(distiller, epoch):
