@@ -115,7 +115,7 @@ class ConvReg(nn.Module):
 
     def __init__(self, s_shape, t_shape):
         super().__init__()
-        (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
+        (_, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
         self.conv = size_matching_conv(s_shape, t_shape)
         if self.conv is None:
             raise ConfigError(f"config keys DISTILLER.STUDENT / DISTILLER.TEACHER: no AB connector maps the "
