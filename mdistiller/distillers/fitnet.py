@@ -133,6 +133,16 @@ def hint_loss(student_map, teacher_map):
     return F.mse_loss(student_map, teacher_map)
 
 
+def hint_shapes(section, probe, student, teacher, index, image_size):
+    """(C, H, W) of features["feats"][index] of the student and the teacher, by the <section>.PROBE way: "published"
+    (mdistiller's train-mode probe, logged) or "clean" (stage_shape)."""
+    if probe == "published":
+        shapes_s, shapes_t = published_probe(student, teacher, image_size)
+        log_published_probe(section)
+        return shapes_s[index], shapes_t[index]
+    return stage_shape(student, index, image_size), stage_shape(teacher, index, image_size)
+
+
 @DISTILLER_REGISTRY.register("FITNET", config=_cfg)
 class FitNet(Distiller):
     ramped_terms = ("fitnet",)
@@ -146,13 +156,7 @@ class FitNet(Distiller):
             raise ConfigError(f"config key FITNET.HINT_LAYER: {hint_layer} is not a stage of both networks "
                               f"(student has {n_s} feature maps, teacher {n_t}); use 0..{min(n_s, n_t) - 1}")
         self.hint_layer, self.ce_weight, self.feat_weight = hint_layer, ce_weight, feat_weight
-        if probe == "published":
-            shapes_s, shapes_t = published_probe(student, self.teacher.model, image_size)
-            log_published_probe("FITNET")
-            s_shape, t_shape = shapes_s[hint_layer], shapes_t[hint_layer]
-        else:
-            s_shape = stage_shape(student, hint_layer, image_size)
-            t_shape = stage_shape(self.teacher.model, hint_layer, image_size)
+        s_shape, t_shape = hint_shapes("FITNET", probe, student, self.teacher.model, hint_layer, image_size)
         self.regressor = HintRegressor(s_shape, t_shape)
 
     @classmethod

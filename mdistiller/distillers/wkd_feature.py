@@ -24,7 +24,7 @@ from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
 from .base import Distiller
-from .fitnet import HintRegressor, check_probe, log_published_probe, published_probe, stage_shape
+from .fitnet import HintRegressor, check_probe, hint_shapes
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 from .wkd import check_decay, cosine_decayed
@@ -108,13 +108,7 @@ class WKDF(Distiller):
                               f"shallower has {n} feature maps); use -{n}..{n - 1} (-1: the last)")
         self.ce_weight, self.weight, self.mean_cov_ratio, self.grid = ce_weight, weight, mean_cov_ratio, spatial_grid
         self.hint_layer, self.eps, self.decay_start, self.epochs = hint_layer, eps, decay_start, epochs
-        if probe == "published":
-            shapes_s, shapes_t = published_probe(student, self.teacher.model, image_size)
-            log_published_probe("WKDF")
-            s_shape, t_shape = shapes_s[hint_layer], shapes_t[hint_layer]
-        else:
-            s_shape = stage_shape(student, hint_layer, image_size)
-            t_shape = stage_shape(self.teacher.model, hint_layer, image_size)
+        s_shape, t_shape = hint_shapes("WKDF", probe, student, self.teacher.model, hint_layer, image_size)
         check_grid(spatial_grid, t_shape)
         self.projector = make_projector(projector, s_shape, t_shape)
 
