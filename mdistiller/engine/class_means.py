@@ -27,7 +27,7 @@ import torch
 from ..data.fingerprint import file_sha256
 from ..data.unaugmented import augmented_train_loader, unaugmented_train_loader
 from ..models.teacher_ckpt import teacher_ckpt_path
-from ..utils.checkpoint import atomic_save, load_file
+from ..utils.checkpoint import atomic_save, load_file, remove_stale_caches
 from ..utils.logger import info as log_info
 from ..utils.progress import bar
 
@@ -87,18 +87,6 @@ def _usable(cache, num_classes, dim, num_train, sha256):
     return None
 
 
-def _remove_stale(path, ckpt_path, tag):
-    prefix = f"{os.path.basename(ckpt_path)}.class_means.{tag}."
-    folder = os.path.dirname(os.path.abspath(path))
-    for name in os.listdir(folder):
-        full = os.path.join(folder, name)
-        if name.startswith(prefix) and name.endswith(".pt") and full != os.path.abspath(path):
-            try:
-                os.remove(full)
-            except OSError:
-                pass
-
-
 def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag, num_train=None,
                                 force=False, decimals=-1, what="no augmentation"):
     """Class means for the teacher loaded from `ckpt_path`: from the cache when it matches, else computed from
@@ -130,7 +118,7 @@ def load_or_compute_class_means(ckpt_path, teacher, num_classes, batches_fn, tag
              "teacher": type(teacher).__name__, "dataset": tag}
     try:
         atomic_save(cache, path)
-        _remove_stale(path, ckpt_path, tag)
+        remove_stale_caches(path, ckpt_path, "class_means", tag)
         where = f"cached in {path}"
     except OSError as e:  # a read-only checkpoint folder costs a recomputation next time, not the run
         where = f"not cached ({path}: {e})"

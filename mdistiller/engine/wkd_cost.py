@@ -13,7 +13,6 @@ holding {"format", "cost" (C, C) float32 (unsharpened), "per_class", "num_classe
 A teacher held in memory (no checkpoint file) is computed, never cached.
 """
 
-import glob
 import os
 import time
 
@@ -24,7 +23,7 @@ from ..data.fingerprint import file_sha256
 from ..data.unaugmented import unaugmented_train_loader
 from ..models.teacher_ckpt import teacher_ckpt_path
 from ..utils import distributed
-from ..utils.checkpoint import atomic_save, load_file
+from ..utils.checkpoint import atomic_save, load_file, remove_stale_caches
 from ..utils.errors import ConfigError
 from ..utils.logger import info
 from ..utils.progress import bar
@@ -108,9 +107,7 @@ def load_or_compute_cost(ckpt_path, teacher, num_classes, per_class, batches_fn,
     cost = compute()
     try:
         atomic_save({**want, "cost": cost, "dataset": tag}, path)
-        for old in glob.glob(f"{glob.escape(ckpt_path)}.wkd_cka.{glob.escape(tag)}.*.pt"):
-            if old != path:  # caches of older contents of the same checkpoint
-                os.remove(old)
+        remove_stale_caches(path, ckpt_path, "wkd_cka", tag)
     except OSError as e:  # a read-only checkpoint folder costs a recomputation next time, not the run
         info(f"WKD cost matrix: not cached ({path}: {e})")
     return cost, path

@@ -69,6 +69,21 @@ def atomic_save(obj, path):
         pass
 
 
+def remove_stale_caches(keep, ckpt_path, kind, tag):
+    """Remove the caches of older contents of `ckpt_path` (`<checkpoint>.<kind>.<tag>.<hash>.pt` beside it) once
+    `keep` is written: the hash in the name is what tells a stale cache, so only one per checkpoint and data tag
+    stays. A file that cannot be removed is left; it costs disk, never a wrong reuse."""
+    prefix = f"{os.path.basename(ckpt_path)}.{kind}.{tag}."
+    folder = os.path.dirname(os.path.abspath(keep))
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if name.startswith(prefix) and name.endswith(".pt") and full != os.path.abspath(keep):
+            try:
+                os.remove(full)
+            except OSError:
+                pass
+
+
 def load_file(path, what="checkpoint", hint=""):
     """torch.load on CPU with a clear error for a missing or unreadable file."""
     if not os.path.isfile(path):
