@@ -205,13 +205,18 @@ def test_cutout_matches_pil_rectangle():
         assert torch.equal(torch.from_numpy(np.array(img)).permute(2, 0, 1), out[b])
 
 
-def test_build_dataloaders_takes_views_for_the_training_loader_only():
+def tiny_kd_run():
+    """The Fashion-MNIST KD config with batches of 8 over a 24-image in-memory set (train = test)."""
     cfg = load_config(os.path.join(ROOT, "configs", "fashion_mnist", "kd", "resnet20_resnet8.yaml"),
                       ["SOLVER.BATCH_SIZE", "8", "DATASET.TEST.BATCH_SIZE", "8", "DATASET.TRAIN_SUBSET", "0",
                        "DATASET.TEST_SUBSET", "0"])
     data = split(24)
-    bundle = DatasetBundle(name="tiny", num_classes=10, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
-                           train=lambda: data, test=lambda: data)
+    return cfg, DatasetBundle(name="tiny", num_classes=10, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                              train=lambda: data, test=lambda: data)
+
+
+def test_build_dataloaders_takes_views_for_the_training_loader_only():
+    cfg, bundle = tiny_kd_run()
     train, test, _ = build_dataloaders(cfg, "cpu", bundle=bundle, train_views="weak_strong")
     assert next(iter(train))[0].shape == (8, 2, 3, 32, 32)
     assert next(iter(test))[0].shape == (8, 3, 32, 32)
@@ -223,12 +228,7 @@ def test_the_engine_passes_the_method_views_and_plus_plus_keeps_them():
     class Viewed(Distiller):
         train_views = "rotations4"
 
-    cfg = load_config(os.path.join(ROOT, "configs", "fashion_mnist", "kd", "resnet20_resnet8.yaml"),
-                      ["SOLVER.BATCH_SIZE", "8", "DATASET.TEST.BATCH_SIZE", "8", "DATASET.TRAIN_SUBSET", "0",
-                       "DATASET.TEST_SUBSET", "0"])
-    data = split(24)
-    bundle = DatasetBundle(name="tiny", num_classes=10, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
-                           train=lambda: data, test=lambda: data)
+    cfg, bundle = tiny_kd_run()
     assert Distiller.train_views is None
     with DISTILLER_REGISTRY.override("VIEWED_TEST", Viewed):
         for name in ("VIEWED_TEST", "VIEWED_TEST++"):
