@@ -49,7 +49,7 @@ from ..models.cifar.shufflenetv2 import ShuffleNetV2
 from ..models.cifar.vgg import VGG
 from ..models.cifar.wrn import WideResNet
 from ..utils.errors import ConfigError
-from .base import Distiller
+from .init_stage import InitStageDistiller
 from .fitnet import size_matching_conv
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
@@ -152,7 +152,8 @@ def ab_loss(taps_student, taps_teacher, margin=1.0):
 
 
 @DISTILLER_REGISTRY.register("AB", config=_cfg)
-class AB(Distiller):
+class AB(InitStageDistiller):
+    init_section = "AB"
     ramped_terms = ("ab",)
 
     def __init__(self, *, student, teacher, image_size=32, init_epochs=30, margin=1.0, ce_weight=1.0,
@@ -176,13 +177,7 @@ class AB(Distiller):
     @classmethod
     def validate_config(cls, cfg):
         c = cfg.AB
-        if c.INIT_EPOCHS < 0:
-            raise ConfigError(f"config key AB.INIT_EPOCHS: must be >= 0, got {c.INIT_EPOCHS} (30 is the published "
-                              f"initialisation stage, 0 none)")
-        if c.INIT_EPOCHS >= cfg.SOLVER.EPOCHS:
-            raise ConfigError(f"config key AB.INIT_EPOCHS: {c.INIT_EPOCHS} leaves no classification epoch in "
-                              f"SOLVER.EPOCHS {cfg.SOLVER.EPOCHS}; the published recipe is INIT_EPOCHS 30 with "
-                              f"SOLVER.EPOCHS 270 (30 + 240)")
+        cls.validate_init_epochs(cfg)
         for key, value in (("MARGIN", c.MARGIN), ("LOSS.CE_WEIGHT", c.LOSS.CE_WEIGHT),
                            ("LOSS.FEAT_WEIGHT", c.LOSS.FEAT_WEIGHT)):
             if value < 0:
@@ -191,14 +186,6 @@ class AB(Distiller):
             raise ConfigError("config key AB.LOSS.FEAT_WEIGHT: 0 with AB.INIT_EPOCHS 0 trains with the CE alone (no "
                               "AB anywhere); set AB.INIT_EPOCHS 30 (the published initialisation stage) or a "
                               "positive FEAT_WEIGHT")
-
-    def in_init_stage(self, epoch):
-        return epoch <= self.init_epochs
-
-    def prepare_capture(self):
-        if self.init_epochs > 0:
-            return "AB.INIT_EPOCHS: the loss terms change when the initialisation stage ends"
-        return super().prepare_capture()
 
     def ab_loss(self, preacts_student, preacts_teacher):
         taps_s = [c(f) for c, f in zip(self.connectors, preacts_student[1:])]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
-from .base import Distiller
+from .init_stage import InitStageDistiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -98,7 +98,8 @@ def check_channels(student_channels, teacher_channels):
 
 
 @DISTILLER_REGISTRY.register("FSP", config=_cfg)
-class FSP(Distiller):
+class FSP(InitStageDistiller):
+    init_section = "FSP"
     ramped_terms = ("fsp",)
 
     def __init__(self, *, student, teacher, init_epochs=30, ce_weight=1.0, feat_weight=0.0):
@@ -114,13 +115,7 @@ class FSP(Distiller):
     @classmethod
     def validate_config(cls, cfg):
         c = cfg.FSP
-        if c.INIT_EPOCHS < 0:
-            raise ConfigError(f"config key FSP.INIT_EPOCHS: must be >= 0, got {c.INIT_EPOCHS} (30 is the published "
-                              f"initialisation stage, 0 none)")
-        if c.INIT_EPOCHS >= cfg.SOLVER.EPOCHS:
-            raise ConfigError(f"config key FSP.INIT_EPOCHS: {c.INIT_EPOCHS} leaves no classification epoch in "
-                              f"SOLVER.EPOCHS {cfg.SOLVER.EPOCHS}; the published recipe is INIT_EPOCHS 30 with "
-                              f"SOLVER.EPOCHS 270 (30 + 240)")
+        cls.validate_init_epochs(cfg)
         for key, value in (("LOSS.CE_WEIGHT", c.LOSS.CE_WEIGHT), ("LOSS.FEAT_WEIGHT", c.LOSS.FEAT_WEIGHT)):
             if value < 0:
                 raise ConfigError(f"config key FSP.{key}: must be >= 0, got {value}")
@@ -128,14 +123,6 @@ class FSP(Distiller):
             raise ConfigError("config key FSP.LOSS.FEAT_WEIGHT: 0 with FSP.INIT_EPOCHS 0 trains with the CE alone (no "
                               "FSP anywhere); set FSP.INIT_EPOCHS 30 (the published initialisation stage) or a "
                               "positive FEAT_WEIGHT")
-
-    def in_init_stage(self, epoch):
-        return epoch <= self.init_epochs
-
-    def prepare_capture(self):
-        if self.init_epochs > 0:
-            return "FSP.INIT_EPOCHS: the loss terms change when the initialisation stage ends"
-        return super().prepare_capture()
 
     def forward_train(self, images, labels, epoch, index=None):
         logits, features = self.student(images)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
-from .base import Distiller
+from .init_stage import InitStageDistiller
 from .losses import StepOutput, ce_term, distill_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -122,7 +122,9 @@ def frozen(module):
 
 
 @DISTILLER_REGISTRY.register("FT", config=_cfg)
-class FT(Distiller):
+class FT(InitStageDistiller):
+    init_section, init_stage = "FT", "paraphraser stage"
+    init_stage_changes = "the loss terms and the trained modules change"
     ramped_terms = ("ft",)
 
     def __init__(self, *, student, teacher, init_epochs=30, init_lr=0.01, rate=0.5, ce_weight=1.0,
@@ -147,13 +149,7 @@ class FT(Distiller):
     @classmethod
     def validate_config(cls, cfg):
         c = cfg.FT
-        if c.INIT_EPOCHS < 0:
-            raise ConfigError(f"config key FT.INIT_EPOCHS: must be >= 0, got {c.INIT_EPOCHS} (30 is the published "
-                              f"paraphraser stage, 0 none)")
-        if c.INIT_EPOCHS >= cfg.SOLVER.EPOCHS:
-            raise ConfigError(f"config key FT.INIT_EPOCHS: {c.INIT_EPOCHS} leaves no epoch to train the student in "
-                              f"SOLVER.EPOCHS {cfg.SOLVER.EPOCHS}; the published recipe is INIT_EPOCHS 30 with "
-                              f"SOLVER.EPOCHS 270 (30 + 240)")
+        cls.validate_init_epochs(cfg)
         if c.INIT_LR <= 0:
             raise ConfigError(f"config key FT.INIT_LR: must be > 0, got {c.INIT_LR} (published: 0.01 for the CIFAR "
                               f"ResNet / WRN students, else the run's SOLVER.LR)")
@@ -165,16 +161,8 @@ class FT(Distiller):
             raise ConfigError(f"config key FT.LOSS.FEAT_WEIGHT: must be > 0, got {c.LOSS.FEAT_WEIGHT} (0 trains the "
                               f"student on the CE alone; published: 200)")
 
-    def in_init_stage(self, epoch):
-        return epoch <= self.init_epochs
-
     def stage_lr(self, epoch):
         return self.init_lr if self.in_init_stage(epoch) else None
-
-    def prepare_capture(self):
-        if self.init_epochs > 0:
-            return "FT.INIT_EPOCHS: the loss terms and the trained modules change when the paraphraser stage ends"
-        return super().prepare_capture()
 
     def forward_train(self, images, labels, epoch, index=None):
         logits_t, features_t = self.teacher(images)

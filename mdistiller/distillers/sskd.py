@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from ..utils.errors import ConfigError
-from .base import Distiller
+from .init_stage import InitStageDistiller
 from .losses import StepOutput, distill_loss, task_loss
 from .registry import DISTILLER_REGISTRY
 
@@ -193,7 +193,8 @@ def _non_negative(c, keys):
 
 
 @DISTILLER_REGISTRY.register("SSKD", config=_cfg)
-class SSKD(Distiller):
+class SSKD(InitStageDistiller):
+    init_section, init_stage, published_init_epochs = "SSKD", "teacher-head stage", 60
     ramped_terms = ("kd", "tf", "ss")
     train_views = "rotations4"  # the data contract: (B, 4, C, H, W) training batches (data/views.py)
 
@@ -221,13 +222,7 @@ class SSKD(Distiller):
     @classmethod
     def validate_config(cls, cfg):
         c = cfg.SSKD
-        if c.INIT_EPOCHS < 0:
-            raise ConfigError(f"config key SSKD.INIT_EPOCHS: must be >= 0, got {c.INIT_EPOCHS} (60 is the published "
-                              "teacher SS-head stage, 0 none)")
-        if c.INIT_EPOCHS >= cfg.SOLVER.EPOCHS:
-            raise ConfigError(f"config key SSKD.INIT_EPOCHS: {c.INIT_EPOCHS} leaves no student epoch in SOLVER.EPOCHS "
-                              f"{cfg.SOLVER.EPOCHS}; the published recipe is INIT_EPOCHS 60 with SOLVER.EPOCHS 300 "
-                              "(60 + 240)")
+        cls.validate_init_epochs(cfg)
         early = [s for s in cfg.SOLVER.LR_DECAY_STAGES if s <= c.INIT_EPOCHS]
         if early:
             raise ConfigError(f"config key SOLVER.LR_DECAY_STAGES: {early} fall in the SSKD.INIT_EPOCHS "
@@ -256,20 +251,12 @@ class SSKD(Distiller):
                                   f"got {c[key]} (published: RATIO_TF 1.0, RATIO_SS 0.75)")
         _non_negative(c, ("LOSS.CE_WEIGHT", "LOSS.KD_WEIGHT", "LOSS.TF_WEIGHT", "LOSS.SS_WEIGHT"))
 
-    def in_init_stage(self, epoch):
-        return epoch <= self.init_epochs
-
     def stage_lr(self, epoch):
         """The published MultiStepLR of the head stage: INIT_LR x rate per stage passed (epoch 31 is the first at
         0.005 for stage 30); None after the stage (the run's schedule)."""
         if not self.in_init_stage(epoch):
             return None
         return self.init_lr * self.init_lr_decay_rate ** sum(epoch > s for s in self.init_lr_decay_stages)
-
-    def prepare_capture(self):
-        if self.init_epochs > 0:
-            return "SSKD.INIT_EPOCHS: the loss terms change when the teacher-head stage ends"
-        return super().prepare_capture()
 
     def train(self, mode=True):
         """The teacher's head stays in eval mode, as the published t_model.eval() (it has no mode-dependent layer)."""
