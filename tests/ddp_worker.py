@@ -6,8 +6,9 @@
         CRASH_AFTER_EPOCH=N in the environment every rank stops after epoch N; with INIT_STUDENT=PATH every rank's
         student starts from the weights in PATH (a student_*.pth file) instead of its random initialisation.
     ddp_worker.py steps OUT --steps N --cfg FILE [KEY VALUE ...]
-        N updates through the configured Trainer's run_step in float64 with the student's BatchNorm in eval mode;
-        rank 0 saves the learnable state before and after to OUT (the DDP == one process comparison).
+        N updates through the configured Trainer's run_step in float64 with every BatchNorm of the student and of
+        the method's modules in eval mode, at epoch 1 or, with STEP_EPOCHS=1,2,... in the environment, N at each of
+        those epochs; rank 0 saves the learnable state before and after to OUT (the DDP == one process comparison).
     ddp_worker.py fail-on-rank R --cfg FILE [KEY VALUE ...]
         tools/train.py main() where rank R alone gets a teacher checkpoint path that does not exist (one node
         with a wrong path).
@@ -76,16 +77,17 @@ def steps(out, n, argv):
     trainer.distiller.double()  # the teacher checkpoint was float32
     initial = {k: v.detach().cpu().clone() for k, v in trainer.distiller.learnable_state_dict().items()}
     loader = trainer.train_loader
-    loader.set_epoch(0)
-    for it, (images, labels, index) in enumerate(loader):
-        if it == n:
-            break
-        trainer.distiller.train()
-        for m in trainer.distiller.student.modules():
-            if isinstance(m, _BatchNorm):
-                m.eval()
-        trainer.set_lr(cfg.SOLVER.LR)
-        trainer.run_step(images.double(), labels, index, 1)
+    for epoch in [int(e) for e in os.environ.get("STEP_EPOCHS", "1").split(",")]:
+        loader.set_epoch(epoch - 1)
+        for it, (images, labels, index) in enumerate(loader):
+            if it == n:
+                break
+            trainer.distiller.train()
+            for m in trainer.distiller.modules():  # the student's and any method module's (FT's paraphraser)
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+            trainer.set_lr(cfg.SOLVER.LR)
+            trainer.run_step(images.double(), labels, index, epoch)
     if trainer.rank == 0:
         final = {k: v.detach().cpu() for k, v in trainer.distiller.learnable_state_dict().items()}
         torch.save({"initial": initial, "final": final}, out)

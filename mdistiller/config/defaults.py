@@ -79,7 +79,7 @@ _C.LOSS_RAMP.TERMS = []  # loss terms to ramp; empty = the method's own (KD: kd,
 
 _C.DISTRIBUTED = CN()  # used when launched by torchrun (RANK / WORLD_SIZE set); ignored in one process
 _C.DISTRIBUTED.SYNC_BN = False  # student BatchNorm statistics over the global batch (CUDA only)
-_C.DISTRIBUTED.FIND_UNUSED_PARAMETERS = False  # DDP option, for methods whose steps leave some parameters unused
+_C.DISTRIBUTED.FIND_UNUSED_PARAMETERS = False  # DDP option; turned on for methods that say they need it
 _C.DISTRIBUTED.TIMEOUT_MIN = 30.0  # a collective waiting longer than this ends the job
 
 # Training fast paths (mdistiller/engine/speed.py). "auto" is resolved once, when the trainer is built, from the

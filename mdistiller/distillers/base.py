@@ -69,6 +69,12 @@ class Distiller(nn.Module):
                     return why
         return None
 
+    def unused_parameters(self):
+        """Why some learnable parameters get no gradient in some steps (a stage that trains only part of the
+        method), or None. DDP must then look for them each step (DISTRIBUTED.FIND_UNUSED_PARAMETERS), or it waits
+        for their gradients and fails at the next step; the builder turns the option on when this says why."""
+        return None
+
     def add_term(self, name, term):
         """Add a loss term to every step: `term(step_output, images, labels, teacher) -> LossTerm`, or a dict
         {name: LossTerm} for a term made of several logged parts (a module, so its parameters train and its state

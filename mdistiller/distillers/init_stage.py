@@ -1,6 +1,7 @@
 """Methods with a stage before distillation in the same run (FSP's and AB's initialisation, FT's paraphraser, SSKD's
 teacher head): epochs 1..INIT_EPOCHS of the method's config section run the stage, the rest distil. The epoch test,
-the INIT_EPOCHS checks and the refusal of a CUDA-graph capture (whose terms would change mid-run) live here once."""
+the INIT_EPOCHS checks, the refusal of a CUDA-graph capture (whose terms would change mid-run) and the note to DDP
+that each stage leaves some parameters without a gradient live here once."""
 
 from ..utils.errors import ConfigError
 from .base import Distiller
@@ -32,3 +33,8 @@ class InitStageDistiller(Distiller):
         if self.init_epochs > 0:
             return f"{self.init_section}.INIT_EPOCHS: {self.init_stage_changes} when the {self.init_stage} ends"
         return super().prepare_capture()
+
+    def unused_parameters(self):
+        # Also with INIT_EPOCHS 0: a stage's module (FT's paraphraser, SSKD's teacher head, AB's connectors with
+        # FEAT_WEIGHT 0) then gets no gradient at all.
+        return f"{type(self).__name__}'s {self.init_stage} and the stage after it train different parameters"

@@ -45,9 +45,9 @@ computed in float32 outside autocast as normalised rows times normalised rows (e
 serves both stages (published: one SGD for the head, then a fresh one for the student; the same updates here, as the
 student has no gradient, so no momentum, during the init stage, and the head none after it). Under
 SOLVER.UPDATE_RULE dot the head's stage is plain SGD (one loss reaches it: DOTOptimizer's single-loss rule), as
-published; so is the student's head (only the ss term reaches it). Under torchrun, set
-DISTRIBUTED.FIND_UNUSED_PARAMETERS True: the init stage leaves the student without gradients, the main stage the
-teacher's head.
+published; so is the student's head (only the ss term reaches it). Under torchrun the builder turns on
+DISTRIBUTED.FIND_UNUSED_PARAMETERS (init_stage.py): the init stage leaves the student without gradients, the main
+stage the teacher's head.
 """
 
 from collections.abc import Mapping

@@ -63,6 +63,16 @@ def graphs_for_method(speed, distiller):
     return dataclasses.replace(speed, cuda_graphs=False, notes=speed.notes + (note,))
 
 
+def find_unused_parameters(cfg, distiller):
+    """DISTRIBUTED.FIND_UNUSED_PARAMETERS, turned on (and said so) under several processes when the method leaves
+    parameters without a gradient in some steps: without it DDP stops the run at the next step."""
+    why = distiller.unused_parameters()
+    if cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS or why is None or not distributed.active():
+        return cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS
+    logger.info("DISTRIBUTED.FIND_UNUSED_PARAMETERS False -> True: %s", why)
+    return True
+
+
 def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None, recorded_speed=None):
     """The run `cfg` describes. `device`: this process's device (launch.py has joined the process group and
     chosen it), else resolved here; `run_dir`: where caches of the run live (detection's class means); `bundle`:
@@ -80,7 +90,7 @@ def build_run(cfg, device=None, run_dir=None, bundle=None, teacher_state=None, r
     # Before the optimizer (a term may add learnable state) and not under agree(): it may run collectives itself.
     speed = task.prepare(cfg, distiller, data, device, speed=speed, run_dir=run_dir, bundle=bundle,
                          teacher_state=teacher_state, monitor_teacher=monitor_teacher) or speed
-    model = wrap_for_training(distiller, device, cfg.DISTRIBUTED.SYNC_BN, cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS)
+    model = wrap_for_training(distiller, device, cfg.DISTRIBUTED.SYNC_BN, find_unused_parameters(cfg, distiller))
     rule = UPDATE_RULE_REGISTRY.get(cfg.SOLVER.UPDATE_RULE, "SOLVER.UPDATE_RULE").build(
         cfg, distiller.learnable_parameters(), device, fp16=speed.needs_scaler)
     speed = graphs_for_method(speed, distiller)
