@@ -109,8 +109,8 @@ class CATKD(Distiller):
         if self.tap_t is None:
             raise ConfigError(f"config key DISTILLER.TEACHER: CATKD computes the teacher's CAMs on the map its "
                               f"classifier pools, and {type(self.teacher.model).__name__}'s is not one of its "
-                              "feature taps (a head conv follows its last stage); use a ResNet, WRN, VGG or "
-                              "ShuffleV1 teacher")
+                              "feature taps (a head conv follows its last stage, or its classifier reads a token "
+                              "rather than a pooled map); use a ResNet, WRN, VGG or ShuffleV1 teacher")
         fc_t = classifier_linear(self.teacher.model, "CATKD")
         # the teacher's classifier weight, frozen (not trained, not checkpointed: rebuilt from the teacher)
         self.register_buffer("teacher_weight", fc_t.weight.detach().float().clone(), persistent=False)

@@ -116,9 +116,10 @@ class SimKD(Distiller):
         self.tap_t = pooled_tap(feats_t)
         if self.tap_t is None:
             raise ConfigError(f"config key DISTILLER.TEACHER: SIMKD reuses the teacher's classifier on its last map, "
-                              f"but {type(self.teacher.model).__name__}'s classifier pools a map that is not one of "
-                              "its feature taps (a head conv follows its last stage); use a teacher whose "
-                              "classifier pools its last stage (ResNet, WRN, VGG, ShuffleV1)")
+                              f"but {type(self.teacher.model).__name__}'s classifier reads no map that is one of "
+                              "its feature taps (a head conv follows its last stage, or it reads a token rather "
+                              "than a pooled map); use a teacher whose classifier pools its last stage (ResNet, "
+                              "WRN, VGG, ShuffleV1)")
         map_s, map_t = TAPS[self.tap_s](feats_s), TAPS[self.tap_t](feats_t)
         t_channels = self.teacher.feat_dim
         if t_channels // factor < 1:
