@@ -37,6 +37,9 @@ class DetectionDistiller(RCNNDistillGlue):
         return ("a detector's proposals and sampled regions vary in number with the image (shapes that depend on "
                 "the data)")
 
+    def unused_parameters(self):
+        return None  # every step reaches the whole student detector and every term (Distiller's contract)
+
     def train_forward(self, images, targets, epoch=None, index=None):
         """One training batch (lists of images and targets) -> StepOutput: the four detector losses as task terms
         plus the method's distillation terms; logits are the student's box logits on its sampled proposals."""
