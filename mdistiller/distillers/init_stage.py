@@ -35,6 +35,6 @@ class InitStageDistiller(Distiller):
         return super().prepare_capture()
 
     def unused_parameters(self):
-        # Also with INIT_EPOCHS 0: a stage's module (FT's paraphraser, SSKD's teacher head, AB's connectors with
-        # FEAT_WEIGHT 0) then gets no gradient at all.
+        # Also with INIT_EPOCHS 0, where FT's paraphraser and SSKD's teacher head get no gradient at all (FSP's and
+        # AB's one-stage variants reach every parameter: declaring it costs them DDP's search, not correctness).
         return f"{type(self).__name__}'s {self.init_stage} and the stage after it train different parameters"
